@@ -1,14 +1,23 @@
-"""The `glm130b` command: one entry point, each subcommand a plain function."""
+"""The `glm130b` command: one entry point, each subcommand a plain function.
+
+Feature modules add their own subcommands: each module named in COMMAND_MODULES defines
+`add_commands(subparsers)`, which adds parsers whose `func` default takes the parsed args and
+returns an exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import torch
 
-from glm130b.config import PRESETS, ConfigError, GLMConfig
+from glm130b.config import PRESETS, GLMConfig
+from glm130b.errors import GLMError
 from glm130b.model import GLM
+
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _model_config(args: argparse.Namespace) -> GLMConfig:
@@ -38,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--preset", default="glm-130b", choices=sorted(PRESETS))
     which.add_argument("--config", help="a GLMConfig YAML or JSON file")
     info.set_defaults(func=cmd_info)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 
@@ -45,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except GLMError as err:
         print(f"glm130b: {err}", file=sys.stderr)
         return 2
 

@@ -16,14 +16,12 @@ from typing import Any
 
 import yaml
 
+from glm130b.errors import ConfigError
+
 POSITION_ENCODINGS = ("1d", "2d")
 ROTARY_DTYPES = ("fp16", "fp32")
 FFN_KINDS = ("geglu", "gelu")
 ATTENTION_BACKENDS = ("sdpa", "reference")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot build a model; the message says which and why."""
 
 
 @dataclass

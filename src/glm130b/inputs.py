@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from glm130b.model import InputError
+from glm130b.batch import dense_attention_mask
+from glm130b.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,10 @@ def sequence_positions(sequence: list[int], tokens: SpecialTokens, two_d: bool) 
 
 def prefix_lm_mask(prefix_lengths: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
     """Bool [B, 1, L, L], True = blocked: keys < prefix are visible to all rows, later keys causally,
-    pad keys (>= length) blocked. A pad row sees only itself, so no row is fully blocked (a fully
-    blocked row is NaN in some attention kernels); pad outputs are never used."""
-    idx = torch.arange(total)
-    row, col = idx.view(1, total, 1), idx.view(1, 1, total)
-    visible = (col < prefix_lengths.view(-1, 1, 1)) | (col <= row)
-    visible &= col < lengths.view(-1, 1, 1)
-    visible |= (row >= lengths.view(-1, 1, 1)) & (col == row)
-    return ~visible.unsqueeze(1)
+    pad keys (>= length) blocked; a pad row sees only itself (see glm130b.batch)."""
+    idx = torch.arange(total).unsqueeze(0)  # [1, L]
+    segment_ids = (idx < lengths.unsqueeze(1)).long()  # one segment per row, 0 = pad
+    return dense_attention_mask(segment_ids, idx < prefix_lengths.unsqueeze(1))
 
 
 def build_generation_batch(sequences: list[list[int]], tokens: SpecialTokens = GLM130B_TOKENS,

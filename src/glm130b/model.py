@@ -15,15 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm130b.config import GLMConfig
+from glm130b.errors import InputError
 
 ROTARY_BASE = 10000.0
 # The reference fills blocked scores with -10000, not -inf: exp(-10000) is already 0 in fp32, and a
 # row with every key blocked (a pad row) then stays finite instead of turning into NaN.
 REFERENCE_MASK_FILL = -10000.0
-
-
-class InputError(ValueError):
-    """Model inputs that do not fit the model; the message names the problem and the fix."""
 
 
 # ---------------------------------------------------------------------------------- rotary

@@ -198,18 +198,25 @@ class GLM(nn.Module):
         self.transformer = Transformer(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # GLM-130B's embedding gradient shrink (SPEC.md section 10): the embedding lookup and the tied
+        # logit weight pass only this share of their gradient (0.1 in the recipe; 1.0 = off). The
+        # trainer may change it during a run (the team moved it between 0.1 and 1).
+        self.embedding_grad_scale = 1.0
         # Official checkpoints may carry rotary inv_freq buffers; rotary is computed, not stored.
         self.register_load_state_dict_pre_hook(_drop_rotary_buffers)
 
     @property
     def output_weight(self) -> torch.Tensor:
-        return self.transformer.word_embeddings.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        if self.config.tie_word_embeddings:
+            return shrink_gradient(self.transformer.word_embeddings.weight, self.embedding_grad_scale)
+        return self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 kv_cache: KVCache | None = None, check_inputs: bool = True) -> torch.Tensor:
         if check_inputs:  # reads values on the host: hot decode loops validate once and pass False
             self.validate_inputs(input_ids, position_ids, attention_mask, kv_cache)
         x = self.transformer.word_embeddings(input_ids)  # [B, S, C]: no position embedding, no scaling
+        x = shrink_gradient(x, self.embedding_grad_scale)
         rotary = RotaryAngles.build(position_ids, self.config)
         for i, layer in enumerate(self.transformer.layers):
             x = layer(x, rotary, attention_mask, kv_cache, i)
@@ -253,6 +260,13 @@ class GLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def shrink_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Same value as x; the gradient flowing back through it is multiplied by `scale`."""
+    if scale == 1.0 or not torch.is_grad_enabled():
+        return x
+    return x * scale + x.detach() * (1.0 - scale)
 
 
 def _drop_rotary_buffers(module, state_dict, prefix, *args) -> None:

@@ -20,6 +20,6 @@ def embedding_grad_and_logits(config, scale):
 def test_shrink_scales_the_embedding_gradient_only(tiny_config):
     full_grad, full_logits = embedding_grad_and_logits(tiny_config, 1.0)
     shrunk_grad, shrunk_logits = embedding_grad_and_logits(tiny_config, 0.1)
-    torch.testing.assert_close(shrunk_logits, full_logits, atol=0, rtol=0)
+    torch.testing.assert_close(shrunk_logits, full_logits, atol=1e-4, rtol=1e-5)  # equal up to fp32 rounding
     # both uses of the tied weight (lookup and logits) pass 10 % of their gradient
     torch.testing.assert_close(shrunk_grad, 0.1 * full_grad, atol=1e-7, rtol=1e-5)

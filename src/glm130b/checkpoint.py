@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,66 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# safetensors dtype names (the format's spec)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file one tensor at a time, so a checkpoint far larger than host memory
+    can be converted holding one tensor. The header needs every name, dtype and shape up front;
+    tensors must then be written in that order. The file appears under its name only on close()."""
+
+    def __init__(self, path: str | Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        header: dict = {"__metadata__": dict(metadata or {})}
+        offset = 0
+        for name, dtype, shape in specs:
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the format aligns tensor data to 8 bytes
+        self.expected = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+        self.file = open(self.tmp, "wb")
+        self.file.write(len(encoded).to_bytes(8, "little") + encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want = self.expected.pop(0) if self.expected else None
+        got = (name, tensor.dtype, tuple(tensor.shape))
+        if want != got:
+            raise CheckpointError(f"streamed tensor {got} does not match the header's next entry {want}")
+        self.file.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def close(self) -> None:
+        self.file.close()
+        if self.expected:
+            raise CheckpointError(f"{len(self.expected)} tensors announced in the header were never written, "
+                                  f"starting with {self.expected[0][0]}")
+        os.replace(self.tmp, self.path)
+
+
+def write_streaming(path: str | Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                    tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (produced lazily, in `specs` order) to a safetensors file at `path`."""
+    writer = StreamingSafetensorsWriter(path, specs, metadata)
+    try:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+    except BaseException:
+        writer.file.close()
+        writer.tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+
+
+def save_config(config: GLMConfig, directory: str | Path) -> None:
+    atomic_write_bytes(Path(directory) / CONFIG_FILE, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+
+
 def save_model(model: GLM, directory: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write `model` to `directory` (created if needed); returns the directory."""
     directory = Path(directory)
@@ -41,7 +102,7 @@ def save_model(model: GLM, directory: str | Path, metadata: dict[str, str] | Non
     tmp = directory / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
     save_file(state, str(tmp), metadata={"format": "glm130b", **(metadata or {})})
     os.replace(tmp, directory / WEIGHTS_FILE)
-    atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(model.config.to_dict(), indent=2) + "\n").encode())
+    save_config(model.config, directory)
     return directory
 
 

@@ -17,7 +17,7 @@ from glm130b.config import PRESETS, GLMConfig
 from glm130b.errors import GLMError
 from glm130b.model import GLM
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("glm130b.official",)
 
 
 def _model_config(args: argparse.Namespace) -> GLMConfig:

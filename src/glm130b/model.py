@@ -72,8 +72,13 @@ class RotaryAngles:
 class KVCache:
     """Preallocated keys (after rotary) and values of every layer, [B, H, max_length, D] each.
 
-    A forward with `kv_cache=cache` writes its S new keys at `cache.length` and attends over the
-    first `cache.length + S`; the model advances `length` once all layers have run.
+    Two ways to write it:
+    - growing (default): a forward with `kv_cache=cache` writes its S new keys at `cache.length` and
+      attends over the first `cache.length + S`; the model advances `length` once all layers have run.
+    - static slots: a forward with `kv_cache=cache, cache_slots=slots` writes its S new keys at the
+      slot indices `slots` [S] (a tensor) and attends over all `max_length` slots, the mask blocking
+      the ones not in use. Shapes then never change from one decode step to the next and no Python
+      int moves, so the step can be compiled once and replayed as a CUDA graph (glm130b.generation).
     """
 
     def __init__(self, config: GLMConfig, batch_size: int, max_length: int,
@@ -87,8 +92,15 @@ class KVCache:
         self.length = 0
         self.max_length = max_length
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new k, v [B, H, S, D] of `layer`; return all keys and values so far [B, H, T, D]."""
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new k, v [B, H, S, D] of `layer`; return the keys and values to attend over
+        ([B, H, T, D]: the first length + S, or all max_length slots when `slots` [S] is given)."""
+        if slots is not None:
+            # In place, so the buffers keep their addresses (what a captured CUDA graph reads).
+            self.keys[layer].index_copy_(2, slots, k)
+            self.values[layer].index_copy_(2, slots, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
@@ -96,6 +108,10 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (e.g. the parent of each beam), in that order."""
+        if index.numel() == self.keys[0].shape[0]:  # same batch size: in place, addresses kept
+            for buffer in self.keys + self.values:
+                buffer.copy_(buffer.index_select(0, index))
+            return
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
 
@@ -111,7 +127,7 @@ class SelfAttention(nn.Module):
         self.output_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, rotary: RotaryAngles, mask: torch.Tensor,
-                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+                kv_cache: KVCache | None, layer: int, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         H, D = self.config.num_attention_heads, self.config.head_dim
         # Rows of the qkv weight are grouped per head as [q_h; k_h; v_h], not all-q/all-k/all-v.
@@ -119,7 +135,7 @@ class SelfAttention(nn.Module):
         q, k = rotary.apply(q), rotary.apply(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if kv_cache is not None:
-            k, v = kv_cache.store(layer, k, v)  # [B, H, T, D]
+            k, v = kv_cache.store(layer, k, v, cache_slots)  # [B, H, T, D]
         if self.config.attention_backend == "sdpa":
             dropout = self.config.attention_dropout if self.training else 0.0
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, dropout_p=dropout)
@@ -170,9 +186,9 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, rotary, mask, kv_cache, layer):
+    def forward(self, x, rotary, mask, kv_cache, layer, cache_slots=None):
         a = self.input_layernorm(x)
-        h = a * self.alpha + self.attention(a, rotary, mask, kv_cache, layer)
+        h = a * self.alpha + self.attention(a, rotary, mask, kv_cache, layer, cache_slots)
         m = self.post_attention_layernorm(h)
         return m * self.alpha + self.mlp(m)
 
@@ -189,7 +205,8 @@ class GLM(nn.Module):
     """`GLM(config)(input_ids, position_ids, attention_mask)` -> logits [B, S, vocab].
 
     input_ids [B, S] long; position_ids [B, S] (1-D) or [B, 2, S] (2-D); attention_mask bool
-    [B, 1, S, T], True = blocked, where T = S for a full forward and cached + S with a KV cache.
+    [B, 1, S, T], True = blocked, where T = S for a full forward, cached + S with a KV cache, and
+    the cache's max_length with `cache_slots` (the static-shape decode path, see KVCache).
     """
 
     def __init__(self, config: GLMConfig):
@@ -212,20 +229,21 @@ class GLM(nn.Module):
         return self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                kv_cache: KVCache | None = None, check_inputs: bool = True) -> torch.Tensor:
+                kv_cache: KVCache | None = None, check_inputs: bool = True,
+                cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         if check_inputs:  # reads values on the host: hot decode loops validate once and pass False
-            self.validate_inputs(input_ids, position_ids, attention_mask, kv_cache)
+            self.validate_inputs(input_ids, position_ids, attention_mask, kv_cache, cache_slots)
         x = self.transformer.word_embeddings(input_ids)  # [B, S, C]: no position embedding, no scaling
         x = shrink_gradient(x, self.embedding_grad_scale)
         rotary = RotaryAngles.build(position_ids, self.config)
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, rotary, attention_mask, kv_cache, i)
-        if kv_cache is not None:
+            x = layer(x, rotary, attention_mask, kv_cache, i, cache_slots)
+        if kv_cache is not None and cache_slots is None:  # with slots the caller tracks what is filled
             kv_cache.length += input_ids.shape[1]
         x = self.transformer.final_layernorm(x)
         return F.linear(x, self.output_weight)  # [B, S, vocab]
 
-    def validate_inputs(self, input_ids, position_ids, attention_mask, kv_cache=None) -> None:
+    def validate_inputs(self, input_ids, position_ids, attention_mask, kv_cache=None, cache_slots=None) -> None:
         cfg = self.config
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -249,11 +267,23 @@ class GLM(nn.Module):
             raise InputError(f"position {int(position_ids.max())} exceeds max_sequence_length "
                              f"{cfg.max_sequence_length} (positions 0..{cfg.max_sequence_length - 1}); "
                              "shorten the input or truncate the context on the left")
+        if attention_mask.dtype != torch.bool:
+            raise InputError(f"attention_mask must be bool (True = blocked), got {attention_mask.dtype}")
+        if cache_slots is not None:
+            if kv_cache is None:
+                raise InputError("cache_slots given without a kv_cache: pass the KVCache to write into")
+            if tuple(cache_slots.shape) != (S,) or int(cache_slots.min()) < 0 \
+                    or int(cache_slots.max()) >= kv_cache.max_length:
+                raise InputError(f"cache_slots must be {S} slot indices in [0, {kv_cache.max_length}), one "
+                                 f"per new token; got shape {tuple(cache_slots.shape)}")
+            if tuple(attention_mask.shape) != (B, 1, S, kv_cache.max_length):
+                raise InputError(f"attention_mask must have shape {(B, 1, S, kv_cache.max_length)} "
+                                 f"([batch, 1, new tokens, cache slots]) with cache_slots, "
+                                 f"got {tuple(attention_mask.shape)}")
+            return
         past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and past + S > kv_cache.max_length:
             raise InputError(f"KV cache holds {kv_cache.max_length} tokens; {past} cached + {S} new do not fit")
-        if attention_mask.dtype != torch.bool:
-            raise InputError(f"attention_mask must be bool (True = blocked), got {attention_mask.dtype}")
         if tuple(attention_mask.shape) != (B, 1, S, past + S):
             raise InputError(f"attention_mask must have shape {(B, 1, S, past + S)} "
                              f"([batch, 1, new tokens, cached + new]), got {tuple(attention_mask.shape)}")

@@ -8,7 +8,6 @@ DeepNorm alpha from num_layers.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from glm130b.config_io import DictConfig
 from glm130b.errors import ConfigError
 
 POSITION_ENCODINGS = ("1d", "2d")
@@ -25,7 +25,9 @@ ATTENTION_BACKENDS = ("sdpa", "reference")
 
 
 @dataclass
-class GLMConfig:
+class GLMConfig(DictConfig):
+    config_label = "GLMConfig"
+
     num_layers: int
     hidden_size: int
     num_attention_heads: int
@@ -99,21 +101,6 @@ class GLMConfig:
             raise ConfigError(f"deepnorm_num_layers must be positive or None, got {self.deepnorm_num_layers!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GLMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown GLMConfig field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.name not in data]
-        if required:
-            raise ConfigError(f"GLMConfig is missing required field(s) {', '.join(required)}")
-        return cls(**data)
-
     def save(self, path: str | Path) -> None:
         """Write YAML (.yaml/.yml) or JSON (anything else), atomically."""
         path = Path(path)

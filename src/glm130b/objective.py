@@ -23,10 +23,11 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Protocol, Sequence
+from typing import Iterable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
+from glm130b.config_io import DictConfig
 from glm130b.errors import ConfigError, GLMError
 from glm130b.inputs import SpecialTokens
 
@@ -44,8 +45,10 @@ def _floor(x: float) -> int:
 
 
 @dataclass
-class ObjectiveConfig:
+class ObjectiveConfig(DictConfig):
     """The sample mix and its lengths. Defaults: the GLM-130B recipe (SPEC.md section 10)."""
+
+    config_label = "ObjectiveConfig"
 
     sequence_length: int = 2048
     # Raw tokens of a [gMASK] sample: the recipe draws 2000 for both kinds (4 x 500 for [MASK]);
@@ -146,19 +149,6 @@ class ObjectiveConfig:
         if not 0.0 < self.suffix_fraction_min <= self.suffix_fraction_max <= 1.0:
             raise ConfigError(f"suffix fractions must satisfy 0 < min <= max <= 1, got "
                               f"[{self.suffix_fraction_min}, {self.suffix_fraction_max}]")
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ObjectiveConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ObjectiveConfig field(s) {', '.join(unknown)}; "
-                              f"known fields: {', '.join(sorted(known))}")
-        return cls(**data)
 
 
 def max_feasible_span_length(segment_length: int, mask_ratio: float) -> int:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from glm130b.config import GLMConfig
+from glm130b.config_io import DictConfig
 from glm130b.errors import ConfigError, GLMError
 from glm130b.model import GLM, FeedForward, GLMBlock, SelfAttention
 
@@ -47,8 +48,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ---------------------------------------------------------------------------------- degrees
 @dataclass
-class ParallelConfig:
+class ParallelConfig(DictConfig):
     """Degrees of parallelism and the switches `parallelize` applies. dp * tp * pp = world size."""
+
+    config_label = "parallel"
 
     tp: int = 1
     pp: int = 1
@@ -120,17 +123,6 @@ class ParallelConfig:
             raise ConfigError(f"pp_microbatches {self.microbatches} is smaller than pp {self.pp}: the pipeline "
                               "would never fill; use at least pp microbatches (2 x pp or more)")
         return resolved
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ParallelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown parallel field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
 
 
 def build_mesh(pcfg: ParallelConfig, device_type: str | None = None):

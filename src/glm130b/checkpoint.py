@@ -14,11 +14,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from glm130b.config import GLMConfig
 from glm130b.errors import GLMError
 from glm130b.model import GLM
+from glm130b.quant_format import QuantScheme
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -121,6 +123,12 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu", dtype:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the directory holds a config but no weights")
+    with safe_open(str(weights), "pt") as f:
+        scheme = QuantScheme.from_metadata(f.metadata(), str(weights))
+    if scheme is not None:  # written by `glm130b quantize`
+        from glm130b.quantize import load_quantized_model  # quantize.py builds on this module
+
+        return load_quantized_model(directory, config, scheme, device, dtype)
     with torch.device("meta"):
         model = GLM(config)
     state = load_file(str(weights), device=str(device))

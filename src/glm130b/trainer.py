@@ -1,0 +1,567 @@
+"""Single-process GLM pretraining: the step, the loop, logging, validation, checkpoints, resume.
+
+One step: draw the step's micro-batches (batch ramp-up decides how many), forward and backward
+each under the run's precision (gradient accumulation, token-weighted), unscale, clip, ask the
+spike guard, then apply AdamW with the scheduled learning rate. The seam for distributed runs
+(glm130b.parallel) is `build_model_and_optimizer`: a launcher that shards the model replaces it
+and hands the Trainer its own model and optimizer; `forward_backward` takes the model as given.
+
+Batches come from samplers with `batch(index) -> TrainingBatch`, deterministic in (seed, index),
+each of micro_batch_size sequences; the data position is the index of the next micro-batch.
+
+Checkpoints (`<out_dir>/checkpoints/step_XXXXXXXX/`) hold the model directory of
+glm130b.checkpoint plus `trainer_state.pt` (optimizer, loss scale, schedule position, data
+position, RNG, spike-guard history). A checkpoint is written under a hidden temporary name and
+renamed into place, so a kill during the save leaves the previous one loadable; the newest
+`keep_checkpoints` are kept. A resumed fp32 CPU run reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from glm130b.batch import TrainingBatch, masked_lm_loss
+from glm130b.checkpoint import WEIGHTS_FILE, save_model
+from glm130b.config import GLMConfig
+from glm130b.errors import GLMError
+from glm130b.init import initialize_glm
+from glm130b.model import GLM
+from glm130b.optim import DynamicLossScaler, batch_size, build_optimizer, embedding_grad_scale, learning_rate
+from glm130b.spike_guard import SpikeGuard
+from glm130b.train_config import TrainConfig, add_config_arguments, apply_overrides, overrides_from_args
+
+STATE_FILE = "trainer_state.pt"
+CHECKPOINT_PREFIX = "step_"
+# Dense bf16/fp16 tensor-core peak of one device (datasheet, SXM parts), for MFU.
+PEAK_FLOPS_BY_DEVICE = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(GLMError):
+    """The spike guard rolled back more often than allowed."""
+
+
+class BatchSource(Protocol):
+    def batch(self, index: int) -> TrainingBatch: ...
+
+
+# ---------------------------------------------------------------------------------- FLOPs and MFU
+def training_flops_per_token(config: GLMConfig, sequence_length: int) -> float:
+    """Model FLOPs of one trained token (forward + backward, no recomputation counted):
+
+        6 * (N_matmul) + 12 * layers * hidden * sequence_length
+
+    N_matmul = the parameters of the non-embedding matrices plus vocab x hidden for the output
+    head (the embedding lookup is free, the logit matmul is not); 6 = 2 (multiply-add) x 3
+    (forward, two backward matmuls). The second term is attention scores and weighted sum,
+    2 matmuls x 2 x 3 over the full sequence, as dense kernels compute them (PaLM's formula).
+    """
+    C, F, L = config.hidden_size, config.inner_hidden_size, config.num_layers
+    branches = 2 if config.ffn == "geglu" else 1
+    per_layer = 3 * C * C + C * C + branches * F * C + F * C
+    matmul_params = L * per_layer + config.vocab_size * C
+    return 6.0 * matmul_params + 12.0 * L * C * sequence_length
+
+
+def device_peak_flops(device: torch.device, configured: float | None) -> float | None:
+    if configured is not None:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_FLOPS_BY_DEVICE.items():
+            if key in name:
+                return peak
+    return None  # CPU and unknown GPUs: MFU not printed
+
+
+# ---------------------------------------------------------------------------------- model, step, eval
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model_and_optimizer(config: TrainConfig, model_config: GLMConfig,
+                              device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The single-process model (GLM-130B init, seeded) and its AdamW. A distributed launcher
+    replaces this function with one that shards the model (glm130b.parallel)."""
+    with torch.device(device):
+        model = GLM(model_config)
+    initialize_glm(model, seed=config.seed)
+    if config.activation_checkpointing:
+        from glm130b.parallel import apply_activation_checkpointing
+        apply_activation_checkpointing(model)
+    return model, build_optimizer(model, config)
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16/fp16 autocast (weights stay fp32: the fp32 master weights); fp32 runs without it.
+    The softmax stays fp32: SDPA's fused kernels accumulate it in fp32 and the reference backend
+    casts scores to fp32 (the change that made GLM-130B converge)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def batch_loss(model: torch.nn.Module, batch: TrainingBatch, precision: str) -> torch.Tensor:
+    """The GLM loss of one micro-batch (mean over its scored tokens, fp32)."""
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    with autocast(precision, device):
+        logits = model(batch.input_ids, batch.position_ids, batch.attention_mask(), check_inputs=False)
+    return masked_lm_loss(logits, batch.targets, batch.loss_mask)
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: list[TrainingBatch], precision: str,
+                     loss_scale: float = 1.0) -> float:
+    """Accumulate the gradient of the global batch's loss (times loss_scale) over its
+    micro-batches; returns the loss: the mean over all scored tokens of the global batch."""
+    total_targets = sum(b.num_target_tokens for b in micro_batches) or 1
+    loss_sum = 0.0
+    for batch in micro_batches:
+        loss = batch_loss(model, batch, precision)
+        share = batch.num_target_tokens / total_targets  # token-weighted accumulation
+        (loss * (share * loss_scale)).backward()
+        loss_sum += loss.item() * share
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[TrainingBatch], precision: str) -> float:
+    """Mean loss over the scored tokens of `batches` (no dropout)."""
+    was_training = model.training
+    model.eval()
+    losses = [(batch_loss(model, batch, precision).item(), batch.num_target_tokens) for batch in batches]
+    model.train(was_training)
+    return sum(loss * n for loss, n in losses) / max(1, sum(n for _, n in losses))
+
+
+# ---------------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """One file per kind of record (`train`, `valid`, `intervention`) in JSON lines or CSV, appended
+    across resumes; TensorBoard scalars as well when it is installed and wanted."""
+
+    def __init__(self, directory: Path, fmt: str, tensorboard: bool):
+        self.directory, self.fmt = directory, fmt
+        directory.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                pass
+
+    def write(self, kind: str, record: dict) -> None:
+        path = self.directory / f"{kind}.{self.fmt}"
+        if self.fmt == "jsonl":
+            line = json.dumps(record)
+        else:
+            new = not path.exists() or path.stat().st_size == 0
+            line = (",".join(record) + "\n" if new else "") + ",".join(_csv_cell(v) for v in record.values())
+        with path.open("a") as f:
+            f.write(line + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(directory: str | Path, kind: str) -> list[dict]:
+    """The records of one kind, from whichever format the run wrote."""
+    directory = Path(directory)
+    if (directory / f"{kind}.jsonl").exists():
+        return [json.loads(line) for line in (directory / f"{kind}.jsonl").read_text().splitlines() if line]
+    if (directory / f"{kind}.csv").exists():
+        import csv
+        with (directory / f"{kind}.csv").open() as f:
+            return [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return []
+
+
+def _csv_cell(value) -> str:
+    text = "" if value is None else str(value)
+    return '"' + text.replace('"', '""') + '"' if ("," in text or '"' in text) else text
+
+
+def _csv_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+# ---------------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    """What a checkpoint restores, besides model, optimizer and RNG."""
+
+    step: int = 0
+    samples: int = 0          # samples whose update was applied: the schedule's clock
+    data_position: int = 0    # index of the next micro-batch to draw
+    # Kept across rollbacks (the guard's memory of what it already did):
+    skipped: list[list[int]] = field(default_factory=list)  # [start, end) micro-batch ranges never used
+    lr_factor: float = 1.0
+    embedding_grad_scale_factor: float = 1.0
+    rollbacks: int = 0
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 train_source: BatchSource, valid_batches: dict[str, list[TrainingBatch]] | None = None,
+                 show_progress: bool = True):
+        """valid_batches: a fixed set of validation batches per name (e.g. per language)."""
+        self.config, self.model, self.optimizer = config, model, optimizer
+        self.train_source, self.valid_batches = train_source, valid_batches or {}
+        self.device = next(model.parameters()).device
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.state = RunState()
+        self.scaler = DynamicLossScaler.from_config(config)
+        self.guard = SpikeGuard(config.spike_guard)
+        self.show_progress = show_progress
+        glm = model.config
+        self.flops_per_token = training_flops_per_token(glm, config.sequence_length)
+        self.peak_flops = device_peak_flops(self.device, config.peak_flops)
+        self.metrics = MetricsLog(self.out_dir / "metrics", config.metrics_format, config.tensorboard)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        """Run to train_samples (resuming when allowed); returns the last validation losses."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.out_dir / "train_config.yaml")
+        for unfinished in self.checkpoint_dir.glob(".tmp-*"):  # saves cut short by a kill
+            shutil.rmtree(unfinished, ignore_errors=True)
+        latest = latest_checkpoint(self.checkpoint_dir)
+        if latest is not None and not cfg.resume:
+            raise GLMError(f"{self.checkpoint_dir} holds checkpoints of an earlier run; set resume: true to "
+                           "continue it, or pick another out_dir")
+        if latest is not None:
+            self._load(latest)
+            if self.show_progress:
+                tqdm.write(f"resumed from {latest} (step {self.state.step})")
+        elif cfg.spike_guard.enabled:
+            self.save_checkpoint()  # a rollback target before the first step
+        self.model.train()
+        with tqdm(total=cfg.train_samples, initial=min(self.state.samples, cfg.train_samples), unit="sample",
+                  disable=not self.show_progress, dynamic_ncols=True) as progress:
+            while self.state.samples < cfg.train_samples:
+                before = self.state.samples
+                record = self.step()
+                progress.update(self.state.samples - before)
+                if record is None:  # rolled back: the bar went back with the samples count
+                    continue
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                if self.show_progress and record["step"] % cfg.log_every == 0:
+                    progress.write(format_record(record))
+                done = self.state.samples >= cfg.train_samples
+                if record["step"] % cfg.eval_every == 0 and not done:
+                    self.validate(progress)
+                if record["step"] % cfg.checkpoint_every == 0 or done:
+                    self.save_checkpoint()
+        valid = self.validate()  # the final model's (also when an already finished run is resumed)
+        self.metrics.close()
+        return valid
+
+    def step(self) -> dict | None:
+        """One optimizer step; returns its metrics record, or None when the guard rolled back."""
+        cfg, state = self.config, self.state
+        start = time.perf_counter()
+        size = batch_size(state.samples, cfg)
+        indices = self._take(size // cfg.micro_batch_size)
+        micro_batches = [self.train_source.batch(i) for i in indices]
+        lr = learning_rate(state.samples, cfg) * state.lr_factor
+        alpha = embedding_grad_scale(state.step, cfg) * state.embedding_grad_scale_factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.embedding_grad_scale = alpha
+        scale = self.scaler.scale if cfg.precision == "fp16" else 1.0
+
+        loss = forward_backward(self.model, micro_batches, cfg.precision, scale)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if scale != 1.0:
+            for p in params:
+                p.grad.div_(scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
+
+        overflow = cfg.precision == "fp16" and math.isfinite(loss) and not math.isfinite(grad_norm)
+        if overflow:  # the loss scaler's business: skip the update, lower the scale
+            self.scaler.update(overflow=True)
+        else:
+            reason = self.guard.check(loss, grad_norm) if cfg.spike_guard.enabled else None
+            if reason is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.roll_back(reason, indices)
+                return None
+            self.optimizer.step()
+            self.guard.record(loss, grad_norm)
+            if cfg.precision == "fp16":
+                self.scaler.update(overflow=False)
+            state.samples += size
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        tokens = sum(b.input_ids.numel() for b in micro_batches)
+        record = {"step": state.step, "samples": state.samples, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "loss_scale": scale, "batch_size": size,
+                  "embedding_grad_scale": alpha, "tokens_per_s": tokens / seconds,
+                  "mfu": (self.flops_per_token * tokens / seconds / self.peak_flops) if self.peak_flops else None,
+                  "skipped_update": overflow}
+        self.metrics.write("train", record)
+        return record
+
+    def validate(self, progress: tqdm | None = None) -> dict[str, float]:
+        if not self.valid_batches:
+            return {}
+        losses = {name: evaluate(self.model, batches, self.config.precision)
+                  for name, batches in self.valid_batches.items()}
+        self.metrics.write("valid", {"step": self.state.step, **{f"loss_{k}": v for k, v in losses.items()}})
+        if self.show_progress:
+            (progress or tqdm).write(f"step {self.state.step} validation " +
+                                     ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        return losses
+
+    def _take(self, count: int) -> list[int]:
+        """The next `count` micro-batch indices, jumping over skipped ranges."""
+        indices, position = [], self.state.data_position
+        while len(indices) < count:
+            skip = next((end for start, end in self.state.skipped if start <= position < end), None)
+            if skip is not None:
+                position = skip
+                continue
+            indices.append(position)
+            position += 1
+        self.state.data_position = position
+        return indices
+
+    # ------------------------------------------------------------------ spike handling
+    def roll_back(self, reason: str, spike_indices: list[int]) -> None:
+        """Restore the newest checkpoint, never use this step's micro-batches again, and apply
+        the guard's lr / alpha factors. Logged as an intervention."""
+        guard_cfg, kept = self.config.spike_guard, self.state
+        spike_step = kept.step + 1
+        if kept.rollbacks >= guard_cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"step {spike_step}: {reason}, after {kept.rollbacks} rollbacks already (spike_guard.max_rollbacks); "
+                "lower lr, set spike_guard.lr_factor below 1, or check the data")
+        target = latest_checkpoint(self.checkpoint_dir)
+        if target is None:
+            raise TrainingDiverged(f"step {spike_step}: {reason}, and no checkpoint to roll back to in "
+                                   f"{self.checkpoint_dir}")
+        skipped = kept.skipped + [[i, i + 1] for i in spike_indices]
+        lr_factor = kept.lr_factor * guard_cfg.lr_factor
+        alpha_factor = kept.embedding_grad_scale_factor * guard_cfg.embedding_grad_scale_factor
+        rollbacks = kept.rollbacks + 1
+        self._load(target)
+        self.state.skipped = _merge_ranges(skipped)
+        self.state.lr_factor, self.state.embedding_grad_scale_factor = lr_factor, alpha_factor
+        self.state.rollbacks = rollbacks
+        intervention = {"step": spike_step, "reason": reason, "rolled_back_to": self.state.step,
+                        "skipped_micro_batches": f"{spike_indices[0]}..{spike_indices[-1]}",
+                        "lr_factor": lr_factor, "embedding_grad_scale_factor": alpha_factor}
+        self.metrics.write("intervention", intervention)
+        if self.show_progress:
+            tqdm.write(f"spike guard: step {spike_step}: {reason}; rolled back to step {self.state.step}, "
+                       f"skipping micro-batches {spike_indices[0]}..{spike_indices[-1]}, lr x{lr_factor:g}, "
+                       f"embedding alpha x{alpha_factor:g}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write step_<step> atomically (temporary directory, then rename) and prune old ones."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.state.step:08d}"
+        tmp = self.checkpoint_dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(self.model, tmp, metadata={"step": str(self.state.step)})
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"run": asdict(self.state), "optimizer": self.optimizer.state_dict(),
+                    "loss_scaler": self.scaler.state_dict(), "spike_guard": self.guard.state_dict(),
+                    "rng": rng, "config": self.config.to_dict()}, tmp / STATE_FILE)
+        if final.exists():  # the same step saved again after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(self.checkpoint_dir)[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load(self, directory: Path) -> None:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        weights = load_file(str(directory / WEIGHTS_FILE), device=str(self.device))
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["loss_scaler"])
+        self.guard.load_state_dict(state["spike_guard"])
+        self.state = RunState(**state["run"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories of interrupted saves are hidden)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    checkpoints = list_checkpoints(directory)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+# ---------------------------------------------------------------------------------- from a config
+class CorpusSubset:
+    """Some sources of a corpus with their weights renormalised: the corpus interface that
+    GLMBatchSampler reads, e.g. one language of a bilingual validation corpus."""
+
+    def __init__(self, corpus, sources: list[str]):
+        self.corpus, self.sources = corpus, list(sources)
+        total = sum(corpus.weights[s] for s in self.sources)
+        self.weights = {s: corpus.weights[s] / total for s in self.sources}
+
+    def num_tokens(self, source: str) -> int:
+        return self.corpus.num_tokens(source)
+
+    def window(self, source: str, start: int, length: int):
+        return self.corpus.window(source, start, length)
+
+
+def sources_by_language(corpus) -> dict[str, list[str]]:
+    languages: dict[str, list[str]] = {}
+    for name, state in corpus.manifest["sources"].items():
+        languages.setdefault(state["lang"], []).append(name)
+    return languages
+
+
+def validation_objective(objective):
+    """Validation scores [gMASK] samples only: the loss of a left-to-right suffix given its
+    prefix, comparable across languages and with a unigram model of the same tokens."""
+    return dataclasses.replace(objective, gmask_share=1.0, mip_share=0.0)
+
+
+def build_data(config: TrainConfig, tokenizer) -> tuple[BatchSource, dict[str, list[TrainingBatch]]]:
+    """The training sampler over `config.corpus` and fixed validation batches per language of
+    `config.valid_corpus` (glm130b.data, glm130b.sampler)."""
+    from glm130b.data import TokenCorpus
+    from glm130b.objective import ObjectiveConfig, load_mip_pairs
+    from glm130b.sampler import GLMBatchSampler
+
+    objective = ObjectiveConfig.for_sequence_length(config.sequence_length)
+    mip_pairs = load_mip_pairs(config.mip_data, tokenizer) if config.mip_data else None
+    if mip_pairs is None:  # no instruction data: the self-supervised mix only
+        objective = dataclasses.replace(objective, mip_share=0.0)
+    position_encoding = config.model_config().position_encoding
+    corpus = TokenCorpus(config.corpus)
+    corpus.check_tokenizer(tokenizer)
+    train = GLMBatchSampler(corpus, objective, tokenizer.specials, config.micro_batch_size, config.seed,
+                            mip_pairs=mip_pairs, position_encoding=position_encoding)
+    valid: dict[str, list[TrainingBatch]] = {}
+    if config.valid_corpus:
+        held_out = TokenCorpus(config.valid_corpus)
+        held_out.check_tokenizer(tokenizer)
+        for language, names in sources_by_language(held_out).items():
+            sampler = GLMBatchSampler(CorpusSubset(held_out, names), validation_objective(objective),
+                                      tokenizer.specials, config.micro_batch_size, config.seed,
+                                      position_encoding=position_encoding)
+            valid[language] = sampler.validation_batches(config.eval_batches)
+    return train, valid
+
+
+@dataclass
+class PretrainResult:
+    valid_losses: dict[str, float]
+    valid_batches: dict[str, list[TrainingBatch]]
+    model_dir: Path       # the trained model, in the glm130b.checkpoint format
+    metrics_dir: Path
+    loss_curve: Path | None
+
+
+def run_pretraining(config: TrainConfig, show_progress: bool = True) -> PretrainResult:
+    """Everything `glm130b pretrain` does: data, model, training, export, loss curve."""
+    from glm130b.report import plot_loss_curve
+    from glm130b.tokenizer import load_tokenizer
+
+    if not config.corpus or not config.tokenizer:
+        raise GLMError("set corpus (a prepared corpus directory) and tokenizer (its tokenizer directory), "
+                       "in the config file or as --corpus DIR --tokenizer DIR")
+    tokenizer = load_tokenizer(config.tokenizer)
+    model_config = config.model_config()
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise GLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size} "
+                       f"rows; set model.vocab_size to at least {tokenizer.vocab_size}")
+    train_source, valid_batches = build_data(config, tokenizer)
+    model, optimizer = build_model_and_optimizer(config, model_config, resolve_device(config.device))
+    trainer = Trainer(config, model, optimizer, train_source, valid_batches, show_progress=show_progress)
+    valid = trainer.train()
+    model_dir = save_model(model, Path(config.out_dir) / "model",
+                           metadata={"tokenizer_fingerprint": tokenizer.fingerprint(), "step": str(trainer.state.step)})
+    tokenizer.save(model_dir / "tokenizer")
+    metrics_dir = Path(config.out_dir) / "metrics"
+    curve = plot_loss_curve(metrics_dir, Path(config.out_dir) / "loss_curve.png")
+    return PretrainResult(valid, valid_batches, model_dir, metrics_dir, curve)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
+    config = (TrainConfig.load(args.config, overrides) if args.config
+              else TrainConfig.from_dict(apply_overrides({}, overrides)))
+    result = run_pretraining(config)
+    print(f"model: {result.model_dir}")
+    if result.loss_curve is not None:
+        print(f"loss curve: {result.loss_curve}")
+    for language, loss in result.valid_losses.items():
+        print(f"validation loss {language}: {loss:.4f}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser("pretrain", help="pretrain a GLM on one device (the GLM-130B recipe)")
+    parser.add_argument("--config", help="a TrainConfig YAML file (configs/*.yaml); options below override it")
+    add_config_arguments(parser)
+    parser.set_defaults(func=cmd_pretrain)
+
+
+def format_record(record: dict) -> str:
+    text = (f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+            f"grad norm {record['grad_norm']:.3f} | loss scale {record['loss_scale']:g} | "
+            f"{record['tokens_per_s']:,.0f} tokens/s")
+    if record["mfu"] is not None:
+        text += f" | MFU {100 * record['mfu']:.1f} %"
+    return text

@@ -1,9 +1,16 @@
 """Shared test helpers: oracle fixtures and the GLM config each one pins."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. Triton reads the
+# switch when a kernel is decorated, i.e. when the first test module imports glm130b.kernels, so it
+# is set here, before any test module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from glm130b import GLM, GLMConfig
 from glm130b.inputs import SpecialTokens

@@ -1,7 +1,7 @@
 """Quantized linear kernels against the dequantized reference (x @ dequantize(W)^T + b in float64).
 
-Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter; the variable is
-set here, before anything imports triton, and only when no CUDA device would run them natively.
+Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET,
+set in conftest.py before any test module imports a kernel).
 """
 
 import os
@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 

@@ -22,6 +22,9 @@ from glm130b.errors import GLMError
 from glm130b.model import GLM
 from glm130b.quant_format import QuantScheme
 
+# Floating-point types by the names the command line and config files use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 

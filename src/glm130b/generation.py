@@ -443,12 +443,11 @@ def stream_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str = "
 
 # ---------------------------------------------------------------------------------- command line
 def _load_for_cli(args: argparse.Namespace):
-    from glm130b.checkpoint import load_model
+    from glm130b.checkpoint import DTYPES, load_model
     from glm130b.tokenizer import load_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise InputError(f"--checkpoint {checkpoint} is not a directory: give a model directory "

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from glm130b.checkpoint import WEIGHTS_FILE, CheckpointError, save_config, write_streaming
+from glm130b.checkpoint import DTYPES, WEIGHTS_FILE, CheckpointError, save_config, write_streaming
 from glm130b.config import GLMConfig
 from glm130b.model import GLM
 
@@ -120,9 +120,6 @@ def convert_official(src: str | Path, dst: str | Path, config: GLMConfig | None 
     write_streaming(dst / WEIGHTS_FILE, specs, progress, metadata={"format": "glm130b", "source": "official"})
     save_config(checkpoint.config, dst)
     return dst
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cmd_convert_official(args) -> int:

@@ -141,8 +141,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The oracle fixtures' shape: 2 layers, hidden 64; what the parity tests run.
     "glm-tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=1000,
                      inner_hidden_size=160, max_sequence_length=128),
-    # ~9M parameters: the CPU demo model. inner 688 = 8/3 x 256 rounded up to a multiple of 16,
-    # the GLM-130B ratio that makes GeGLU cost what a 4h FFN costs.
+    # ~9M parameters: the CPU demo model. inner 640: GLM-130B's 8/3 x hidden (683) rounded down to a
+    # multiple of 128, so INT4/INT8 groups of 128 divide every weight's input dimension.
     "glm-10m": dict(num_layers=6, hidden_size=256, num_attention_heads=8, vocab_size=16384,
-                    inner_hidden_size=688, max_sequence_length=512),
+                    inner_hidden_size=640, max_sequence_length=512),
 }

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from glm130b.batch import TrainingBatch
-from glm130b.checkpoint import load_model
+from glm130b.checkpoint import load_config, load_model
 from glm130b.demo_corpus import DEFAULT_CACHE, DemoCorpus, fetch_demo_corpus
 from glm130b.report import markdown_table, plot_loss_curve, write_report
 from glm130b.train_config import TrainConfig, apply_overrides
@@ -55,15 +55,21 @@ def unigram_cross_entropy(train_corpus, valid_batches: list[TrainingBatch], voca
 
 
 def quantized_perplexities(model_dir: Path, valid_batches: dict[str, list[TrainingBatch]]) -> dict[str, dict[str, float]]:
-    """Validation perplexity per language of the fp32 model and its INT8 / INT4 row-wise copies."""
+    """Validation perplexity per language of the fp32 model and its INT8 row-wise, INT4 row-wise and
+    INT4 group-wise copies (the largest group of 128, 64, 32 that divides every input dimension)."""
     from glm130b.quant_format import QuantScheme
     from glm130b.quantize import quantize_model
 
+    config = load_config(model_dir)
+    group = next((g for g in (128, 64, 32) if config.hidden_size % g == 0 and config.inner_hidden_size % g == 0), None)
+    schemes = [("fp32", None), ("INT8 row-wise", QuantScheme(8)), ("INT4 row-wise", QuantScheme(4))]
+    if group is not None:
+        schemes.append((f"INT4 group-{group}", QuantScheme(4, group)))
     results = {}
-    for name, bits in (("fp32", None), ("INT8", 8), ("INT4", 4)):
+    for name, scheme in schemes:
         model = load_model(model_dir)
-        if bits is not None:
-            quantize_model(model, QuantScheme(bits))
+        if scheme is not None:
+            quantize_model(model, scheme)
         results[name] = {lang: math.exp(evaluate(model, batches, "fp32")) for lang, batches in valid_batches.items()}
     return results
 
@@ -186,7 +192,7 @@ fitted on all training tokens (add-one smoothing), scored on exactly the same ta
     if "perplexity" in extras:
         ppl = extras["perplexity"]
         langs = sorted(next(iter(ppl.values())))
-        sections.append(("Quantization (weight-only, row-wise absmax)", markdown_table(
+        sections.append(("Quantization (weight-only absmax, no calibration)", markdown_table(
             ["weights"] + [f"validation perplexity {lang}" for lang in langs],
             [[name] + [f"{values[lang]:.2f}" for lang in langs] for name, values in ppl.items()])))
     else:

@@ -369,11 +369,17 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                     extra: dict[str, Any] | None = None) -> Path:
     """Save model (and optimizer) state with torch.distributed.checkpoint: every rank writes its own
     shards, keyed by parameter name and global shape, so any other layout can load it. Call on
-    every rank. `extra` holds small picklable state (step, scheduler, data position)."""
+    every rank. `extra` holds small picklable state (step, scheduler, data position).
+
+    An optimizer without state yet (before its first step) is left out: get_state_dict would
+    create the state with a zero-gradient step, which counts as AdamW's first step and changes
+    the bias correction of every later one. load_checkpoint then gives the optimizer no state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     directory = Path(directory)
+    if optimizer is not None and not optimizer.state:
+        optimizer = None
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [],
                                         options=_state_dict_options())
     state = {"model": model_sd}
@@ -396,6 +402,10 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     if not (directory / ".metadata").is_file():
         raise GLMError(f"{directory} is not a torch.distributed.checkpoint directory (no .metadata); "
                        "give the directory that save_checkpoint wrote")
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    if optimizer is not None and not any(key.startswith("optim.") for key in saved):
+        optimizer.state.clear()  # saved before the optimizer's first step (save_checkpoint)
+        optimizer = None
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [],
                                         options=_state_dict_options())
     state: dict[str, Any] = {"model": model_sd}

@@ -21,6 +21,7 @@ import yaml
 
 from glm130b.config import PRESETS, GLMConfig
 from glm130b.errors import ConfigError
+from glm130b.parallel import ParallelConfig
 from glm130b.spike_guard import SpikeGuardConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -85,6 +86,9 @@ class TrainConfig:
     # printed only when known.
     peak_flops: float | None = None
     seed: int = 1234
+    # Degrees of parallelism under torchrun (tp, dp, ...; glm130b.parallel). Ignored by a plain
+    # one-process launch; pp > 1 is refused by the trainer (pipeline parallel is glm130b.pipeline's).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     # ---------------------------------------------------------------- output
     out_dir: str = "runs/pretrain"
@@ -108,6 +112,8 @@ class TrainConfig:
                     pass  # validate() names the field
         if isinstance(self.spike_guard, dict):
             self.spike_guard = _from_mapping(SpikeGuardConfig, self.spike_guard, "spike_guard")
+        if isinstance(self.parallel, dict):
+            self.parallel = ParallelConfig.from_dict(self.parallel)
         self.validate()
 
     # ------------------------------------------------------------------ derived values
@@ -216,10 +222,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--<field> VALUE` for every TrainConfig field, `--spike_guard.<field>` and `--model.<field>`."""
+    """`--<field> VALUE` for every TrainConfig field, `--spike_guard.<field>`, `--parallel.<field>`
+    and `--model.<field>`."""
     group = parser.add_argument_group("run settings (override the config file)")
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "spike_guard")]
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "spike_guard", "parallel")]
     names += [f"spike_guard.{f.name}" for f in dataclasses.fields(SpikeGuardConfig)]
+    names += [f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)]
     names += [f"model.{f.name}" for f in dataclasses.fields(GLMConfig)]
     for name in names:
         group.add_argument(f"--{name}", dest=f"override:{name}", metavar="VALUE", default=None)

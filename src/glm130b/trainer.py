@@ -1,10 +1,11 @@
-"""Single-process GLM pretraining: the step, the loop, logging, validation, checkpoints, resume.
+"""GLM pretraining: the step, the loop, logging, validation, checkpoints, resume; one process, or
+many under torchrun.
 
 One step: draw the step's micro-batches (batch ramp-up decides how many), forward and backward
 each under the run's precision (gradient accumulation, token-weighted), unscale, clip, ask the
-spike guard, then apply AdamW with the scheduled learning rate. The seam for distributed runs
-(glm130b.parallel) is `build_model_and_optimizer`: a launcher that shards the model replaces it
-and hands the Trainer its own model and optimizer; `forward_backward` takes the model as given.
+spike guard, then apply AdamW with the scheduled learning rate. The Trainer takes its model and
+optimizer as given: `build_run_model_and_optimizer` picks the single-process builder
+(`build_model_and_optimizer`) or the parallelized one of glm130b.parallel.
 
 Batches come from samplers with `batch(index) -> TrainingBatch`, deterministic in (seed, index),
 each of micro_batch_size sequences; the data position is the index of the next micro-batch.
@@ -14,6 +15,14 @@ glm130b.checkpoint plus `trainer_state.pt` (optimizer, loss scale, schedule posi
 position, RNG, spike-guard history). A checkpoint is written under a hidden temporary name and
 renamed into place, so a kill during the save leaves the previous one loadable; the newest
 `keep_checkpoints` are kept. A resumed fp32 CPU run reproduces the uninterrupted run exactly.
+
+Under torchrun (RANK set) `run_pretraining` builds a [pp, dp, tp] mesh from `config.parallel` and
+the parallelized model (glm130b.parallel), and hands the Trainer the mesh. Each dp rank then takes
+micro-batches r, r + dp, ... of every global batch (tp ranks of one dp group take the same ones),
+the loss is normalised by the global scored-token count, the spike guard's verdict comes from rank
+0, and checkpoints are torch.distributed.checkpoint directories (written by every rank into a
+temporary directory that rank 0 renames), so a run resumes under any other layout. Only rank 0
+logs and writes files other than checkpoint shards.
 """
 
 from __future__ import annotations
@@ -31,13 +40,14 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from glm130b.batch import TrainingBatch, masked_lm_loss
 from glm130b.checkpoint import WEIGHTS_FILE, save_model
 from glm130b.config import GLMConfig
-from glm130b.errors import GLMError
+from glm130b.errors import ConfigError, GLMError
 from glm130b.init import initialize_glm
 from glm130b.model import GLM
 from glm130b.optim import DynamicLossScaler, batch_size, build_optimizer, embedding_grad_scale, learning_rate
@@ -45,6 +55,7 @@ from glm130b.spike_guard import SpikeGuard
 from glm130b.train_config import TrainConfig, add_config_arguments, apply_overrides, overrides_from_args
 
 STATE_FILE = "trainer_state.pt"
+DCP_METADATA = ".metadata"  # the file that marks a torch.distributed.checkpoint directory
 CHECKPOINT_PREFIX = "step_"
 # Dense bf16/fp16 tensor-core peak of one device (datasheet, SXM parts), for MFU.
 PEAK_FLOPS_BY_DEVICE = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -97,8 +108,8 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model_and_optimizer(config: TrainConfig, model_config: GLMConfig,
                               device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The single-process model (GLM-130B init, seeded) and its AdamW. A distributed launcher
-    replaces this function with one that shards the model (glm130b.parallel)."""
+    """The single-process model (GLM-130B init, seeded) and its AdamW; under torchrun
+    glm130b.parallel.build_parallel_model_and_optimizer takes its place."""
     with torch.device(device):
         model = GLM(model_config)
     initialize_glm(model, seed=config.seed)
@@ -127,17 +138,40 @@ def batch_loss(model: torch.nn.Module, batch: TrainingBatch, precision: str) -> 
 
 
 def forward_backward(model: torch.nn.Module, micro_batches: list[TrainingBatch], precision: str,
-                     loss_scale: float = 1.0) -> float:
+                     loss_scale: float = 1.0, dp_group=None) -> float:
     """Accumulate the gradient of the global batch's loss (times loss_scale) over its
-    micro-batches; returns the loss: the mean over all scored tokens of the global batch."""
-    total_targets = sum(b.num_target_tokens for b in micro_batches) or 1
+    micro-batches; returns the loss: the mean over all scored tokens of the global batch.
+
+    dp_group: the data-parallel group when each rank holds only its share of the micro-batches.
+    Every share is then weighted by the scored tokens of the WHOLE global batch (one all-reduce of
+    the count per step: parallel.data_parallel_loss does the same per micro-batch, but accumulation
+    needs the count of the step), and multiplied by the dp size, which FSDP2's gradient averaging
+    over dp ranks divides out again. The returned loss is summed over the ranks: the number a
+    single process prints for the same batch.
+    """
+    counts = torch.tensor([float(sum(b.num_target_tokens for b in micro_batches))])
+    dp_size = 1
+    if dp_group is not None:
+        dp_size = dist.get_world_size(dp_group)
+        counts = _all_reduce_sum(counts, dp_group)
+    total_targets = counts.item() or 1
     loss_sum = 0.0
     for batch in micro_batches:
         loss = batch_loss(model, batch, precision)
         share = batch.num_target_tokens / total_targets  # token-weighted accumulation
-        (loss * (share * loss_scale)).backward()
+        (loss * (share * dp_size * loss_scale)).backward()
         loss_sum += loss.item() * share
+    if dp_group is not None:
+        loss_sum = _all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64), dp_group).item()
     return loss_sum
+
+
+def _all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
+    """Sum over `group`; on the rank's CUDA device for nccl, which reduces only CUDA tensors."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    values = values.to(device)
+    dist.all_reduce(values, group=group)
+    return values.cpu()
 
 
 @torch.no_grad()
@@ -155,10 +189,13 @@ class MetricsLog:
     """One file per kind of record (`train`, `valid`, `intervention`) in JSON lines or CSV, appended
     across resumes; TensorBoard scalars as well when it is installed and wanted."""
 
-    def __init__(self, directory: Path, fmt: str, tensorboard: bool):
-        self.directory, self.fmt = directory, fmt
-        directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: Path, fmt: str, tensorboard: bool, enabled: bool = True):
+        """enabled=False (ranks other than 0 of a distributed run): every write is dropped."""
+        self.directory, self.fmt, self.enabled = directory, fmt, enabled
         self.writer = None
+        if not enabled:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -167,6 +204,8 @@ class MetricsLog:
                 pass
 
     def write(self, kind: str, record: dict) -> None:
+        if not self.enabled:
+            return
         path = self.directory / f"{kind}.{self.fmt}"
         if self.fmt == "jsonl":
             line = json.dumps(record)
@@ -229,9 +268,23 @@ class RunState:
 class Trainer:
     def __init__(self, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  train_source: BatchSource, valid_batches: dict[str, list[TrainingBatch]] | None = None,
-                 show_progress: bool = True):
-        """valid_batches: a fixed set of validation batches per name (e.g. per language)."""
+                 show_progress: bool = True, mesh=None):
+        """valid_batches: a fixed set of validation batches per name (e.g. per language).
+        mesh: the [pp, dp, tp] DeviceMesh of a distributed run (glm130b.parallel.build_mesh) whose
+        parallelized model and optimizer these are; None = one process."""
         self.config, self.model, self.optimizer = config, model, optimizer
+        self.mesh = mesh
+        self.dp_group = mesh["dp"].get_group() if mesh is not None else None
+        self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+        self.dp_size = mesh["dp"].size() if mesh is not None else 1
+        self.is_main = mesh is None or dist.get_rank() == 0
+        share = config.micro_batch_size * self.dp_size  # sequences of one micro-batch on every dp rank
+        for name in ("global_batch_size", "rampup_start_batch_size"):
+            value = getattr(config, name)
+            if mesh is not None and value is not None and value % share:
+                raise ConfigError(f"{name} {value} is not a multiple of micro_batch_size x dp = {share}: every "
+                                  f"data-parallel rank takes whole micro-batches of each global batch; pick a "
+                                  f"multiple of {share}")
         self.train_source, self.valid_batches = train_source, valid_batches or {}
         self.device = next(model.parameters()).device
         self.out_dir = Path(config.out_dir)
@@ -239,21 +292,26 @@ class Trainer:
         self.state = RunState()
         self.scaler = DynamicLossScaler.from_config(config)
         self.guard = SpikeGuard(config.spike_guard)
-        self.show_progress = show_progress
+        self.show_progress = show_progress and self.is_main
         glm = model.config
         self.flops_per_token = training_flops_per_token(glm, config.sequence_length)
         self.peak_flops = device_peak_flops(self.device, config.peak_flops)
-        self.metrics = MetricsLog(self.out_dir / "metrics", config.metrics_format, config.tensorboard)
+        self.metrics = MetricsLog(self.out_dir / "metrics", config.metrics_format, config.tensorboard,
+                                  enabled=self.is_main)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         """Run to train_samples (resuming when allowed); returns the last validation losses."""
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.out_dir / "train_config.yaml")
-        for unfinished in self.checkpoint_dir.glob(".tmp-*"):  # saves cut short by a kill
-            shutil.rmtree(unfinished, ignore_errors=True)
+        # dp ranks differ in seed (their shares are other data); the tp ranks of one dp group share
+        # it, so that dropout on their replicated activations keeps the replicas identical.
+        torch.manual_seed(cfg.seed + self.dp_rank)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out_dir / "train_config.yaml")
+            for unfinished in self.checkpoint_dir.glob(".tmp-*"):  # saves cut short by a kill
+                shutil.rmtree(unfinished, ignore_errors=True)
+        self._barrier()
         latest = latest_checkpoint(self.checkpoint_dir)
         if latest is not None and not cfg.resume:
             raise GLMError(f"{self.checkpoint_dir} holds checkpoints of an earlier run; set resume: true to "
@@ -290,8 +348,10 @@ class Trainer:
         cfg, state = self.config, self.state
         start = time.perf_counter()
         size = batch_size(state.samples, cfg)
+        if self.mesh is not None:  # ramp-up sizes rounded down to whole micro-batches per dp rank
+            size -= size % (cfg.micro_batch_size * self.dp_size)
         indices = self._take(size // cfg.micro_batch_size)
-        micro_batches = [self.train_source.batch(i) for i in indices]
+        micro_batches = [self.train_source.batch(i) for i in indices[self.dp_rank::self.dp_size]]
         lr = learning_rate(state.samples, cfg) * state.lr_factor
         alpha = embedding_grad_scale(state.step, cfg) * state.embedding_grad_scale_factor
         for group in self.optimizer.param_groups:
@@ -299,18 +359,26 @@ class Trainer:
         self.model.embedding_grad_scale = alpha
         scale = self.scaler.scale if cfg.precision == "fp16" else 1.0
 
-        loss = forward_backward(self.model, micro_batches, cfg.precision, scale)
+        loss = forward_backward(self.model, micro_batches, cfg.precision, scale, self.dp_group)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if scale != 1.0:
             for p in params:
                 p.grad.div_(scale)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
+        if self.mesh is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
+        else:  # sharded and replicated gradients: the norm over the whole model, the same on every rank
+            from glm130b.parallel import clip_grad_norm_
+            grad_norm = clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
 
         overflow = cfg.precision == "fp16" and math.isfinite(loss) and not math.isfinite(grad_norm)
         if overflow:  # the loss scaler's business: skip the update, lower the scale
             self.scaler.update(overflow=True)
         else:
             reason = self.guard.check(loss, grad_norm) if cfg.spike_guard.enabled else None
+            if self.mesh is not None:  # rank 0's verdict, so that every rank rolls back or none does
+                verdict = [reason]
+                dist.broadcast_object_list(verdict, src=0)
+                reason = verdict[0]
             if reason is not None:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.roll_back(reason, indices)
@@ -326,11 +394,14 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        tokens = sum(b.input_ids.numel() for b in micro_batches)
+        # The whole global batch (every dp share is the same shape); MFU per device of the run.
+        tokens = sum(b.input_ids.numel() for b in micro_batches) * self.dp_size
+        devices = dist.get_world_size() if self.mesh is not None else 1
         record = {"step": state.step, "samples": state.samples, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "loss_scale": scale, "batch_size": size,
                   "embedding_grad_scale": alpha, "tokens_per_s": tokens / seconds,
-                  "mfu": (self.flops_per_token * tokens / seconds / self.peak_flops) if self.peak_flops else None,
+                  "mfu": (self.flops_per_token * tokens / seconds / self.peak_flops / devices)
+                  if self.peak_flops else None,
                   "skipped_update": overflow}
         self.metrics.write("train", record)
         return record
@@ -395,6 +466,9 @@ class Trainer:
         """Write step_<step> atomically (temporary directory, then rename) and prune old ones."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.state.step:08d}"
+        if self.mesh is not None:
+            self._save_distributed(final)
+            return final
         tmp = self.checkpoint_dir / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(self.model, tmp, metadata={"step": str(self.state.step)})
@@ -404,14 +478,48 @@ class Trainer:
         torch.save({"run": asdict(self.state), "optimizer": self.optimizer.state_dict(),
                     "loss_scaler": self.scaler.state_dict(), "spike_guard": self.guard.state_dict(),
                     "rng": rng, "config": self.config.to_dict()}, tmp / STATE_FILE)
+        self._publish(tmp, final)
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename a complete temporary checkpoint into place and prune the oldest."""
         if final.exists():  # the same step saved again after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(self.checkpoint_dir)[:-self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        return final
+
+    def _trainer_state(self) -> str:
+        """What a checkpoint holds besides model, optimizer and RNG, as JSON text: DCP stores it as
+        one object, whatever its lists' lengths."""
+        return json.dumps({"run": asdict(self.state), "loss_scaler": self.scaler.state_dict(),
+                           "spike_guard": self.guard.state_dict(), "config": self.config.to_dict()})
+
+    def _save_distributed(self, final: Path) -> None:
+        """Every rank writes its shards into one temporary directory (same name on every rank);
+        rank 0 renames it after all have finished. Each rank's RNG is stored under its own key."""
+        from glm130b.parallel import save_checkpoint
+
+        tmp = self.checkpoint_dir / f".tmp-{final.name}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._barrier()
+        extra = {"trainer": self._trainer_state(), f"rng_rank{dist.get_rank()}": self._rng_state()}
+        save_checkpoint(tmp, self.model, self.optimizer, extra=extra)
+        self._barrier()
+        if self.is_main:
+            self._publish(tmp, final)
+        self._barrier()
 
     def _load(self, directory: Path) -> None:
+        distributed_checkpoint = (directory / DCP_METADATA).is_file()
+        if distributed_checkpoint != (self.mesh is not None):
+            written, needed = (("by a torchrun launch", "under torchrun (--nproc_per_node 1 works)")
+                               if distributed_checkpoint else ("by a single-process run", "with one process"))
+            raise GLMError(f"{directory} was written {written}; resume it {needed}, or start a new out_dir")
+        if self.mesh is not None:
+            self._load_distributed(directory)
+            return
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         weights = load_file(str(directory / WEIGHTS_FILE), device=str(self.device))
         self.model.load_state_dict(weights)
@@ -422,6 +530,38 @@ class Trainer:
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def _load_distributed(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        from glm130b.parallel import load_checkpoint
+
+        rng_key = f"rng_rank{dist.get_rank()}"
+        saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        wanted = {"trainer": ""} | ({rng_key: ""} if f"extra.{rng_key}" in saved else {})
+        extra = load_checkpoint(directory, self.model, self.optimizer, extra=wanted)
+        state = json.loads(extra["trainer"])
+        self.scaler.load_state_dict(state["loss_scaler"])
+        self.guard.load_state_dict(state["spike_guard"])
+        self.state = RunState(**state["run"])
+        if rng_key in wanted:  # this rank existed when the checkpoint was written: its RNG comes back
+            rng = json.loads(extra[rng_key])
+            torch.set_rng_state(torch.tensor(rng["cpu"], dtype=torch.uint8))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
+        else:  # a rank the saving run did not have: a fresh stream of its own
+            torch.manual_seed(self.config.seed + self.state.step + self.dp_rank)
+
+    def _rng_state(self) -> str:
+        """This rank's RNG (CPU, and its own CUDA device), as JSON text."""
+        rng = {"cpu": torch.get_rng_state().tolist()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state().tolist()
+        return json.dumps(rng)
+
+    def _barrier(self) -> None:
+        if self.mesh is not None:
+            dist.barrier()
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -527,15 +667,62 @@ def run_pretraining(config: TrainConfig, show_progress: bool = True) -> Pretrain
         raise GLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size} "
                        f"rows; set model.vocab_size to at least {tokenizer.vocab_size}")
     train_source, valid_batches = build_data(config, tokenizer)
-    model, optimizer = build_model_and_optimizer(config, model_config, resolve_device(config.device))
-    trainer = Trainer(config, model, optimizer, train_source, valid_batches, show_progress=show_progress)
+    model, optimizer, mesh = build_run_model_and_optimizer(config, model_config)
+    trainer = Trainer(config, model, optimizer, train_source, valid_batches, show_progress=show_progress, mesh=mesh)
     valid = trainer.train()
-    model_dir = save_model(model, Path(config.out_dir) / "model",
-                           metadata={"tokenizer_fingerprint": tokenizer.fingerprint(), "step": str(trainer.state.step)})
-    tokenizer.save(model_dir / "tokenizer")
-    metrics_dir = Path(config.out_dir) / "metrics"
-    curve = plot_loss_curve(metrics_dir, Path(config.out_dir) / "loss_curve.png")
+    model_dir, metrics_dir = Path(config.out_dir) / "model", Path(config.out_dir) / "metrics"
+    export_model(trainer, model_dir, metadata={"tokenizer_fingerprint": tokenizer.fingerprint()})
+    curve = None
+    if trainer.is_main:
+        tokenizer.save(model_dir / "tokenizer")
+        curve = plot_loss_curve(metrics_dir, Path(config.out_dir) / "loss_curve.png")
+    if mesh is not None:
+        dist.barrier()  # the export is complete before any rank returns
+        dist.destroy_process_group()
     return PretrainResult(valid, valid_batches, model_dir, metrics_dir, curve)
+
+
+def export_model(trainer: Trainer, directory: Path, metadata: dict[str, str]) -> None:
+    """The trained model in the glm130b.checkpoint format (official keys, whole tensors), written
+    by rank 0. Collective in a distributed run: every rank takes part in gathering the shards."""
+    metadata = {**metadata, "step": str(trainer.state.step)}
+    if trainer.mesh is None:
+        save_model(trainer.model, directory, metadata=metadata)
+        return
+    from glm130b.parallel import full_state_dict
+
+    state = full_state_dict(trainer.model)  # the whole tensors arrive on rank 0 only
+    if trainer.is_main:
+        with torch.device("meta"):
+            plain = GLM(trainer.model.config)
+        plain.load_state_dict(state, assign=True)
+        save_model(plain, directory, metadata=metadata)
+
+
+def build_run_model_and_optimizer(config: TrainConfig, model_config: GLMConfig):
+    """(model, optimizer, mesh) for this launch. One process: build_model_and_optimizer, mesh None.
+    Under torchrun (RANK set, whatever the process count): the process group (nccl on CUDA with
+    each rank on cuda:LOCAL_RANK, gloo on CPU), the mesh of config.parallel, and the parallelized
+    model built from the same seed on every rank."""
+    if "RANK" not in os.environ:
+        model, optimizer = build_model_and_optimizer(config, model_config, resolve_device(config.device))
+        return model, optimizer, None
+    from glm130b.parallel import build_mesh, build_parallel_model_and_optimizer, init_distributed
+
+    if config.parallel.pp > 1:
+        raise ConfigError(f"parallel.pp {config.parallel.pp}: pipeline parallel is available through "
+                          "glm130b.pipeline (PipelineRunner) but not yet in glm130b pretrain; set parallel.pp: 1 "
+                          "and use parallel.tp / parallel.dp")
+    device = resolve_device(config.device)
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    pcfg = config.parallel.validate(model_config, dist.get_world_size())
+    pcfg = dataclasses.replace(pcfg, activation_checkpointing=pcfg.activation_checkpointing
+                               or config.activation_checkpointing)
+    mesh = build_mesh(pcfg, device.type)
+    model, optimizer = build_parallel_model_and_optimizer(config, model_config, device, pcfg, mesh)
+    return model, optimizer, mesh
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -552,7 +739,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser("pretrain", help="pretrain a GLM on one device (the GLM-130B recipe)")
+    parser = subparsers.add_parser("pretrain", help="pretrain a GLM with the GLM-130B recipe (one device, or "
+                                   "many under torchrun --nproc_per_node N -m glm130b.cli pretrain)")
     parser.add_argument("--config", help="a TrainConfig YAML file (configs/*.yaml); options below override it")
     add_config_arguments(parser)
     parser.set_defaults(func=cmd_pretrain)

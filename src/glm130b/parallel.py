@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from glm130b.checkpoint import DTYPES
 from glm130b.config import GLMConfig
 from glm130b.config_io import DictConfig
 from glm130b.errors import ConfigError, GLMError
@@ -43,7 +44,6 @@ from glm130b.model import GLM, FeedForward, GLMBlock, SelfAttention
 
 MESH_DIMS = ("pp", "dp", "tp")  # outermost first: tp innermost keeps its traffic inside a node
 PP_SCHEDULES = ("1F1B", "GPipe")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------- degrees

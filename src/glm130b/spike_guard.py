@@ -14,11 +14,14 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
+from glm130b.config_io import DictConfig
 from glm130b.errors import ConfigError
 
 
 @dataclass
-class SpikeGuardConfig:
+class SpikeGuardConfig(DictConfig):
+    config_label = "spike_guard"
+
     enabled: bool = True
     window: int = 50            # healthy steps whose median is the reference
     min_history: int = 20       # no ratio test before this many healthy steps (early losses move fast)

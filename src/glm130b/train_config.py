@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from glm130b.config import PRESETS, GLMConfig
+from glm130b.config_io import DictConfig
 from glm130b.errors import ConfigError
 from glm130b.parallel import ParallelConfig
 from glm130b.spike_guard import SpikeGuardConfig
@@ -29,7 +30,9 @@ METRICS_FORMATS = ("jsonl", "csv")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
+    config_label = "TrainConfig"
+
     # ---------------------------------------------------------------- model
     model_preset: str = "glm-130b"
     # GLMConfig fields that replace the preset's (e.g. vocab_size from the tokenizer, dropout).
@@ -111,7 +114,7 @@ class TrainConfig:
                 except ValueError:
                     pass  # validate() names the field
         if isinstance(self.spike_guard, dict):
-            self.spike_guard = _from_mapping(SpikeGuardConfig, self.spike_guard, "spike_guard")
+            self.spike_guard = SpikeGuardConfig.from_dict(self.spike_guard)
         if isinstance(self.parallel, dict):
             self.parallel = ParallelConfig.from_dict(self.parallel)
         self.validate()
@@ -177,13 +180,6 @@ class TrainConfig:
         self.spike_guard.validate()
 
     # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _from_mapping(cls, data, "TrainConfig")
-
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -236,17 +232,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return [f"{key.removeprefix('override:')}={value}" for key, value in vars(args).items()
             if key.startswith("override:") and value is not None]
-
-
-def _from_mapping(cls, data: dict[str, Any], what: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown {what} field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
-    try:
-        return cls(**data)
-    except TypeError as err:
-        raise ConfigError(f"bad {what}: {err}") from None
 
 
 def _require(name: str, value: Any, kind: type, ok, expected: str) -> None:

@@ -129,26 +129,15 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None =
     train_corpus = TokenCorpus(config.corpus)
     unigram = {lang: unigram_cross_entropy(train_corpus, batches, tokenizer.vocab_size)
                for lang, batches in valid_batches.items()}
-    extras = quality_extras(result.model_dir, valid_batches)
+    perplexities = quantized_perplexities(result.model_dir, valid_batches)
+    samples = int4_samples(result.model_dir)
+    for prompt, output in samples:
+        print(f"[demo] INT4 model, {prompt!r} -> {output!r}", flush=True)
     t = lap("evaluation", t)
     timings["total"] = time.monotonic() - started
     curve = plot_loss_curve(result.metrics_dir, out_dir / "loss_curve.png", baselines=unigram)
-    return write_demo_report(out_dir / "REPORT.md", config, result, unigram, curve, extras, timings, corpus)
-
-
-def quality_extras(model_dir: Path, valid_batches) -> dict:
-    """The parts of the report that need modules of later issues; each is left out (with the
-    reason) when its module is missing."""
-    extras: dict = {}
-    try:
-        extras["perplexity"] = quantized_perplexities(model_dir, valid_batches)
-    except ImportError as err:
-        extras["perplexity_missing"] = str(err)
-    try:
-        extras["samples"] = int4_samples(model_dir)
-    except ImportError as err:
-        extras["samples_missing"] = str(err)
-    return extras
+    return write_demo_report(out_dir / "REPORT.md", config, result, unigram, curve, perplexities, samples,
+                             timings, corpus)
 
 
 def yaml_mapping(path: Path) -> dict:
@@ -160,7 +149,8 @@ def yaml_mapping(path: Path) -> dict:
 
 
 def write_demo_report(path: Path, config: TrainConfig, result: PretrainResult, unigram: dict[str, float],
-                      curve: Path | None, extras: dict, timings: dict[str, float], corpus: DemoCorpus) -> Path:
+                      curve: Path | None, perplexities: dict[str, dict[str, float]], samples: list[tuple[str, str]],
+                      timings: dict[str, float], corpus: DemoCorpus) -> Path:
     train = read_metrics(result.metrics_dir, "train")
     interventions = read_metrics(result.metrics_dir, "intervention")
     glm = config.model_config()
@@ -189,19 +179,12 @@ fitted on all training tokens (add-one smoothing), scored on exactly the same ta
 {markdown_table(["language", "model loss", "unigram loss", "model perplexity", "unigram perplexity"], rows)}
 """),
     ]
-    if "perplexity" in extras:
-        ppl = extras["perplexity"]
-        langs = sorted(next(iter(ppl.values())))
-        sections.append(("Quantization (weight-only absmax, no calibration)", markdown_table(
-            ["weights"] + [f"validation perplexity {lang}" for lang in langs],
-            [[name] + [f"{values[lang]:.2f}" for lang in langs] for name, values in ppl.items()])))
-    else:
-        sections.append(("Quantization", f"Left out: {extras.get('perplexity_missing')}"))
-    if "samples" in extras:
-        body = "\n\n".join(f"Prompt: `{prompt}`\n\n> {output.replace(chr(10), ' ')}" for prompt, output in extras["samples"])
-        sections.append((f"Samples from the INT4 model (greedy, up to {NEW_TOKENS} tokens)", body))
-    else:
-        sections.append(("Samples", f"Left out: {extras.get('samples_missing')}"))
+    langs = sorted(next(iter(perplexities.values())))
+    sections.append(("Quantization (weight-only absmax, no calibration)", markdown_table(
+        ["weights"] + [f"validation perplexity {lang}" for lang in langs],
+        [[name] + [f"{values[lang]:.2f}" for lang in langs] for name, values in perplexities.items()])))
+    body = "\n\n".join(f"Prompt: `{prompt}`\n\n> {output.replace(chr(10), ' ')}" for prompt, output in samples)
+    sections.append((f"Samples from the INT4 model (greedy, up to {NEW_TOKENS} tokens)", body))
     sections.append(("Time", markdown_table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])))
     licenses = corpus.record.get("licenses", {})
     if licenses:

@@ -47,6 +47,12 @@ def test_demo_pipeline_writes_a_report_with_loss_baseline_and_checkpoint(tmp_pat
     assert "![loss curve](loss_curve.png)" in report
     rows = dict(re.findall(r"^\| (en|zh) \| ([0-9.]+) \|", report, flags=re.M))
     assert set(rows) == {"en", "zh"} and all(math.isfinite(float(v)) for v in rows.values())
+    # glm-tiny's input dims (64, 160) take groups of 32 at most
+    schemes = re.findall(r"^\| (fp32|INT8 row-wise|INT4 row-wise|INT4 group-\d+) \| ([0-9.]+) \| ([0-9.]+) \|$",
+                         report, flags=re.M)
+    assert [s[0] for s in schemes] == ["fp32", "INT8 row-wise", "INT4 row-wise", "INT4 group-32"]
+    prompts = re.findall(r"^Prompt: `(.*)`$", report, flags=re.M)
+    assert prompts == ["KING HENRY. Now, lords, [gMASK]", "今天的新闻[gMASK]", "The king [MASK] the crown."]
     model_dir = re.search(r"Checkpoint .*: `([^`]+)`", report).group(1)
     from glm130b.checkpoint import load_model
     assert load_model(model_dir).config.vocab_size == 3200

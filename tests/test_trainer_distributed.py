@@ -1,5 +1,5 @@
-"""The trainer under torch.distributed (2 CPU processes, gloo): data parallel and tensor parallel
-reproduce the single-process losses, and a checkpoint written by 2 processes resumes with 1.
+"""The trainer under torch.distributed (2 CPU processes, gloo): data parallel, tensor parallel and
+pipeline parallel reproduce the single-process losses, and a checkpoint written by 2 processes resumes with 1.
 
 Each worker takes the launch path of `glm130b pretrain` under torchrun (RANK etc. in the
 environment, then trainer.build_run_model_and_optimizer) and trains on the counting language of
@@ -16,7 +16,6 @@ import torch
 import torch.multiprocessing as mp
 
 from glm130b.checkpoint import load_model
-from glm130b.errors import ConfigError
 from glm130b.trainer import Trainer, build_run_model_and_optimizer, export_model, read_metrics
 from test_trainer import CountingSource, last_loss_per_step, make_trainer, tiny_run_config
 
@@ -81,11 +80,16 @@ def runs(tmp_path_factory):
     export_model(reference, tmp_path / "single" / "model", metadata={})
     make_trainer(run_config(tmp_path, "single_spike", **SPIKE), CountingSource(bad=BAD)).train()
     _launch(2, tmp_path, [dict(name="dp", parallel=dict(dp=2)), dict(name="tp", parallel=dict(tp=2, dp=1)),
+                          dict(name="pp", parallel=dict(pp=2, dp=1)),
                           dict(name="dp_spike", parallel=dict(dp=2), bad=BAD, **SPIKE)])
     # The 2-process data-parallel run, cut back to its step-3 checkpoint, resumed by 1 process.
     shutil.copytree(tmp_path / "dp", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / f"step_{STEPS:08d}")
     _launch(1, tmp_path, [dict(name="resumed")])
+    # The pipelined run, cut back to step 3 and resumed by the pipeline (each stage's optimizer state).
+    shutil.copytree(tmp_path / "pp", tmp_path / "pp_resumed")
+    shutil.rmtree(tmp_path / "pp_resumed" / "checkpoints" / f"step_{STEPS:08d}")
+    _launch(2, tmp_path, [dict(name="pp_resumed", parallel=dict(pp=2, dp=1))])
     return tmp_path, last_loss_per_step(tmp_path / "single")
 
 
@@ -122,7 +126,7 @@ def test_two_process_checkpoint_resumes_with_one_process(runs):
 def test_exported_models_hold_the_single_process_weights(runs):
     tmp_path, _ = runs
     reference = load_model(tmp_path / "single" / "model").state_dict()
-    for name in ("dp", "tp"):
+    for name in ("dp", "tp", "pp"):
         exported = load_model(tmp_path / name / "model").state_dict()
         assert exported.keys() == reference.keys()  # official names: GeGLU halves merged back
         for key, value in reference.items():
@@ -146,8 +150,16 @@ def test_only_rank_zero_writes_and_checkpoints_are_complete(runs):
     assert len(read_metrics(tmp_path / "dp" / "metrics", "train")) == STEPS  # one record per step, not per rank
 
 
-def test_pipeline_parallel_is_refused_with_the_way_out(tmp_path, monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    config = run_config(tmp_path, "pp", parallel=dict(pp=2))
-    with pytest.raises(ConfigError, match="glm130b.pipeline"):
-        build_run_model_and_optimizer(config, config.model_config())
+def test_pipeline_parallel_reproduces_single_process_losses(runs):
+    """pp=2: each step's 2 micro-batches go through the 1F1B schedule as 4 pieces of 2 sequences;
+    its step-3 checkpoint, resumed by the pipeline, continues on the single-process losses."""
+    tmp_path, _ = runs
+    steps = list(range(1, STEPS + 1))
+    torch.testing.assert_close(losses(tmp_path / "pp", steps), losses(tmp_path / "single", steps),
+                               rtol=RTOL, atol=ATOL)
+    steps = list(range(RESUME_FROM + 1, STEPS + 1))
+    torch.testing.assert_close(losses(tmp_path / "pp_resumed", steps), losses(tmp_path / "single", steps),
+                               rtol=RTOL, atol=ATOL)
+    valid, reference = (read_metrics(tmp_path / name / "metrics", "valid")[-1] for name in ("pp", "single"))
+    torch.testing.assert_close(valid["loss_count"], reference["loss_count"], rtol=RTOL, atol=ATOL)
+

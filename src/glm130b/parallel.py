@@ -359,21 +359,31 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, pp_grou
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def _state_dict_options(full: bool = False):
+def _state_dict_options(full: bool = False, flatten_optimizer: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=full, cpu_offload=full)
+    return StateDictOptions(full_state_dict=full, cpu_offload=full, flatten_optimizer_state_dict=flatten_optimizer)
+
+
+def _flattened_optimizer(saved_keys) -> bool:
+    """Whether a checkpoint keys its optimizer param groups by parameter name
+    (`optim.param_groups.transformer.layers.0...lr`) rather than by position (`optim.param_groups.0.lr`)."""
+    return any(k.startswith("optim.param_groups.") and not k.split(".")[2].isdigit() for k in saved_keys)
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, flatten_optimizer: bool = False) -> Path:
     """Save model (and optimizer) state with torch.distributed.checkpoint: every rank writes its own
     shards, keyed by parameter name and global shape, so any other layout can load it. Call on
     every rank. `extra` holds small picklable state (step, scheduler, data position).
 
     An optimizer without state yet (before its first step) is left out: get_state_dict would
     create the state with a zero-gradient step, which counts as AdamW's first step and changes
-    the bias correction of every later one. load_checkpoint then gives the optimizer no state."""
+    the bias correction of every later one. load_checkpoint then gives the optimizer no state.
+
+    flatten_optimizer: key the optimizer's param groups by parameter name. Pipeline stages need it:
+    by position, every stage's group 0 has the same key and only one stage's parameter list would be
+    kept. load_checkpoint recognises either form."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -381,7 +391,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     if optimizer is not None and not optimizer.state:
         optimizer = None
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [],
-                                        options=_state_dict_options())
+                                        options=_state_dict_options(flatten_optimizer=flatten_optimizer))
     state = {"model": model_sd}
     if optimizer is not None:
         state["optim"] = optim_sd
@@ -406,8 +416,8 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     if optimizer is not None and not any(key.startswith("optim.") for key in saved):
         optimizer.state.clear()  # saved before the optimizer's first step (save_checkpoint)
         optimizer = None
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [],
-                                        options=_state_dict_options())
+    options = _state_dict_options(flatten_optimizer=_flattened_optimizer(saved))
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [], options=options)
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optim"] = optim_sd
@@ -419,7 +429,7 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         raise GLMError(f"could not load {directory} into this model: {err}. The checkpoint must come from a "
                        "parallelized model of the same GLMConfig (see docs/distributed.md)") from err
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}), options=_state_dict_options())
+                   optim_state_dict=state.get("optim", {}), options=options)
     return state.get("extra")
 
 

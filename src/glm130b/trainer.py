@@ -23,6 +23,13 @@ the loss is normalised by the global scored-token count, the spike guard's verdi
 0, and checkpoints are torch.distributed.checkpoint directories (written by every rank into a
 temporary directory that rank 0 renames), so a run resumes under any other layout. Only rank 0
 logs and writes files other than checkpoint shards.
+
+With parallel.pp > 1 each rank holds one pipeline stage (glm130b.pipeline.PipelineRunner, under the
+full model's parameter names): a step's micro-batches (this dp rank's share) go through the schedule
+as one batch cut into parallel.pp_microbatches pieces, the loss exists on the last stage and is
+broadcast from there, validation passes activations stage to stage, and the export gathers the
+stages' weights to rank 0. The share must be the same size every step (no batch ramp-up) and
+fp16's loss scaling is not supported there (use bf16).
 """
 
 from __future__ import annotations
@@ -278,6 +285,8 @@ class Trainer:
         self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         self.dp_size = mesh["dp"].size() if mesh is not None else 1
         self.is_main = mesh is None or dist.get_rank() == 0
+        # build_run_model_and_optimizer hands a pipeline stage over with its runner attached
+        self.runner = getattr(model, "pipeline_runner", None)
         share = config.micro_batch_size * self.dp_size  # sequences of one micro-batch on every dp rank
         for name in ("global_batch_size", "rampup_start_batch_size"):
             value = getattr(config, name)
@@ -285,6 +294,8 @@ class Trainer:
                 raise ConfigError(f"{name} {value} is not a multiple of micro_batch_size x dp = {share}: every "
                                   f"data-parallel rank takes whole micro-batches of each global batch; pick a "
                                   f"multiple of {share}")
+        if self.runner is not None:
+            self._check_pipeline_config(config)
         self.train_source, self.valid_batches = train_source, valid_batches or {}
         self.device = next(model.parameters()).device
         self.out_dir = Path(config.out_dir)
@@ -359,12 +370,17 @@ class Trainer:
         self.model.embedding_grad_scale = alpha
         scale = self.scaler.scale if cfg.precision == "fp16" else 1.0
 
-        loss = forward_backward(self.model, micro_batches, cfg.precision, scale, self.dp_group)
+        if self.runner is not None:
+            loss = self._pipeline_forward_backward(micro_batches)
+        else:
+            loss = forward_backward(self.model, micro_batches, cfg.precision, scale, self.dp_group)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if scale != 1.0:
             for p in params:
                 p.grad.div_(scale)
-        if self.mesh is None:
+        if self.runner is not None:  # the norm over all stages; the same on every rank
+            grad_norm = self.runner.clip_grad_norm_(cfg.grad_clip or math.inf).item()
+        elif self.mesh is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
         else:  # sharded and replicated gradients: the norm over the whole model, the same on every rank
             from glm130b.parallel import clip_grad_norm_
@@ -409,8 +425,9 @@ class Trainer:
     def validate(self, progress: tqdm | None = None) -> dict[str, float]:
         if not self.valid_batches:
             return {}
-        losses = {name: evaluate(self.model, batches, self.config.precision)
-                  for name, batches in self.valid_batches.items()}
+        evaluate_batches = self._pipeline_evaluate if self.runner is not None else (
+            lambda batches: evaluate(self.model, batches, self.config.precision))
+        losses = {name: evaluate_batches(batches) for name, batches in self.valid_batches.items()}
         self.metrics.write("valid", {"step": self.state.step, **{f"loss_{k}": v for k, v in losses.items()}})
         if self.show_progress:
             (progress or tqdm).write(f"step {self.state.step} validation " +
@@ -429,6 +446,67 @@ class Trainer:
             position += 1
         self.state.data_position = position
         return indices
+
+    # ------------------------------------------------------------------ pipeline parallel
+    def _check_pipeline_config(self, config: TrainConfig) -> None:
+        pcfg = self.runner.pcfg  # dp resolved
+        if config.precision == "fp16":
+            raise ConfigError("precision fp16 with parallel.pp > 1: the pipeline schedule has no loss scaling; "
+                              "use precision bf16 (or fp32)")
+        if config.rampup_start_batch_size not in (None, config.global_batch_size):
+            raise ConfigError(f"rampup_start_batch_size {config.rampup_start_batch_size} with parallel.pp > 1: the "
+                              "pipeline stages fix their activation shapes at the first step, so every step needs "
+                              "the same batch size; set rampup_start_batch_size: null")
+        share = config.global_batch_size // pcfg.dp  # sequences of one dp rank per step
+        if share % pcfg.microbatches:
+            raise ConfigError(f"global_batch_size {config.global_batch_size} / dp {pcfg.dp} = {share} sequences per "
+                              f"pipeline step do not split into parallel.pp_microbatches {pcfg.microbatches} "
+                              f"equal pieces; pick pp_microbatches dividing {share}")
+
+    def _pipeline_forward_backward(self, micro_batches: list[TrainingBatch]) -> float:
+        """Forward and backward of this dp rank's share through the pipeline schedule (the share
+        as one batch, cut into pp_microbatches pieces; the loss is normalised by the global count
+        of scored tokens, as in forward_backward); returns the global batch loss on every rank."""
+        batch = TrainingBatch(**{f.name: torch.cat([getattr(b, f.name) for b in micro_batches])
+                                 for f in dataclasses.fields(TrainingBatch)}).to(self.device)
+        with autocast(self.config.precision, self.device):
+            loss = self.runner.step(batch)
+        return self._from_last_stage(loss)
+
+    def _from_last_stage(self, value: torch.Tensor | float | None) -> float:
+        """A number known on the last pipeline stage (e.g. the loss), broadcast to every rank."""
+        source = int(self.mesh.mesh[-1, 0, 0])  # the last stage of dp 0, tp 0 ([pp, dp, tp] ranks)
+        cuda = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        buffer = torch.tensor([float(value) if value is not None else 0.0], dtype=torch.float64, device=device)
+        dist.broadcast(buffer, src=source)
+        return buffer.item()
+
+    @torch.no_grad()
+    def _pipeline_evaluate(self, batches: list[TrainingBatch]) -> float:
+        """evaluate() through the stages: each receives the previous stage's hidden states
+        [B, S, C] (sent in fp32), runs its layers and passes them on; the last scores them."""
+        stage, pp_mesh = self.model, self.mesh["pp"]
+        group, pp_rank = pp_mesh.get_group(), pp_mesh.get_local_rank()
+        was_training = stage.training
+        stage.eval()
+        loss_sum, count = 0.0, 0
+        for batch in batches:
+            batch = batch.to(self.device)
+            if stage.first:
+                x = batch.input_ids
+            else:
+                x = torch.empty(*batch.input_ids.shape, stage.config.hidden_size, device=self.device)
+                dist.recv(x, group=group, group_src=pp_rank - 1)
+            with autocast(self.config.precision, self.device):
+                out = stage(x, batch.position_ids, batch.attention_mask())
+            if stage.last:
+                loss_sum += masked_lm_loss(out, batch.targets, batch.loss_mask).item() * batch.num_target_tokens
+                count += batch.num_target_tokens
+            else:
+                dist.send(out.float().contiguous(), group=group, group_dst=pp_rank + 1)
+        stage.train(was_training)
+        return self._from_last_stage(loss_sum / max(1, count) if stage.last else None)
 
     # ------------------------------------------------------------------ spike handling
     def roll_back(self, reason: str, spike_indices: list[int]) -> None:
@@ -505,7 +583,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
         extra = {"trainer": self._trainer_state(), f"rng_rank{dist.get_rank()}": self._rng_state()}
-        save_checkpoint(tmp, self.model, self.optimizer, extra=extra)
+        save_checkpoint(tmp, self.model, self.optimizer, extra=extra, flatten_optimizer=self.runner is not None)
         self._barrier()
         if self.is_main:
             self._publish(tmp, final)
@@ -691,12 +769,29 @@ def export_model(trainer: Trainer, directory: Path, metadata: dict[str, str]) ->
         return
     from glm130b.parallel import full_state_dict
 
-    state = full_state_dict(trainer.model)  # the whole tensors arrive on rank 0 only
+    state = _gather_stages(trainer) if trainer.runner is not None else full_state_dict(trainer.model)  # the whole tensors arrive on rank 0 only
     if trainer.is_main:
         with torch.device("meta"):
             plain = GLM(trainer.model.config)
         plain.load_state_dict(state, assign=True)
         save_model(plain, directory, metadata=metadata)
+
+
+def _gather_stages(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The whole model's official-key state on rank 0, from the pipeline stages: each stage's full
+    tensors (all-gathered over its dp / tp shards), sent by its dp 0, tp 0 rank. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from glm130b.parallel import to_official_keys
+
+    # no cpu_offload: that keeps tensors on global rank 0 only, and every stage's dp 0 / tp 0 needs them
+    state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
+    sender = trainer.mesh["dp"].get_local_rank() == 0 and trainer.mesh["tp"].get_local_rank() == 0
+    state = to_official_keys({k: v.detach().cpu() for k, v in state.items()}) if sender else {}
+    parts = [None] * dist.get_world_size() if trainer.is_main else None
+    dist.gather_object(state, parts, dst=0)
+    # the tied embedding arrives from the first and the last stage: identical copies
+    return {k: v for part in (parts or []) for k, v in part.items()}
 
 
 def build_run_model_and_optimizer(config: TrainConfig, model_config: GLMConfig):
@@ -709,10 +804,6 @@ def build_run_model_and_optimizer(config: TrainConfig, model_config: GLMConfig):
         return model, optimizer, None
     from glm130b.parallel import build_mesh, build_parallel_model_and_optimizer, init_distributed
 
-    if config.parallel.pp > 1:
-        raise ConfigError(f"parallel.pp {config.parallel.pp}: pipeline parallel is available through "
-                          "glm130b.pipeline (PipelineRunner) but not yet in glm130b pretrain; set parallel.pp: 1 "
-                          "and use parallel.tp / parallel.dp")
     device = resolve_device(config.device)
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -721,8 +812,26 @@ def build_run_model_and_optimizer(config: TrainConfig, model_config: GLMConfig):
     pcfg = dataclasses.replace(pcfg, activation_checkpointing=pcfg.activation_checkpointing
                                or config.activation_checkpointing)
     mesh = build_mesh(pcfg, device.type)
+    if pcfg.pp > 1:
+        return (*build_pipeline_stage_and_optimizer(config, model_config, device, pcfg, mesh), mesh)
     model, optimizer = build_parallel_model_and_optimizer(config, model_config, device, pcfg, mesh)
     return model, optimizer, mesh
+
+
+def build_pipeline_stage_and_optimizer(config: TrainConfig, model_config: GLMConfig, device: torch.device,
+                                       pcfg, mesh) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """This rank's pipeline stage of the seeded GLM (the same full init on every rank, then sliced
+    and parallelized by glm130b.pipeline.PipelineRunner) and AdamW over the stage's parameters.
+    The runner travels as `stage.pipeline_runner`, where the Trainer finds it."""
+    from glm130b.pipeline import PipelineRunner
+
+    with torch.device(device):
+        model = GLM(model_config)
+    initialize_glm(model, seed=config.seed)
+    runner = PipelineRunner(model, mesh, pcfg, device)
+    stage = runner.stage_module
+    stage.pipeline_runner = runner
+    return stage, build_optimizer(stage, config)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

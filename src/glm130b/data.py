@@ -30,6 +30,7 @@ import re
 import time
 import zlib
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
@@ -421,9 +422,12 @@ class BatchEncoder:
         if workers > 1:
             # forkserver: workers start from a clean process (no inherited threads) and the
             # preloaded data module is imported once, not per worker.
+            # An executor, not multiprocessing.Pool: Pool.terminate() after a worker failure can
+            # deadlock joining its handler threads; shutdown(cancel_futures=True) does not.
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
-            self.pool = context.Pool(workers, initializer=_init_worker, initargs=(loader, tokenizer_dir))
+            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                            initargs=(loader, tokenizer_dir))
 
     def encode(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[np.ndarray]]]:
         for batch, (flat, lengths) in self._encoded(batches):
@@ -436,18 +440,17 @@ class BatchEncoder:
             return
         pending: deque = deque()  # bounded, so a large corpus is never read ahead into memory
         for batch in batches:
-            pending.append((batch, self.pool.apply_async(_encode_in_worker, (batch.texts, self.dtype))))
+            pending.append((batch, self.pool.submit(_encode_in_worker, batch.texts, self.dtype)))
             if len(pending) >= 2 * self.workers:
                 done, result = pending.popleft()
-                yield done, result.get()
+                yield done, result.result()
         while pending:
             done, result = pending.popleft()
-            yield done, result.get()
+            yield done, result.result()
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------

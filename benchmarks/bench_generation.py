@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 
 from glm130b import GLM, GLMConfig
-from glm130b.generation import banned_tokens, end_tokens, generate_ids, new_cache, prefill
-from glm130b.inputs import GLM130B_TOKENS as TOKENS, build_generation_batch
-from glm130b.strategies import Greedy
+from glm130b.generate.decode import banned_tokens, end_tokens, generate_ids, new_cache, prefill
+from glm130b.generate.inputs import build_generation_batch
+from glm130b.generate.strategies import Greedy
+from glm130b.tokenizer.specials import GLM130B_TOKENS as TOKENS
 
 PROMPT_TOKENS = 32
 NEW_TOKENS = 128
@@ -53,8 +54,8 @@ def random_int4_glm(config: GLMConfig, device: torch.device, dtype: torch.dtype,
     Meta first (no memory), float parts cast while still on meta, then the linears swapped for
     empty QuantizedLinear, then `to_empty` allocates everything on the device, and the values are
     drawn there in place."""
-    from glm130b.quant_format import QuantScheme
-    from glm130b.quantize import QuantizedLinear, replace_linears
+    from glm130b.quant.format import QuantScheme
+    from glm130b.quant.linear import QuantizedLinear, replace_linears
 
     with torch.device("meta"):
         model = GLM(config).to(dtype)

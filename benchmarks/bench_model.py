@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from glm130b import GLM, GLMConfig
-from glm130b.inputs import SpecialTokens, build_generation_batch
+from glm130b.generate.inputs import build_generation_batch
+from glm130b.tokenizer.specials import SpecialTokens
 
 
 def best_of(fn, repeats: int) -> float:

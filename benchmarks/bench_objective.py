@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glm130b.inputs import SpecialTokens
-from glm130b.objective import MIPPair, ObjectiveConfig, mask_sample, span_length_cdf
-from glm130b.sampler import GLMBatchSampler, collate
+from glm130b.objective.sampler import GLMBatchSampler, collate
+from glm130b.objective.samples import MIPPair, ObjectiveConfig, mask_sample, span_length_cdf
+from glm130b.tokenizer.specials import SpecialTokens
 
 SPECIALS = SpecialTokens()
 # Dense masks are built per micro-batch of this many rows: [8, 2048, 2048] index temporaries

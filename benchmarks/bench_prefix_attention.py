@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from glm130b.attention_kernels import PrefixLMPlan, attention_flops  # noqa: E402
-from glm130b.batch import dense_attention_mask  # noqa: E402
+from glm130b.model.masks import dense_attention_mask  # noqa: E402
+from glm130b.model.prefix_attention import PrefixLMPlan, attention_flops  # noqa: E402
 
 
 def recipe_masks(batch: int, length: int, seed: int = 0, mask_fraction: float = 0.0):

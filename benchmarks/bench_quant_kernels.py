@@ -47,8 +47,8 @@ if ARGS.device == "cpu":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from glm130b.kernels.triton_quant import triton_quantized_linear  # noqa: E402
-from glm130b.quant_format import QuantScheme, dequantize_weight, quantize_weight  # noqa: E402
+from glm130b.quant.format import QuantScheme, dequantize_weight, quantize_weight  # noqa: E402
+from glm130b.quant.kernels.triton_quant import triton_quantized_linear  # noqa: E402
 
 OUR_SCHEMES = [QuantScheme(4), QuantScheme(4, 128), QuantScheme(8), QuantScheme(8, 128)]
 

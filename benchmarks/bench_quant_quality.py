@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glm130b.checkpoint import load_model, save_model
-from glm130b.config import GLMConfig
-from glm130b.init import initialize_glm
-from glm130b.model import GLM
-from glm130b.quant_format import SUPPORTED_GROUP_SIZES, QuantScheme
-from glm130b.quantize import QUANTIZED_LINEARS, quantize_model
+from glm130b.checkpoint.model_dir import load_model, save_model
+from glm130b.model.config import GLMConfig
+from glm130b.model.glm import GLM
+from glm130b.model.initialization import initialize_glm
+from glm130b.quant.format import SUPPORTED_GROUP_SIZES, QuantScheme
+from glm130b.quant.linear import QUANTIZED_LINEARS, quantize_model
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 # Relative perplexity change the paper reports for GLM-130B on WikiText-2 (SPEC.md section 7).

@@ -27,7 +27,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from glm130b.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from glm130b.tokenizer.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "train.jsonl.gz"

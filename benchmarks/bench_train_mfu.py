@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_prefix_attention import recipe_masks  # noqa: E402
 
-from glm130b.attention_kernels import PrefixLMPlan, use_plan_attention  # noqa: E402
-from glm130b.batch import dense_attention_mask, masked_lm_loss  # noqa: E402
-from glm130b.config import GLMConfig  # noqa: E402
-from glm130b.model import GLM  # noqa: E402
-from glm130b.parallel import apply_compile  # noqa: E402
-from glm130b.trainer import training_flops_per_token  # noqa: E402
+from glm130b.distributed.parallelize import apply_compile  # noqa: E402
+from glm130b.model.config import GLMConfig  # noqa: E402
+from glm130b.model.glm import GLM  # noqa: E402
+from glm130b.model.masks import dense_attention_mask
+from glm130b.model.prefix_attention import PrefixLMPlan, use_plan_attention  # noqa: E402
+from glm130b.objective.loss import masked_lm_loss  # noqa: E402
+from glm130b.train.trainer import training_flops_per_token  # noqa: E402
 
 
 def model_config(small: bool, layers: int = 20, hidden: int = 2048) -> GLMConfig:

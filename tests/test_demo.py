@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from glm130b.data import SourceSpec
+from glm130b.data.demo_corpus import DemoCorpus
+from glm130b.data.prepare import SourceSpec
 from glm130b.demo import run_demo, unigram_cross_entropy
-from glm130b.demo_corpus import DemoCorpus
-from conftest import SHARED
+from tests.helpers import SHARED
 
 SAMPLE = SHARED / "data/corpus/valid.jsonl.gz"
 TINY = ["model_preset=glm-tiny", "model.max_sequence_length=64", "sequence_length=64", "train_samples=24",
@@ -54,14 +54,15 @@ def test_demo_pipeline_writes_a_report_with_loss_baseline_and_checkpoint(tmp_pat
     prompts = re.findall(r"^Prompt: `(.*)`$", report, flags=re.M)
     assert prompts == ["KING HENRY. Now, lords, [gMASK]", "今天的新闻[gMASK]", "The king [MASK] the crown."]
     model_dir = re.search(r"Checkpoint .*: `([^`]+)`", report).group(1)
-    from glm130b.checkpoint import load_model
+    from glm130b.checkpoint.model_dir import load_model
     assert load_model(model_dir).config.vocab_size == 3200
 
 
 def test_unigram_cross_entropy_matches_a_direct_count():
     import numpy as np
     import torch
-    from glm130b.batch import TrainingBatch
+
+    from glm130b.objective.batch import TrainingBatch
 
     class Corpus:
         sources = ["a"]

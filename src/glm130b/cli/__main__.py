@@ -1,0 +1,7 @@
+"""`python -m glm130b.cli ...` (what torchrun launches) runs the `glm130b` command."""
+
+import sys
+
+from glm130b.cli.main import main
+
+sys.exit(main())

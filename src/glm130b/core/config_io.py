@@ -1,0 +1,98 @@
+"""Config files and checked fields, shared by the project's config dataclasses.
+
+`DictConfig` gives a dataclass a dict round trip that refuses unknown and missing fields by name,
+`read_mapping` / `write_mapping` are the one YAML/JSON reader and writer, and `check_field` the
+one type-and-range check, so every config says the same thing about the same mistake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from glm130b.core.atomic import atomic_write_text
+from glm130b.core.errors import ConfigError
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def read_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON file holding a mapping; an empty YAML file is an empty mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist" if not path.exists()
+                          else f"{what} file {path} is a folder; give the file inside it")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix in YAML_SUFFIXES else json.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} does not parse: {str(err).splitlines()[0]}; fix the syntax") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of {what} fields, found {type(data).__name__}")
+    return data
+
+
+def write_mapping(path: str | Path, data: dict[str, Any]) -> None:
+    """Write YAML (.yaml/.yml) or JSON (anything else), atomically."""
+    path = Path(path)
+    text = (yaml.safe_dump(data, sort_keys=False) if path.suffix in YAML_SUFFIXES
+            else json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, text)
+
+
+def check_field(name: str, value: Any, kind: type, ok: Callable[[Any], bool] = lambda v: True,
+                expected: str | None = None) -> None:
+    """Type and range check of one field. Ints count where floats are expected; bools never count
+    as numbers. `expected` describes the allowed values in the message ("a positive integer")."""
+    if kind is int:
+        right_type = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        right_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        right_type = isinstance(value, kind)
+    if not right_type or not ok(value):
+        raise ConfigError(f"{name} must be {expected or kind.__name__}, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    check_field(name, value, int, lambda v: v > 0, "a positive integer")
+
+
+class DictConfig:
+    """Mixin for a dataclass: `to_dict()` and a checked `from_dict()`. `config_label` names the
+    config in messages ("unknown GLMConfig field(s) ...")."""
+
+    config_label: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.config_label} field(s) {', '.join(unknown)}; "
+                              f"known fields: {', '.join(sorted(known))}")
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{cls.config_label} is missing required field(s) {', '.join(missing)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write YAML (.yaml/.yml) or JSON (anything else), atomically."""
+        write_mapping(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(read_mapping(path, cls.config_label))

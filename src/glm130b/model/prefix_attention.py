@@ -1,0 +1,355 @@
+"""Prefix-LM attention fed by the compact mask form (segment_ids + in_prefix, glm130b.batch).
+
+Every GLM training segment is a bidirectional prefix followed by a causal part: query i of a
+segment [s, e) with prefix [s, p) sees keys [s, p) if i < p, and keys [s, i] otherwise (SPEC 5, 10).
+So one segment's attention is exactly two dense-kernel problems with no masked work at all:
+- prefix rows [s, p) over keys [s, p), bidirectional;
+- suffix rows [p, e) over keys [s, e), causal aligned to the bottom-right corner (row p + r sees
+  keys up to p + r), which is flash attention's causal convention when there are more keys than
+  queries.
+`PrefixLMPlan` turns a batch's compact form into those problems once (one host sync per batch,
+shared by all layers). Backends:
+- "varlen": all prefix problems of the batch in ONE flash-attention varlen call and all suffix
+  problems in another (torch.nn.attention.varlen, CUDA), straight on the [B*L, H, D] rows with no
+  gather: the sequences of each call tile all rows, and the rows a call must not compute become
+  sequences with no keys (output 0, no work) or with no queries. The two outputs are summed (each
+  row is nonzero in exactly one of them). Flash-level throughput on exactly the visible pairs.
+- "varlen_packed": the same two calls on rows gathered into packed order and scattered back
+  (more memory traffic; a fallback should a kernel mishandle empty sequences).
+- "loop": the same problems as one SDPA call each (any device; the CPU reference for the plan).
+- "flex": FlexAttention with a block mask (glm130b.block_mask), compiled.
+- "dense": SDPA with the dense bool mask (the model's own path; a baseline).
+Pad rows: "varlen", "loop" and "dense" give each pad row its own value (it sees only itself, as
+the dense mask says); "flex" gives zeros. Pad rows carry no loss either way.
+No attention dropout in these kernels (flash varlen and FlexAttention have none): use them with
+attention_dropout = 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from glm130b.core.errors import InputError
+from glm130b.model.block_mask import flex_block_mask
+from glm130b.model.glm import SelfAttention
+from glm130b.model.masks import dense_attention_mask
+
+BACKENDS = ("varlen", "varlen_packed", "loop", "flex", "dense")
+
+
+def _bottom_right_causal(lq: int, lk: int, device) -> torch.Tensor:
+    """Bool [lq, lk], True = visible: row r sees keys up to lk - lq + r."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> torch.Tensor:
+    """What flash varlen attention computes, one SDPA per sequence: q [Tq, H, D], k/v [Tk, H, D]."""
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        if qs.stop == qs.start:
+            continue
+        if ks.stop == ks.start:  # no keys: flash writes zeros
+            out.append(q.new_zeros(qs.stop - qs.start, *v.shape[1:]))
+            continue
+        qi, ki, vi = (t.transpose(0, 1) for t in (q[qs], k[ks], v[ks]))  # [H, len, D]
+        mask = _bottom_right_causal(qi.shape[1], ki.shape[1], q.device) if causal else None
+        out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(0, 1))
+    return torch.cat(out) if out else q.new_zeros(0, *q.shape[1:])
+
+
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn (flash, CUDA), causal bottom-right aligned."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch >= 2.10: causal is the window (-1, 0)
+        extra = {"window_size": (-1, 0) if causal else (-1, -1)}
+    else:  # torch 2.9 spelling
+        extra = {"is_causal": causal}
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+
+
+def varlen_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class PrefixLMPlan:
+    """The attention problems of one batch: built once from the compact form, used by every layer."""
+
+    batch: int
+    length: int
+    segments: list[tuple[int, int, int, int]]  # (row, start s, prefix end p, end e), in row order
+    segment_ids: torch.Tensor
+    in_prefix: torch.Tensor
+    backend: str = "varlen"
+    # "varlen": the two calls' sequences tiling all B*L rows, (cu_q, cu_k, max_q, max_k) each,
+    # and a [B*L] 0/1 flag of the pad rows
+    tiled_prefix: tuple = ()
+    tiled_suffix: tuple = ()
+    pad_flags: torch.Tensor | None = None
+    # "varlen_packed": flat row indices (into B*L) gathered per call, and where each row's output
+    # sits in cat(prefix outputs, suffix outputs, pad rows)
+    packed: dict | None = None
+    _block_mask: object = None
+
+    @classmethod
+    def build(cls, segment_ids: torch.Tensor, in_prefix: torch.Tensor, backend: str = "auto",
+              device: torch.device | str | None = None) -> PrefixLMPlan:
+        """segment_ids [B, L] (0 = pad), in_prefix [B, L] bool. Each segment must be one contiguous
+        run whose prefix is a run at its start (every GLM objective is); `device`: where the
+        attention runs (default: where segment_ids is). Cost: a loop over the segments on the host."""
+        device = torch.device(device) if device is not None else segment_ids.device
+        if backend == "auto":
+            backend = "varlen" if varlen_available(device) else "loop"
+        if backend not in BACKENDS:
+            raise InputError(f"attention backend must be one of {', '.join(BACKENDS)} or auto, got {backend!r}")
+        seg, pre = segment_ids.cpu(), in_prefix.cpu()
+        B, L = seg.shape
+        prefix_count = torch.nn.functional.pad(pre.long().cumsum(1), (1, 0)).tolist()  # [B, L+1]
+        segments = []
+        for b in range(B):
+            ids, counts = torch.unique_consecutive(seg[b], return_counts=True)
+            seen, s = set(), 0
+            for sid, n in zip(ids.tolist(), counts.tolist()):
+                e = s + n
+                if sid != 0:
+                    if sid in seen:
+                        raise InputError(f"segment {sid} of row {b} is not contiguous; the kernel needs each "
+                                         "segment as one run of tokens (use backend 'flex' or 'dense')")
+                    seen.add(sid)
+                    p = s + prefix_count[b][e] - prefix_count[b][s]
+                    if prefix_count[b][p] - prefix_count[b][s] != p - s:
+                        raise InputError(f"the prefix of segment {sid} in row {b} is not at the start of the "
+                                         "segment; the kernel needs [prefix | causal part] (use backend 'flex' or 'dense')")
+                    segments.append((b, s, p, e))
+                s = e
+        plan = cls(B, L, segments, segment_ids.to(device), in_prefix.to(device), backend)
+        if backend == "varlen":
+            tiled = []
+            for cu_q, cu_k in _tiled_sequences(segments, B, L):
+                tiled.append((_int32(cu_q, device), _int32(cu_k, device), _widest(cu_q), _widest(cu_k)))
+            plan.tiled_prefix, plan.tiled_suffix = tiled
+            plan.pad_flags = (plan.segment_ids == 0).flatten().float()
+        elif backend == "varlen_packed":
+            plan.packed = _packed_indices(segments, seg, device)
+        return plan
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               varlen_fn: Callable | None = None) -> torch.Tensor:
+        """q, k, v [B, H, L, D] -> [B, H, L, D], softmax scale 1/sqrt(D)."""
+        if self.backend == "varlen":
+            return self._tiled(q, k, v, varlen_fn or torch_varlen)
+        if self.backend == "varlen_packed":
+            return self._packed(q, k, v, varlen_fn or torch_varlen)
+        if self.backend == "loop":
+            return self._loop(q, k, v)
+        if self.backend == "flex":
+            return _compiled_flex()(q, k, v, block_mask=self.block_mask())
+        mask = dense_attention_mask(self.segment_ids, self.in_prefix)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)
+
+    def block_mask(self):
+        if self._block_mask is None:
+            self._block_mask = flex_block_mask(self.segment_ids, self.in_prefix)
+        return self._block_mask
+
+    def _tiled(self, q, k, v, varlen_fn) -> torch.Tensor:
+        B, H, L, D = q.shape
+        qf, kf, vf = (t.transpose(1, 2).reshape(B * L, H, D) for t in (q, k, v))  # [B*L, H, D]
+        out = varlen_fn(qf, kf, vf, *self.tiled_prefix, False)       # prefix rows; 0 elsewhere
+        out = out + varlen_fn(qf, kf, vf, *self.tiled_suffix, True)  # suffix rows; 0 elsewhere
+        out = out + vf * self.pad_flags.to(vf.dtype)[:, None, None]  # a pad row sees only itself
+        return out.view(B, L, H, D).transpose(1, 2)
+
+    def _packed(self, q, k, v, varlen_fn) -> torch.Tensor:
+        B, H, L, D = q.shape
+        ix = self.packed
+        qf, kf, vf = (t.transpose(1, 2).reshape(B * L, H, D) for t in (q, k, v))  # [B*L, H, D]
+        pieces = []
+        if ix["prefix_rows"].numel():
+            rows = ix["prefix_rows"]
+            pieces.append(varlen_fn(qf[rows], kf[rows], vf[rows], ix["cu_prefix"], ix["cu_prefix"],
+                                    ix["max_prefix"], ix["max_prefix"], False))
+        if ix["suffix_rows"].numel():
+            rows, keys = ix["suffix_rows"], ix["key_rows"]
+            pieces.append(varlen_fn(qf[rows], kf[keys], vf[keys], ix["cu_suffix"], ix["cu_keys"],
+                                    ix["max_suffix"], ix["max_keys"], True))
+        pieces.append(vf[ix["pad_rows"]])  # a pad row sees only itself: its output is its value
+        out = torch.cat(pieces)[ix["inverse"]]  # [B*L, H, D] back in row order
+        return out.view(B, L, H, D).transpose(1, 2)
+
+    def _loop(self, q, k, v) -> torch.Tensor:
+        B, H, L, D = q.shape
+        out_rows = {}
+        for b, s, p, e in self.segments:
+            if p > s:
+                out_rows[(b, s)] = F.scaled_dot_product_attention(q[b:b + 1, :, s:p], k[b:b + 1, :, s:p], v[b:b + 1, :, s:p])
+            if e > p:
+                mask = _bottom_right_causal(e - p, e - s, q.device)
+                out_rows[(b, p)] = F.scaled_dot_product_attention(q[b:b + 1, :, p:e], k[b:b + 1, :, s:e],
+                                                                  v[b:b + 1, :, s:e], attn_mask=mask)
+        rows = []
+        for b in range(B):
+            pieces, pos = [], 0
+            for start in sorted(x for (bb, x) in out_rows if bb == b):
+                if start > pos:  # pad rows before this piece
+                    pieces.append(v[b:b + 1, :, pos:start])
+                piece = out_rows[(b, start)]
+                pieces.append(piece)
+                pos = start + piece.shape[2]
+            if pos < L:
+                pieces.append(v[b:b + 1, :, pos:L])
+            rows.append(torch.cat(pieces, dim=2))
+        return torch.cat(rows)
+
+    # ------------------------------------------------------------------ accounting
+    def visible_pairs(self) -> int:
+        """(query, key) pairs that are visible (pad rows excluded): the FLOPs' unit of work."""
+        n = 0
+        for _, s, p, e in self.segments:
+            n += (p - s) ** 2 + (e - p) * (p - s) + (e - p) * (e - p + 1) // 2
+        return n
+
+
+def _int32(values: list[int], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def _widest(cu: list[int]) -> int:
+    return max((b - a for a, b in zip(cu, cu[1:])), default=0)
+
+
+def _packed_indices(segments, seg: torch.Tensor, device) -> dict:
+    """Row indices and cu_seqlens of the "varlen_packed" backend."""
+    B, L = seg.shape
+    prefix, suffix, keys = [], [], []
+    cu_p, cu_s, cu_k = [0], [0], [0]
+    for b, s, p, e in segments:
+        base = b * L
+        if p > s:
+            prefix.append(torch.arange(base + s, base + p))
+            cu_p.append(cu_p[-1] + p - s)
+        if e > p:
+            suffix.append(torch.arange(base + p, base + e))
+            keys.append(torch.arange(base + s, base + e))
+            cu_s.append(cu_s[-1] + e - p)
+            cu_k.append(cu_k[-1] + e - s)
+    empty = torch.zeros(0, dtype=torch.long)
+    prefix_rows = torch.cat(prefix) if prefix else empty
+    suffix_rows = torch.cat(suffix) if suffix else empty
+    key_rows = torch.cat(keys) if keys else empty
+    pad_rows = (seg.flatten() == 0).nonzero().flatten()
+    order = torch.cat((prefix_rows, suffix_rows, pad_rows))
+    inverse = torch.empty(B * L, dtype=torch.long)
+    inverse[order] = torch.arange(B * L)
+    to = dict(device=device, non_blocking=True)
+    return dict(prefix_rows=prefix_rows.to(**to), cu_prefix=_int32(cu_p, device), max_prefix=_widest(cu_p),
+                suffix_rows=suffix_rows.to(**to), key_rows=key_rows.to(**to), cu_suffix=_int32(cu_s, device),
+                cu_keys=_int32(cu_k, device), max_suffix=_widest(cu_s), max_keys=_widest(cu_k),
+                pad_rows=pad_rows.to(**to), inverse=inverse.to(**to))
+
+
+def _tiled_sequences(segments, B: int, L: int) -> list[tuple[list[int], list[int]]]:
+    """cu_seq_q / cu_seq_k of the "varlen" backend's two calls over all B*L rows.
+
+    Prefix call (bidirectional): sequence q [s, p) / k [s, p) per segment; every other run of rows
+    r becomes q r / k empty (zeros, no work) then q empty / k r, which keeps both cursors in step.
+    Suffix call (causal, bottom-right): q [s, p) / k empty, then q [p, e) / k [s, e); pad runs as above.
+    """
+    prefix_q, prefix_k, suffix_q, suffix_k = [0], [0], [0], [0]
+
+    def add(cq, ck, q_end, k_end):
+        if q_end != cq[-1] or k_end != ck[-1]:
+            cq.append(q_end)
+            ck.append(k_end)
+
+    def skip(cq, ck, start, end):
+        if end > start:
+            add(cq, ck, end, start)  # these queries, no keys
+            add(cq, ck, end, end)    # no queries, these keys
+
+    cursor = 0
+    for b, s, p, e in segments:  # in row order, as build() found them
+        s, p, e = b * L + s, b * L + p, b * L + e
+        for cq, ck in ((prefix_q, prefix_k), (suffix_q, suffix_k)):
+            skip(cq, ck, cursor, s)
+        add(prefix_q, prefix_k, p, p)          # prefix rows over prefix keys
+        skip(prefix_q, prefix_k, p, e)         # suffix rows: not this call's
+        if p > s:
+            add(suffix_q, suffix_k, p, s)      # prefix rows: not this call's (no keys)
+        if e > p:
+            add(suffix_q, suffix_k, e, e)      # suffix rows over the whole segment, causal
+        else:
+            add(suffix_q, suffix_k, e, e)      # (all prefix: the keys are skipped with no queries)
+        cursor = e
+    for cq, ck in ((prefix_q, prefix_k), (suffix_q, suffix_k)):
+        skip(cq, ck, cursor, B * L)
+    return [(prefix_q, prefix_k), (suffix_q, suffix_k)]
+
+
+_FLEX = None
+
+
+def _compiled_flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+# ---------------------------------------------------------------------------------- model hook
+def _kernel_attention_forward(self, x, rotary, mask, kv_cache, layer, *args, **kwargs):
+    """SelfAttention.forward with a PrefixLMPlan in place of the dense mask (no KV cache)."""
+
+    if not isinstance(mask, PrefixLMPlan):
+        return SelfAttention.forward(self, x, rotary, mask, kv_cache, layer, *args, **kwargs)
+    if kv_cache is not None:
+        raise InputError("a PrefixLMPlan mask is for training forwards; decode with the dense mask")
+    B, S, _ = x.shape
+    H, D = self.config.num_attention_heads, self.config.head_dim
+    q, k, v = self.query_key_value(x).view(B, S, H, 3 * D).chunk(3, dim=-1)  # per-head [q_h; k_h; v_h]
+    q, k = rotary.apply(q), rotary.apply(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+    context = _attend(mask, q, k, v)
+    context = context.transpose(1, 2).reshape(B, S, H * D)
+    return self.output_dropout(self.dense(context))
+
+
+@torch.compiler.disable
+def _attend(plan: PrefixLMPlan, q, k, v):
+    # Outside the compiled graph: the plan's sizes change every batch (no recompiles); the
+    # kernels themselves are already fused.
+    return plan.attend(q, k, v)
+
+
+def use_plan_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Let `model(ids, pos, plan, check_inputs=False)` take a PrefixLMPlan as its attention mask.
+    A dense bool mask still works as before. (A stand-in for a model hook: see docs/distributed.md.)"""
+
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.forward = types.MethodType(_kernel_attention_forward, module)
+    return model
+
+
+def attention_flops(plan: PrefixLMPlan, heads: int, head_dim: int, backward: bool = True) -> float:
+    """FLOPs of the visible pairs: forward 4 * pairs * D (QK^T and PV, 2 per multiply-add), backward
+    2.5x the forward (5 matmuls against 2), the flash-attention convention."""
+    fwd = 4.0 * plan.visible_pairs() * heads * head_dim
+    return fwd * (3.5 if backward else 1.0)

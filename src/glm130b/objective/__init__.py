@@ -1,0 +1,1 @@
+"""The GLM pretraining objective: sample builders ([gMASK], [MASK], MIP), batches, the sampler, the loss."""

@@ -1,0 +1,1 @@
+"""Pretraining: run config, optimizer and schedules, spike guard, the trainer, metrics and report."""

@@ -1,0 +1,242 @@
+"""TrainConfig: every setting of a pretraining run, from YAML with command-line overrides.
+
+Defaults are the GLM-130B recipe (SPEC.md section 10) wherever the recipe names a value; the
+shape of the model comes from a preset (`model_preset`) plus field overrides (`model`). The run
+length is counted in samples, as the recipe counts warmup, decay and batch ramp-up.
+
+The command line maps onto the same fields: `--lr 1e-4`, `--spike_guard.window 20`,
+`--model.hidden_dropout 0.0`. Values are parsed as YAML scalars, so `--rampup_start_batch_size null`
+works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glm130b.core.config_io import DictConfig
+from glm130b.core.errors import ConfigError
+from glm130b.distributed.parallelize import ParallelConfig
+from glm130b.model.config import PRESETS, GLMConfig
+from glm130b.train.spike_guard import SpikeGuardConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+METRICS_FORMATS = ("jsonl", "csv")
+
+
+@dataclass
+class TrainConfig(DictConfig):
+    config_label = "TrainConfig"
+
+    # ---------------------------------------------------------------- model
+    model_preset: str = "glm-130b"
+    # GLMConfig fields that replace the preset's (e.g. vocab_size from the tokenizer, dropout).
+    model: dict[str, Any] = field(default_factory=dict)
+    activation_checkpointing: bool = False  # recompute each layer in backward (GLM-130B: every layer)
+
+    # ---------------------------------------------------------------- data
+    corpus: str = ""          # a prepared TokenCorpus directory (glm130b.data)
+    valid_corpus: str = ""    # its validation counterpart; empty = no validation
+    tokenizer: str = ""       # the tokenizer directory the corpora were encoded with
+    # Instruction pairs (JSON lines, glm130b.objective.load_mip_pairs) for the recipe's 5 % MIP
+    # share; empty = the self-supervised mix only.
+    mip_data: str = ""
+    sequence_length: int = 2048
+
+    # ---------------------------------------------------------------- run length and batch
+    train_samples: int = 4224 * 49_300  # GLM-130B: ~400 B tokens in 49,300 steps (SPEC.md section 10)
+    micro_batch_size: int = 1           # sequences per forward; global batch = an accumulation of these
+    global_batch_size: int = 4224
+    # Batch ramp-up: start at this many sequences and grow linearly to global_batch_size over
+    # rampup_fraction of train_samples (GLM-130B: 192 -> 4224 over 2.5 %). None = no ramp-up.
+    rampup_start_batch_size: int | None = 192
+    rampup_fraction: float = 0.025
+
+    # ---------------------------------------------------------------- optimiser and schedule
+    lr: float = 8e-5
+    min_lr: float = 8e-6       # the cosine floor
+    warmup_fraction: float = 0.005  # linear warmup over 0.5 % of train_samples
+    decay_fraction: float = 0.9     # cosine from lr to min_lr ends at 90 % of train_samples
+    weight_decay: float = 0.1       # none on biases and LayerNorms
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0          # max global grad norm; 0 = no clipping
+
+    # ---------------------------------------------------------------- numerics and stability
+    precision: str = "fp16"         # fp32 | bf16 (autocast) | fp16 (autocast, fp32 masters, loss scale)
+    # Dynamic loss scale of the recipe (fp16 only): start 2^16, double after 2000 clean steps,
+    # halve after `hysteresis` overflows, never below 1.
+    initial_loss_scale: float = 2.0 ** 16
+    loss_scale_window: int = 2000
+    loss_scale_hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    # Embedding gradient shrink alpha (0.1 in the recipe; 1 = off). With ramp steps > 0 it grows
+    # as alpha + (1 - alpha) * (step - start) / steps, reaching 1, the schedule the team used.
+    embedding_grad_scale: float = 0.1
+    embedding_grad_scale_ramp_start: int = 0
+    embedding_grad_scale_ramp_steps: int = 0
+    spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
+
+    # ---------------------------------------------------------------- hardware
+    device: str = "auto"            # auto = cuda when available, else cpu
+    # Peak FLOP/s of one device for MFU. None = look the device up (A100, H100, H200); MFU is
+    # printed only when known.
+    peak_flops: float | None = None
+    seed: int = 1234
+    # Degrees of parallelism under torchrun (tp, dp, ...; glm130b.parallel). Ignored by a plain
+    # one-process launch; pp > 1 is refused by the trainer (pipeline parallel is glm130b.pipeline's).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    # ---------------------------------------------------------------- output
+    out_dir: str = "runs/pretrain"
+    log_every: int = 10             # steps between console lines (every step goes to the metrics file)
+    metrics_format: str = "jsonl"
+    tensorboard: bool = True        # also write TensorBoard events when tensorboard is installed
+    eval_every: int = 1000          # steps between validation passes (and one at the end)
+    eval_batches: int = 8           # micro-batches per validation source
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: bool = True             # continue from the newest checkpoint in out_dir when there is one
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            # PyYAML reads 1e-4 (no dot) as a string; take such numbers as numbers.
+            value = getattr(self, f.name)
+            if f.type.startswith("float") and isinstance(value, str):
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    pass  # validate() names the field
+        if isinstance(self.spike_guard, dict):
+            self.spike_guard = SpikeGuardConfig.from_dict(self.spike_guard)
+        if isinstance(self.parallel, dict):
+            self.parallel = ParallelConfig.from_dict(self.parallel)
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    def model_config(self, **overrides: Any) -> GLMConfig:
+        return GLMConfig.from_preset(self.model_preset, **{**self.model, **overrides})
+
+    @property
+    def warmup_samples(self) -> int:
+        return int(self.warmup_fraction * self.train_samples)
+
+    @property
+    def decay_samples(self) -> int:
+        return int(self.decay_fraction * self.train_samples)
+
+    @property
+    def rampup_samples(self) -> int:
+        return int(self.rampup_fraction * self.train_samples) if self.rampup_start_batch_size else 0
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if self.model_preset not in PRESETS:
+            raise ConfigError(f"model_preset {self.model_preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        self.model_config()  # raises ConfigError naming a bad model field
+        for name in ("sequence_length", "train_samples", "micro_batch_size", "global_batch_size",
+                     "loss_scale_window", "loss_scale_hysteresis", "log_every", "eval_every",
+                     "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            _require(name, getattr(self, name), int, lambda v: v > 0, "a positive integer")
+        for name in ("lr", "adam_eps", "initial_loss_scale", "min_loss_scale"):
+            _require(name, getattr(self, name), float, lambda v: v > 0, "a positive number")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            _require(name, getattr(self, name), float, lambda v: v >= 0, "a number >= 0")
+        for name in ("warmup_fraction", "decay_fraction", "rampup_fraction"):
+            _require(name, getattr(self, name), float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(name, getattr(self, name), float, lambda v: 0 <= v < 1, "in [0, 1)")
+        _require("embedding_grad_scale", self.embedding_grad_scale, float, lambda v: 0 < v <= 1, "in (0, 1]")
+        for name in ("embedding_grad_scale_ramp_start", "embedding_grad_scale_ramp_steps", "seed"):
+            _require(name, getattr(self, name), int, lambda v: v >= 0, "an integer >= 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr {self.min_lr} is above lr {self.lr}; the cosine decays from lr down to min_lr")
+        if self.warmup_fraction > self.decay_fraction:
+            raise ConfigError(f"warmup_fraction {self.warmup_fraction} exceeds decay_fraction {self.decay_fraction}: "
+                              "the cosine decay must end after the warmup")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                              f"{self.micro_batch_size}; the global batch is an accumulation of whole micro-batches")
+        if self.rampup_start_batch_size is not None:
+            _require("rampup_start_batch_size", self.rampup_start_batch_size, int,
+                     lambda v: self.micro_batch_size <= v <= self.global_batch_size,
+                     f"between micro_batch_size ({self.micro_batch_size}) and global_batch_size "
+                     f"({self.global_batch_size}), or null for no ramp-up")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.metrics_format not in METRICS_FORMATS:
+            raise ConfigError(f"metrics_format must be one of {', '.join(METRICS_FORMATS)}; got {self.metrics_format!r}")
+        if self.peak_flops is not None:
+            _require("peak_flops", self.peak_flops, float, lambda v: v > 0, "a positive FLOP/s figure or null")
+        if self.sequence_length > self.model_config().max_sequence_length:
+            raise ConfigError(f"sequence_length {self.sequence_length} exceeds the model's max_sequence_length "
+                              f"{self.model_config().max_sequence_length}; shorten it or set model.max_sequence_length")
+        self.spike_guard.validate()
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        """Read a YAML file, then apply `key=value` overrides (dotted keys reach nested fields)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of TrainConfig fields, found {type(data).__name__}")
+        return cls.from_dict(apply_overrides(data, overrides or []))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "model.hidden_dropout=0"]` applied onto a nested mapping (values as YAML scalars)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        value = yaml.safe_load(text)
+        section, dot, leaf = key.partition(".")
+        if dot:
+            data.setdefault(section, {})
+            if not isinstance(data[section], dict):
+                raise ConfigError(f"{section} is not a section, so {key} cannot be set")
+            data[section][leaf] = value
+        else:
+            data[key] = value
+    return data
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--<field> VALUE` for every TrainConfig field, `--spike_guard.<field>`, `--parallel.<field>`
+    and `--model.<field>`."""
+    group = parser.add_argument_group("run settings (override the config file)")
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "spike_guard", "parallel")]
+    names += [f"spike_guard.{f.name}" for f in dataclasses.fields(SpikeGuardConfig)]
+    names += [f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)]
+    names += [f"model.{f.name}" for f in dataclasses.fields(GLMConfig)]
+    for name in names:
+        group.add_argument(f"--{name}", dest=f"override:{name}", metavar="VALUE", default=None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    return [f"{key.removeprefix('override:')}={value}" for key, value in vars(args).items()
+            if key.startswith("override:") and value is not None]
+
+
+def _require(name: str, value: Any, kind: type, ok, expected: str) -> None:
+    """Type and range check; ints are accepted where floats are expected, bools never count as numbers."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    right_type = (isinstance(value, int) and not isinstance(value, bool)) if kind is int else numeric
+    if not right_type or not ok(value):
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")

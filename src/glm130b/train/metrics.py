@@ -1,0 +1,82 @@
+"""Training metrics: one file per kind of record (train, valid, intervention), read back the same way,
+and the console line of a step."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """One file per kind of record (`train`, `valid`, `intervention`) in JSON lines or CSV, appended
+    across resumes; TensorBoard scalars as well when it is installed and wanted."""
+
+    def __init__(self, directory: Path, fmt: str, tensorboard: bool, enabled: bool = True):
+        """enabled=False (ranks other than 0 of a distributed run): every write is dropped."""
+        self.directory, self.fmt, self.enabled = directory, fmt, enabled
+        self.writer = None
+        if not enabled:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                pass
+
+    def write(self, kind: str, record: dict) -> None:
+        if not self.enabled:
+            return
+        path = self.directory / f"{kind}.{self.fmt}"
+        if self.fmt == "jsonl":
+            line = json.dumps(record)
+        else:
+            new = not path.exists() or path.stat().st_size == 0
+            line = (",".join(record) + "\n" if new else "") + ",".join(_csv_cell(v) for v in record.values())
+        with path.open("a") as f:
+            f.write(line + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(directory: str | Path, kind: str) -> list[dict]:
+    """The records of one kind, from whichever format the run wrote."""
+    directory = Path(directory)
+    if (directory / f"{kind}.jsonl").exists():
+        return [json.loads(line) for line in (directory / f"{kind}.jsonl").read_text().splitlines() if line]
+    if (directory / f"{kind}.csv").exists():
+
+        with (directory / f"{kind}.csv").open() as f:
+            return [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return []
+
+
+def _csv_cell(value) -> str:
+    text = "" if value is None else str(value)
+    return '"' + text.replace('"', '""') + '"' if ("," in text or '"' in text) else text
+
+
+def _csv_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+def format_record(record: dict) -> str:
+    text = (f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+            f"grad norm {record['grad_norm']:.3f} | loss scale {record['loss_scale']:g} | "
+            f"{record['tokens_per_s']:,.0f} tokens/s")
+    if record["mfu"] is not None:
+        text += f" | MFU {100 * record['mfu']:.1f} %"
+    return text

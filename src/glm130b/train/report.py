@@ -1,0 +1,72 @@
+"""What a run leaves for people: the loss-curve PNG and a Markdown report.
+
+The curve reads the metrics files of glm130b.trainer (train loss per step, validation loss per
+language, spike-guard interventions as vertical lines). matplotlib is optional (the `demo` extra):
+without it the curve is skipped and the caller says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from glm130b.train.metrics import read_metrics
+
+
+def last_per_step(records: list[dict]) -> list[dict]:
+    """One record per step, the last written: steps replayed after a rollback or resume replace
+    the earlier attempt."""
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss_curve(metrics_dir: str | Path, png_path: str | Path,
+                    baselines: dict[str, float] | None = None) -> Path | None:
+    """Train loss, validation loss per language and, from `baselines` ({language: loss}, e.g. a
+    unigram model's), a dotted line in that language's colour."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [r for r in last_per_step(read_metrics(metrics_dir, "train")) if not r.get("skipped_update")]
+    valid = last_per_step(read_metrics(metrics_dir, "valid"))
+    interventions = read_metrics(metrics_dir, "intervention")
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    axes.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, color="0.6", label="train")
+    for key in sorted({k for r in valid for k in r if k.startswith("loss_")}):
+        language = key.removeprefix("loss_")
+        points = [(r["step"], r[key]) for r in valid if r.get(key) is not None]
+        [line] = axes.plot(*zip(*points), marker="o", ms=3, label=f"validation {language}")
+        if baselines and language in baselines:
+            axes.axhline(baselines[language], color=line.get_color(), ls=":", lw=1,
+                         label=f"unigram {language}")
+    for event in interventions:
+        axes.axvline(event["step"], color="red", lw=0.6, ls="--")
+    if interventions:
+        axes.plot([], [], color="red", lw=0.6, ls="--", label="spike guard rollback")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per target token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    png_path = Path(png_path)
+    figure.savefig(png_path)
+    plt.close(figure)
+    return png_path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """`sections`: (heading, Markdown body) pairs, in order."""
+    path = Path(path)
+    text = f"# {title}\n\n" + "\n\n".join(f"## {heading}\n\n{body.strip()}" for heading, body in sections) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,192 @@
+"""Decoding strategies on synthetic logits: per-row top-k/top-p, sampling, beam search."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from glm130b.core.errors import InputError
+from glm130b.generate.strategies import (
+    BeamSearch,
+    BeamState,
+    Greedy,
+    Sampling,
+    TokenChooser,
+    filter_logits,
+    repeated_ngram_bans,
+    strategy_from_name,
+)
+
+
+def kept_by_hand(logits_row: list[float], top_k: int, top_p: float) -> set[int]:
+    """The definition, token by token: the k most likely, then the most likely of those until the
+    renormalised mass before the next one reaches top_p."""
+    order = sorted(range(len(logits_row)), key=lambda i: -logits_row[i])
+    if top_k > 0:
+        order = order[:top_k]
+    weights = [math.exp(logits_row[i]) for i in order]
+    total = sum(weights)
+    kept, mass = set(), 0.0
+    for i, w in zip(order, weights):
+        if top_p < 1.0 and mass >= top_p:
+            break
+        kept.add(i)
+        mass += w / total
+    return kept
+
+
+def test_top_k_top_p_keep_exactly_the_right_tokens_per_row():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=g) * 2
+    top_k = torch.tensor([0, 1, 5, 0, 7, 40])
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.8, 0.3])
+    filtered = filter_logits(logits, top_k, top_p)
+    for b in range(6):
+        expected = kept_by_hand(logits[b].tolist(), int(top_k[b]), float(top_p[b]))
+        got = set(torch.nonzero(filtered[b] > float("-inf")).flatten().tolist())
+        assert got == expected, f"row {b}"
+        # kept tokens keep their logits unchanged
+        assert torch.equal(filtered[b, sorted(got)], logits[b, sorted(got)])
+    # rows are independent: a row alone gives the same result as in the batch
+    alone = filter_logits(logits[3:4], top_k[3:4], top_p[3:4])
+    assert torch.equal(alone[0], filtered[3])
+
+
+def test_top_p_reaches_the_mass_with_the_fewest_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda p: (filter_logits(logits, torch.tensor([0]), torch.tensor([p])) > float("-inf")).sum().item()
+    assert keep(0.5) == 1   # 0.5 alone reaches 0.5
+    assert keep(0.51) == 2
+    assert keep(0.8) == 2
+    assert keep(0.81) == 3
+    assert keep(1.0) == 4
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    logits = torch.log(probs).repeat(n, 1)
+    chooser = TokenChooser(Sampling(top_p=0.8, seed=0), n, torch.device("cpu"))
+    counts = torch.bincount(chooser(logits), minlength=4).float() / n
+    # top-p 0.8 keeps {0, 1}, renormalised to 0.625 / 0.375; 3 standard errors ~ 0.011
+    assert counts[2:].sum() == 0
+    assert abs(counts[0] - 0.625) < 0.02 and abs(counts[1] - 0.375) < 0.02
+
+
+def test_temperature_and_per_row_options():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(3, 1)
+    chooser = TokenChooser(Sampling(temperature=[0.0, 1.0, 1.0], top_k=[0, 1, 0], top_p=[1.0, 1.0, 1.0], seed=3),
+                           3, torch.device("cpu"))
+    for _ in range(20):
+        tokens = chooser(logits)
+        assert tokens[0] == 0 and tokens[1] == 0  # temperature 0 and top-k 1 are greedy
+    with pytest.raises(InputError, match="2 values for 3 prompts"):
+        TokenChooser(Sampling(top_k=[1, 2]), 3, torch.device("cpu"))
+    with pytest.raises(InputError, match=r"top_p must be in \(0, 1\]"):
+        Sampling(top_p=0.0)
+    with pytest.raises(InputError, match="unknown strategy 'nucleus'"):
+        strategy_from_name("nucleus")
+
+
+def test_seed_makes_sampling_reproducible():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for seed in (5, 5, 6):
+        chooser = TokenChooser(Sampling(seed=seed), 4, torch.device("cpu"))
+        runs.setdefault(seed, []).append(torch.stack([chooser(logits) for _ in range(10)]))
+    assert torch.equal(runs[5][0], runs[5][1])
+    assert not torch.equal(runs[5][0], runs[6][0])
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(TokenChooser(Greedy(), 5, torch.device("cpu"))(logits), logits.argmax(-1))
+
+
+# ------------------------------------------------------------------------------ beam search
+V = 5
+ENDS = [3, 4]
+
+
+def table_logits(prefix: tuple[int, ...]) -> torch.Tensor:
+    """A fixed 'model': logits that depend on the whole prefix (a seeded draw per prefix)."""
+    seed = hash(prefix) % (2**31)
+    return torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 1.5
+
+
+def run_beams(strategy: BeamSearch, prompt_length: int, horizon: int) -> BeamState:
+    state = BeamState(strategy, prompt_length, horizon, ENDS, torch.device("cpu"))
+    rows = [()] * strategy.num_beams
+    while True:
+        logits = torch.stack([table_logits(r) for r in rows])
+        chosen = state.step(logits)
+        if chosen is None:
+            return state
+        parents, tokens = chosen
+        rows = [rows[p] + (t,) for p, t in zip(parents.tolist(), tokens.tolist())]
+
+
+def exhaustive(prompt_length: int, horizon: int, length_penalty: float) -> list[tuple[float, tuple]]:
+    """Every sequence of at most `horizon` tokens that ends at its first end token, or has
+    `horizon` tokens without one, scored by its length-normalised log-prob; best first."""
+    out = []
+    for n in range(1, horizon + 1):
+        for seq in itertools.product(range(V), repeat=n):
+            if any(t in ENDS for t in seq[:-1]) or (n < horizon and seq[-1] not in ENDS):
+                continue
+            logp = sum(torch.log_softmax(table_logits(seq[:i]), -1)[seq[i]].item() for i in range(n))
+            out.append((logp / ((5 + prompt_length + n) / 6) ** length_penalty, seq))
+    return sorted(out, reverse=True)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, -0.5, 2.0])
+def test_beam_search_with_room_for_everything_equals_exhaustive_search(length_penalty):
+    horizon, prompt_length = 4, 6
+    expected = exhaustive(prompt_length, horizon, length_penalty)
+    # 3 non-end tokens, 2 end tokens: 2 + 6 + 18 + (54 + 81) = 161 hypotheses; 192 beams hold them all
+    assert len(expected) == 161
+    state = run_beams(BeamSearch(num_beams=192, length_penalty=length_penalty), prompt_length, horizon)
+    got = [(h.score, tuple(h.tokens)) for h in state.finished]
+    assert [s for _, s in got] == [s for _, s in expected]
+    for (a, _), (b, _) in zip(got, expected):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_beam_search_best_equals_exhaustive_with_fewer_beams_when_it_can():
+    """With 4 beams the search may miss the optimum; it must never report a score it did not earn."""
+    state = run_beams(BeamSearch(num_beams=4), 6, 4)
+    truth = dict((seq, s) for s, seq in exhaustive(6, 4, 1.0))
+    for h in state.finished:
+        assert truth[tuple(h.tokens)] == pytest.approx(h.score, abs=1e-5)
+
+
+def test_no_repeat_ngram_and_min_length():
+    def favour_repeats(prefix):  # always prefers token 0, then 1; ends are likely
+        logits = torch.tensor([3.0, 2.5, 0.0, 2.8, 2.8])
+        return logits
+    state = BeamState(BeamSearch(num_beams=3, no_repeat_ngram_size=2, min_length=5), 4, 8, ENDS,
+                      torch.device("cpu"))
+    rows = [()] * 3
+    while (chosen := state.step(torch.stack([favour_repeats(r) for r in rows]))) is not None:
+        rows = [rows[p] + (t,) for p, t in zip(*(c.tolist() for c in chosen))]
+    for h in state.finished:
+        body = [t for t in h.tokens if t not in ENDS]
+        grams = [tuple(body[i:i + 2]) for i in range(len(body) - 1)]
+        assert len(grams) == len(set(grams)), h.tokens
+        assert all(t not in ENDS for t in h.tokens[:5]), h.tokens
+
+
+def test_repeated_ngram_bans():
+    assert repeated_ngram_bans([1, 2, 3, 1, 2], 3) == [3]
+    assert sorted(repeated_ngram_bans([1, 2, 1, 3, 1], 2)) == [2, 3]
+    assert repeated_ngram_bans([1, 2], 3) == []
+    assert repeated_ngram_bans([4, 4, 5], 1) == [4, 5]
+
+
+def test_first_step_expands_beam_zero_only():
+    state = BeamState(BeamSearch(num_beams=3), 2, 5, ENDS, torch.device("cpu"))
+    logits = torch.zeros(3, V)
+    logits[1, 2] = 10.0  # would win if beam 1 were expanded
+    parents, _ = state.step(logits)
+    assert parents.tolist() == [0, 0, 0]

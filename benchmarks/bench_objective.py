@@ -145,7 +145,7 @@ def main() -> None:
         for name, fn in (("[MASK] sequence, baseline: per-token Python + dense mask", baseline),
                          ("[MASK] sequence, mask_sample (compact form)", compact),
                          ("[MASK] sequence, mask_sample + collate + dense mask", compact_then_dense),
-                         ("full mix, GLMBatchSampler.batch (TrainingBatch)", lambda: sampler.batch(0))):
+                         ("full mix, GLMBatchSampler.micro_batch (TrainingBatch)", lambda: sampler.micro_batch(0))):
             rate = base if fn is baseline else best_rate(fn, n)
             rows.append((length, name, f"{rate:,.0f}", f"{rate * length / 1e6:.2f}", f"{rate / base:.1f}x"))
 

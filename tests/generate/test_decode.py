@@ -295,8 +295,8 @@ def test_text_api_stream_and_sampling_reproducible(trained):
 
 def test_command_line(trained, tmp_path, monkeypatch, capsys):
     from glm130b import cli
-    from glm130b.generate import commands as generate_commands
     from glm130b.checkpoint.model_dir import save_model
+    from glm130b.generate import commands as generate_commands
 
     save_model(trained, tmp_path)
     (tmp_path / "tokenizer").mkdir()
@@ -342,8 +342,8 @@ def test_command_line_quantized(trained, tmp_path, monkeypatch, capsys):
     """--quantized swaps the linears for INT4 QuantizedLinear and still answers (the prompt's text
     comes back first; the tiny model's answer may change under INT4)."""
     from glm130b import cli
-    from glm130b.generate import commands as generate_commands
     from glm130b.checkpoint.model_dir import save_model
+    from glm130b.generate import commands as generate_commands
     save_model(trained, tmp_path)
     (tmp_path / "tokenizer").mkdir()
     monkeypatch.setattr(generate_commands, "load_tokenizer", lambda path: CharTokenizer())

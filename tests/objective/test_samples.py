@@ -217,7 +217,7 @@ def small():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (2, 300) does not fit: checked in its own test
         sampler = GLMBatchSampler(FakeCorpus(), config, SPECIALS, batch_size=64, seed=1234, mip_pairs=pairs)
-    batches = [sampler.batch(step) for step in range(60)]
+    batches = [sampler.micro_batch(step) for step in range(60)]
     return config, sampler, analyse(batches, config, pairs=sampler.mip_pairs), batches
 
 
@@ -262,7 +262,7 @@ def test_every_rule_holds_at_the_recipe_length_in_both_encodings():
     for encoding in ("1d", "2d"):
         sampler = GLMBatchSampler(FakeCorpus(), config, SPECIALS, batch_size=24, seed=7,
                                   mip_pairs=pairs, position_encoding=encoding)
-        batches = [sampler.batch(step) for step in range(2)]
+        batches = [sampler.micro_batch(step) for step in range(2)]
         assert batches[0].position_ids.shape == ((24, 2, 2048) if encoding == "2d" else (24, 2048))
         stats = analyse(batches, config, encoding, pairs=sampler.mip_pairs)
         assert len(stats["kinds"]) == 48
@@ -275,7 +275,7 @@ def test_every_rule_holds_at_odd_and_tiny_lengths(length):
     config = ObjectiveConfig.for_sequence_length(length)
     sampler = GLMBatchSampler(FakeCorpus(), config, SPECIALS, batch_size=128, seed=length,
                               mip_pairs=make_pairs([(5, 3), (40, 8)]))
-    stats = analyse([sampler.batch(0)], config, pairs=sampler.mip_pairs)
+    stats = analyse([sampler.micro_batch(0)], config, pairs=sampler.mip_pairs)
     assert set(stats["kinds"]) >= {"gmask", "mask"}
 
 
@@ -321,7 +321,7 @@ def test_without_mip_pairs_the_mix_is_self_supervised_and_says_so():
     config = ObjectiveConfig.for_sequence_length(256)
     with pytest.warns(UserWarning, match="no MIP pairs"):
         sampler = GLMBatchSampler(FakeCorpus(), config, SPECIALS, 64, 3)
-    stats = analyse([sampler.batch(0)], config)
+    stats = analyse([sampler.micro_batch(0)], config)
     assert "mip" not in set(stats["kinds"])
 
 
@@ -331,7 +331,7 @@ def test_corpus_too_small_is_refused():
                         mip_pairs=make_pairs([(3, 3)]))
     # [gMASK] only (the trainer's validation mix) reads 2000 tokens per row
     gmask_only = dataclasses.replace(ObjectiveConfig.glm130b(), gmask_share=1.0, mip_share=0.0)
-    GLMBatchSampler(FakeCorpus(num_tokens=2000), gmask_only, SPECIALS, 4, 0).batch(0)
+    GLMBatchSampler(FakeCorpus(num_tokens=2000), gmask_only, SPECIALS, 4, 0).micro_batch(0)
     with pytest.raises(ConfigError, match="fewer than the 2000"):
         GLMBatchSampler(FakeCorpus(num_tokens=1999), gmask_only, SPECIALS, 4, 0)
 
@@ -431,12 +431,12 @@ def test_masked_fraction_and_span_length_at_the_recipe_length():
 def test_batches_depend_only_on_seed_and_step(small):
     config, sampler, _, batches = small
     twin = GLMBatchSampler(FakeCorpus(), config, SPECIALS, 64, 1234, mip_pairs=sampler.mip_pairs)
-    again = twin.batch(17)
+    again = twin.micro_batch(17)
     for name in ("input_ids", "position_ids", "targets", "loss_mask", "segment_ids", "in_prefix"):
         assert torch.equal(getattr(again, name), getattr(batches[17], name))
-    assert not torch.equal(twin.batch(18).input_ids, batches[17].input_ids)
+    assert not torch.equal(twin.micro_batch(18).input_ids, batches[17].input_ids)
     other = GLMBatchSampler(FakeCorpus(), config, SPECIALS, 64, 99, mip_pairs=sampler.mip_pairs)
-    assert not torch.equal(other.batch(17).input_ids, batches[17].input_ids)
+    assert not torch.equal(other.micro_batch(17).input_ids, batches[17].input_ids)
 
 
 def test_validation_batches_are_fixed_and_apart_from_training(small):

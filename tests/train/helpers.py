@@ -20,7 +20,7 @@ class CountingSource:
         self.micro_batch_size, self.seed, self.bad, self.stop_at = micro_batch_size, seed, set(bad), stop_at
         self.used: list[int] = []
 
-    def batch(self, index: int) -> TrainingBatch:
+    def micro_batch(self, index: int) -> TrainingBatch:
         if index == self.stop_at:
             self.stop_at = None
             raise KeyboardInterrupt("simulated kill")
@@ -52,7 +52,7 @@ def tiny_run_config(tmp_path, name="run", **overrides) -> TrainConfig:
 def make_trainer(config: TrainConfig, source=None) -> Trainer:
     torch.manual_seed(0)
     model, optimizer = build_model_and_optimizer(config, config.model_config(), resolve_device("cpu"))
-    return Trainer(config, model, optimizer, source or CountingSource(), {"count": [CountingSource(seed=99).batch(i) for i in range(2)]},
+    return Trainer(config, model, optimizer, source or CountingSource(), {"count": [CountingSource(seed=99).micro_batch(i) for i in range(2)]},
                    show_progress=False)
 
 

@@ -7,9 +7,9 @@ from glm130b import GLM, GLMConfig
 from glm130b.train.config import TrainConfig
 from glm130b.train.optim import (
     DynamicLossScaler,
-    batch_size,
     build_optimizer,
     embedding_grad_scale,
+    global_batch_size_at,
     learning_rate,
     parameter_groups,
 )
@@ -47,11 +47,11 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
 
 def test_batch_ramp_up_grows_in_whole_micro_batches_to_the_global_batch():
     cfg = recipe()  # 8 -> 64 over 2.5 % of 100 000 samples
-    sizes = [batch_size(s, cfg) for s in range(0, 3000, 10)]
-    assert sizes[0] == 8 and batch_size(2500, cfg) == 64 and max(sizes) == 64
+    sizes = [global_batch_size_at(s, cfg) for s in range(0, 3000, 10)]
+    assert sizes[0] == 8 and global_batch_size_at(2500, cfg) == 64 and max(sizes) == 64
     assert all(s % 4 == 0 for s in sizes) and all(a <= b for a, b in zip(sizes, sizes[1:]))
-    assert batch_size(1250, cfg) == 36  # halfway: 8 + 56 / 2
-    assert batch_size(0, recipe(rampup_start_batch_size=None)) == 64
+    assert global_batch_size_at(1250, cfg) == 36  # halfway: 8 + 56 / 2
+    assert global_batch_size_at(0, recipe(rampup_start_batch_size=None)) == 64
 
 
 def test_embedding_alpha_schedule():

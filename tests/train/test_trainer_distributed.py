@@ -44,7 +44,7 @@ def run_config(tmp_path, name, **overrides):
 def _train(config, bad=()):
     """What run_pretraining does with the model, on the counting source instead of a corpus."""
     model, optimizer, mesh = build_run_model_and_optimizer(config, config.model_config())
-    valid = {"count": [CountingSource(seed=99).batch(i) for i in range(2)]}
+    valid = {"count": [CountingSource(seed=99).micro_batch(i) for i in range(2)]}
     trainer = Trainer(config, model, optimizer, CountingSource(bad=bad), valid, show_progress=False, mesh=mesh)
     trainer.train()
     export_model(trainer, Path(config.out_dir) / "model", metadata={})

@@ -1,6 +1,6 @@
-"""Training batches of the GLM objective drawn from a corpus, deterministic in (seed, step).
+"""Training micro-batches of the GLM objective drawn from a corpus, deterministic in (seed, index).
 
-Each row has its own numpy Generator seeded from (seed, stream, step, row), so a resumed run sees
+Each row has its own numpy Generator seeded from (seed, stream, index, row), so a resumed run sees
 the same batches, and validation (its own stream) the same windows every time. A row picks its
 kind (MIP with mip_share; else [gMASK] with gmask_share, else [MASK]), then a source by the corpus
 weights and a uniformly placed window of that source, and builds its sample (glm130b.objective).
@@ -28,7 +28,7 @@ TRAIN_STREAM, VALIDATION_STREAM = 0, 1
 
 
 class GLMBatchSampler:
-    """`batch(step)` -> TrainingBatch of batch_size rows of the objective mix, padded to the
+    """`micro_batch(index)` -> TrainingBatch of batch_size rows of the objective mix, padded to the
     configured sequence length. `mip_pairs`: (prompt ids, target ids) pairs (load_mip_pairs);
     pairs whose target cannot fit a segment are left out with a warning."""
 
@@ -94,16 +94,16 @@ class GLMBatchSampler:
         build = gmask_sample if gmask else mask_sample
         return build(raw, rng, config, self.specials)
 
-    def _batch(self, stream: int, step: int) -> TrainingBatch:
-        rows = [self.sample(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, step, row))))
+    def _batch(self, stream: int, index: int) -> TrainingBatch:
+        rows = [self.sample(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, index, row))))
                 for row in range(self.batch_size)]
         return collate(rows, self.config.sequence_length, self.specials.pad, self.position_encoding)
 
-    def batch(self, step: int) -> TrainingBatch:
-        """The training batch of this step: a function of (seed, step) only."""
-        if not isinstance(step, (int, np.integer)) or step < 0:
-            raise ConfigError(f"step must be a non-negative integer, got {step!r}")
-        return self._batch(TRAIN_STREAM, int(step))
+    def micro_batch(self, index: int) -> TrainingBatch:
+        """Training micro-batch number `index`: a function of (seed, index) only."""
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise ConfigError(f"micro-batch index must be a non-negative integer, got {index!r}")
+        return self._batch(TRAIN_STREAM, int(index))
 
     def validation_batches(self, num_batches: int) -> list[TrainingBatch]:
         """A fixed set of batches (the same on every call), drawn apart from the training stream.

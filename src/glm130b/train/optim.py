@@ -41,7 +41,7 @@ def learning_rate(samples: int, config: TrainConfig) -> float:
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_size(samples: int, config: TrainConfig) -> int:
+def global_batch_size_at(samples: int, config: TrainConfig) -> int:
     """Global batch after `samples`: linear from rampup_start_batch_size to global_batch_size over
     rampup_samples, rounded down to whole micro-batches."""
     if samples >= config.rampup_samples:

@@ -77,7 +77,13 @@ from glm130b.objective.samples import ObjectiveConfig, load_mip_pairs
 from glm130b.tokenizer.tokenizers import load_tokenizer
 from glm130b.train.config import TrainConfig
 from glm130b.train.metrics import MetricsLog, format_record
-from glm130b.train.optim import DynamicLossScaler, batch_size, build_optimizer, embedding_grad_scale, learning_rate
+from glm130b.train.optim import (
+    DynamicLossScaler,
+    build_optimizer,
+    embedding_grad_scale,
+    global_batch_size_at,
+    learning_rate,
+)
 from glm130b.train.report import plot_loss_curve
 from glm130b.train.spike_guard import SpikeGuard
 
@@ -94,7 +100,7 @@ class TrainingDiverged(GLMError):
 
 
 class BatchSource(Protocol):
-    def batch(self, index: int) -> TrainingBatch: ...
+    def micro_batch(self, index: int) -> TrainingBatch: ...
 
 
 # ---------------------------------------------------------------------------------- FLOPs and MFU
@@ -311,11 +317,11 @@ class Trainer:
         """One optimizer step; returns its metrics record, or None when the guard rolled back."""
         cfg, state = self.config, self.state
         start = time.perf_counter()
-        size = batch_size(state.samples, cfg)
+        size = global_batch_size_at(state.samples, cfg)
         if self.mesh is not None:  # ramp-up sizes rounded down to whole micro-batches per dp rank
             size -= size % (cfg.micro_batch_size * self.dp_size)
         indices = self._take(size // cfg.micro_batch_size)
-        micro_batches = [self.train_source.batch(i) for i in indices[self.dp_rank::self.dp_size]]
+        micro_batches = [self.train_source.micro_batch(i) for i in indices[self.dp_rank::self.dp_size]]
         lr = learning_rate(state.samples, cfg) * state.lr_factor
         alpha = embedding_grad_scale(state.step, cfg) * state.embedding_grad_scale_factor
         for group in self.optimizer.param_groups:

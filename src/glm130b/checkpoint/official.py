@@ -3,7 +3,7 @@
 Layout: `<dir>/latest` holds the iteration; `<dir>/<iteration>/mp_rank_XX_model_states.pt` each hold
 a dict whose `module` entry is that rank's state dict. Shards are opened memory-mapped and merged
 one tensor at a time, so converting the 130B release needs about one merged tensor of host RAM
-(~1.6 GB for the embedding) instead of the >260 GB of loading all 8 shards at once.
+(the fp16 word embedding, 3.7 GB, is the largest) instead of the >260 GB of all 8 shards at once.
 """
 
 from __future__ import annotations

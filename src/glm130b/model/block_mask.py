@@ -1,6 +1,6 @@
 """A FlexAttention block mask from a batch's compact attention form (segment ids + prefix flags).
 
-The same rule as the dense mask (glm130b.batch.visibility), evaluated per block by
+The same rule as the dense mask (glm130b.model.masks.visibility), evaluated per block by
 torch.nn.attention.flex_attention.create_block_mask, so that flex_attention skips the blocks no
 query can see (between the segments of a packed sequence, and above the causal diagonal).
 """

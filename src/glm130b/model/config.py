@@ -8,14 +8,10 @@ DeepNorm alpha from num_layers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from glm130b.core.config_io import DictConfig
+from glm130b.core.config_io import DictConfig, check_field, check_positive_int
 from glm130b.core.errors import ConfigError
 
 POSITION_ENCODINGS = ("1d", "2d")
@@ -75,9 +71,7 @@ class GLMConfig(DictConfig):
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                      "inner_hidden_size", "max_sequence_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
@@ -93,34 +87,15 @@ class GLMConfig(DictConfig):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.layernorm_epsilon <= 0:
-            raise ConfigError(f"layernorm_epsilon must be positive, got {self.layernorm_epsilon!r}")
-        if self.deepnorm_num_layers is not None and self.deepnorm_num_layers <= 0:
-            raise ConfigError(f"deepnorm_num_layers must be positive or None, got {self.deepnorm_num_layers!r}")
+            check_field(name, getattr(self, name), float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        check_field("layernorm_epsilon", self.layernorm_epsilon, float, lambda v: v > 0, "positive")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if self.deepnorm_num_layers is not None:
+            check_field("deepnorm_num_layers", self.deepnorm_num_layers, int, lambda v: v > 0,
+                        "a positive integer or null")
 
-    # ------------------------------------------------------------------ (de)serialisation
-    def save(self, path: str | Path) -> None:
-        """Write YAML (.yaml/.yml) or JSON (anything else), atomically."""
-        path = Path(path)
-        text = (yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml")
-                else json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> GLMConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of GLMConfig fields, found {type(data).__name__}")
-        return cls.from_dict(data)
-
+    # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GLMConfig:
         if name not in PRESETS:

@@ -1,20 +1,9 @@
 """GLM-130B parameter initialisation (SPEC.md section 10), DeepNorm gains on the right rows.
 
-- word embeddings N(0, sqrt(1 / (3 h))): the recipe's 0.0052 is exactly this at h = 12288
-  (sqrt(1 / 36864) = 0.00521); scaling with width keeps the tied logits of a small model at the
-  same scale.
-- every linear weight Xavier-normal, std = gain * sqrt(2 / (fan_in + fan_out)), with the DeepNorm
-  gain beta = (2N)^-1/2 on the value projection, the attention output, both GeGLU input halves
-  and the FFN output, and gain 1 on the query and key projections (DeepNet, Wang et al. 2022).
-  q, k, v and the two GeGLU halves are separate h -> h and h -> ffn projections fused into one
-  matrix, so each is initialised with its own fans.
-- biases 0; LayerNorm weight 1, bias 0; an untied output head like the embedding.
-
-The value rows. The fused query_key_value weight is laid out PER HEAD, [q_0; k_0; v_0; q_1; ...]
-(SPEC.md section 3). The official training code scaled rows 2h..3h of it, as if the layout were
-[all q; all k; all v]: in the per-head layout those rows are the q, k and v of the last third of
-the heads, so the value rows of the other heads kept gain 1 and some query and key rows got
-beta. Here beta goes to v_h of every head, the rows the attention really uses as values.
+Embeddings N(0, sqrt(1 / 3h)) (the recipe's 0.0052 at h = 12288); linear weights Xavier-normal,
+with the DeepNorm gain beta = (2N)^-1/2 on the value rows of every head, the attention output,
+the FFN input and output, gain 1 on query and key; biases 0, LayerNorms 1 and 0. Why "the value
+rows of every head" differs from the official code: docs/model.md, "Initialisation".
 """
 
 from __future__ import annotations

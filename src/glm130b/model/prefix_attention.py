@@ -1,28 +1,10 @@
-"""Prefix-LM attention fed by the compact mask form (segment_ids + in_prefix, glm130b.batch).
+"""Prefix-LM attention fed by the compact mask form (segment_ids + in_prefix, glm130b.model.masks).
 
-Every GLM training segment is a bidirectional prefix followed by a causal part: query i of a
-segment [s, e) with prefix [s, p) sees keys [s, p) if i < p, and keys [s, i] otherwise (SPEC 5, 10).
-So one segment's attention is exactly two dense-kernel problems with no masked work at all:
-- prefix rows [s, p) over keys [s, p), bidirectional;
-- suffix rows [p, e) over keys [s, e), causal aligned to the bottom-right corner (row p + r sees
-  keys up to p + r), which is flash attention's causal convention when there are more keys than
-  queries.
-`PrefixLMPlan` turns a batch's compact form into those problems once (one host sync per batch,
-shared by all layers). Backends:
-- "varlen": all prefix problems of the batch in ONE flash-attention varlen call and all suffix
-  problems in another (torch.nn.attention.varlen, CUDA), straight on the [B*L, H, D] rows with no
-  gather: the sequences of each call tile all rows, and the rows a call must not compute become
-  sequences with no keys (output 0, no work) or with no queries. The two outputs are summed (each
-  row is nonzero in exactly one of them). Flash-level throughput on exactly the visible pairs.
-- "varlen_packed": the same two calls on rows gathered into packed order and scattered back
-  (more memory traffic; a fallback should a kernel mishandle empty sequences).
-- "loop": the same problems as one SDPA call each (any device; the CPU reference for the plan).
-- "flex": FlexAttention with a block mask (glm130b.block_mask), compiled.
-- "dense": SDPA with the dense bool mask (the model's own path; a baseline).
-Pad rows: "varlen", "loop" and "dense" give each pad row its own value (it sees only itself, as
-the dense mask says); "flex" gives zeros. Pad rows carry no loss either way.
-No attention dropout in these kernels (flash varlen and FlexAttention have none): use them with
-attention_dropout = 0.
+One GLM segment's attention is exactly two dense-kernel problems with no masked work: prefix rows
+over prefix keys (bidirectional) and suffix rows over all keys (causal, bottom-right aligned).
+`PrefixLMPlan` turns a batch's compact form into those problems once per batch; its backends
+(varlen, varlen_packed, loop, flex, dense) are described in docs/attention.md. None of them has
+attention dropout: use them with attention_dropout = 0.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """The weight-only quantization number format (SPEC.md section 7): schemes, quantize, dequantize, INT4 packing.
 
-A quantized linear weight W [out, in] is stored as two tensors:
-
-- `weight`: int8. INT8: [out, in], one value per byte. INT4: [out, in / 2], two values per byte
-  along the input dim, the EVEN column in the HIGH nibble (the official layout), two's complement.
-- `weight_scale`: fp16. Row-wise (the official scheme): [out], one scale per output row.
-  Group-wise: [out, in / group_size], one scale per run of `group_size` input columns.
-
-Symmetric absmax, no zero point, no calibration: scale = max|W| / (2^(bits-1) - 1) over the row
-(or group), rounded to fp16; q = round(W / scale). The arithmetic follows the official code
-operation for operation (the division runs in torch's promoted dtype of W and the fp16 scale), so
-row-wise results are bit-identical to the official release.
+A quantized weight W [out, in] is `weight` (int8; INT4 packs two values per byte along the input
+dim, the EVEN column in the HIGH nibble, as the official layout) and `weight_scale` (fp16, one per
+output row, or per group of input columns). Symmetric absmax, no zero point, no calibration; the
+arithmetic follows the official code operation for operation (docs/quantization.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Quantized linear products: fused Triton kernels on CUDA, dequantize-by-tiles everywhere else.
 
 `quantized_linear(x, weight, weight_scale, bias, scheme)` is the one entry point; QuantizedLinear
-(glm130b.quantize) calls it. CPU-only installs need no Triton.
+(glm130b.quant.linear) calls it. CPU-only installs need no Triton.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """Triton kernels for the quantized linear layer: dequantization fused into the product.
 
-Two kernels, both reading the stored packed weight (quant_format.py) reinterpreted as int32 words
-(one 4-byte load holds 8 INT4 or 4 INT8 values) and both covering INT4/INT8, row-wise/group-wise:
-
-- `_decode_kernel` (one activation row: batch-1 decoding): a matrix-vector product bound by the
-  bytes of packed weight read. Each program owns BLOCK_N output rows and one K-slice (split-K when
-  the layer has too few rows to fill the GPU); it streams [BLOCK_N, BLOCK_KW] word tiles, expands
-  them in registers and accumulates with CUDA-core FMAs in fp32.
-- `_prefill_kernel` (two rows or more: batched decoding and prefill): a tiled matrix product on
-  tensor cores (tl.dot), the weight tile dequantized in registers right before each dot. For 2-8
-  rows its 16-row tiles still read each weight byte once, and the tensor cores spare the CUDA
-  cores the per-row FMAs that would make a matrix-vector kernel compute-bound.
-
-Integer -> float without conversion instructions: an int-to-float convert runs at 1/4 (A100) to
-1/8 (H100/H200) of the FMA rate, too slow to keep up with 8 values per loaded word. Instead each value
-field is moved to the top of an fp32 mantissa and its sign bit flipped, which reads as the float
-f = 1.5 + v / 2^bits exactly; then v = 2^bits * f - 1.5 * 2^bits. The decode kernel folds the
-subtraction out of the inner loop: sum_k v_k x_k = 2^bits * sum_k f_k x_k - 1.5 * 2^bits * sum_k x_k,
-so an element costs a shift, a masked xor and one FMA.
-
-Dot products do not depend on the order of k, so a word's values are not re-interleaved: the
-kernels multiply the field at position p of every word with the matching strided slice of x.
+`_decode_kernel` (one activation row) is a bandwidth-bound matrix-vector product with split-K;
+`_prefill_kernel` (two rows or more) a tiled tensor-core product dequantizing each weight tile in
+registers. Both read the packed weight as int32 words and turn each value field into a float
+without conversion instructions (docs/quantization.md, "How the kernels work").
 """
 
 from __future__ import annotations

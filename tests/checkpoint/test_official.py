@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from glm130b.checkpoint.model_dir import load_model
-from glm130b.checkpoint.official import convert_official
 from glm130b.checkpoint.safetensors import write_streaming
 from glm130b.cli.main import main
 from glm130b.core.errors import CheckpointError
+from glm130b.interop.convert import convert
 from tests.helpers import FIXTURES
 
 
@@ -21,7 +21,7 @@ def expected(kind):
 
 @pytest.mark.parametrize("kind", ["fp32", "fp16"])
 def test_merged_weights_are_bit_identical_to_tp1(tmp_path, kind):
-    convert_official(FIXTURES / f"official_tp2_{kind}", tmp_path / "m")
+    convert(FIXTURES / f"official_tp2_{kind}", tmp_path / "m", progress=False)
     merged = load_file(str(tmp_path / "m" / "model.safetensors"))
     reference = expected(kind)["state_dict"]
     assert set(merged) == set(reference)
@@ -48,13 +48,13 @@ def test_geglu_halves_are_not_plain_concatenation(tmp_path):
 
 
 def test_cast_while_converting(tmp_path):
-    convert_official(FIXTURES / "official_tp2_fp32", tmp_path / "m", dtype=torch.bfloat16)
+    convert(FIXTURES / "official_tp2_fp32", tmp_path / "m", dtype=torch.bfloat16, progress=False)
     assert {t.dtype for t in load_file(str(tmp_path / "m" / "model.safetensors")).values()} == {torch.bfloat16}
 
 
 def test_errors(tmp_path, capsys):
-    with pytest.raises(CheckpointError, match="no 'latest' file"):
-        convert_official(tmp_path, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="holds no checkpoint: no config.json .* and no 'latest'"):
+        convert(tmp_path, tmp_path / "out")
     broken = tmp_path / "broken"
     shutil.copytree(FIXTURES / "official_tp2_fp32", broken)
     (broken / "49300" / "mp_rank_00_model_states.pt").unlink()
@@ -63,8 +63,8 @@ def test_errors(tmp_path, capsys):
     wrong = tmp_path / "wrong"
     shutil.copytree(FIXTURES / "official_tp2_fp32", wrong)
     (wrong / "model_config.json").write_text((wrong / "model_config.json").read_text().replace('"num_layers": 2', '"num_layers": 3'))
-    with pytest.raises(CheckpointError, match="does not match the model config"):
-        convert_official(wrong, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="does not match its model config"):
+        convert(wrong, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

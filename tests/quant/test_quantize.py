@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import glm130b.checkpoint.quantized as quantized_module
 from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import load_model, save_model
-from glm130b.checkpoint.quantized import quantize_checkpoint
+from glm130b.checkpoint.quantized import quantized_tensors
+from glm130b.checkpoint.sources import open_model_directory
+from glm130b.interop.convert import convert
 from glm130b.cli.main import main
 from glm130b.quant.format import (
     QuantizationError,
@@ -171,12 +172,15 @@ def test_quantized_linear_is_a_drop_in_linear():
 
 # ---------------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("scheme", SCHEMES[:3], ids=lambda s: s.name)
-def test_streaming_equals_quantizing_the_loaded_model(tmp_path, scheme, monkeypatch):
-    monkeypatch.setattr(quantized_module, "STREAM_BLOCK_BYTES", 1000)  # many blocks per tensor, a partial last one
+def test_streaming_equals_quantizing_the_loaded_model(tmp_path, scheme):
     save_model(tiny_model(), tmp_path / "fp32")
-    quantize_checkpoint(tmp_path / "fp32", tmp_path / "q", scheme, progress=False)
-    streamed = load_file(str(tmp_path / "q" / "model.safetensors"))
     in_memory = quantize_model(load_model(tmp_path / "fp32"), scheme).state_dict()
+    # blocks of 1000 bytes: many per tensor, and a partial last one
+    small_blocks = dict(quantized_tensors(open_model_directory(tmp_path / "fp32"), scheme, block_bytes=1000))
+    assert small_blocks.keys() == in_memory.keys()
+    assert all(torch.equal(small_blocks[name], tensor) for name, tensor in in_memory.items())
+    convert(tmp_path / "fp32", tmp_path / "q", scheme=scheme, progress=False)
+    streamed = load_file(str(tmp_path / "q" / "model.safetensors"))
     assert sorted(streamed) == sorted(in_memory)
     for name, tensor in in_memory.items():
         assert streamed[name].dtype == tensor.dtype and torch.equal(streamed[name], tensor), name
@@ -229,16 +233,16 @@ def load_metadata(directory):
 # layer's bytes while the model is many layers.
 MEMORY_PROBE = textwrap.dedent("""
     import sys
-    from glm130b.checkpoint.quantized import quantize_checkpoint
+    from glm130b.interop.convert import convert
     from glm130b.quant.format import QuantScheme
     def status_kib(field):
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
     warm_source, source, destination, bits = sys.argv[1:]
-    quantize_checkpoint(warm_source, destination + "-warm", QuantScheme(int(bits)), progress=False)
+    convert(warm_source, destination + "-warm", scheme=QuantScheme(int(bits)), progress=False)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
     before = status_kib("VmRSS:")
-    quantize_checkpoint(source, destination, QuantScheme(int(bits)), progress=False)
+    convert(source, destination, scheme=QuantScheme(int(bits)), progress=False)
     print(before, status_kib("VmHWM:"))
 """)
 
@@ -250,7 +254,7 @@ def test_streaming_peak_memory_is_below_one_layer(tmp_path):
 
     # 5 layers of hidden 640 in fp32: 15.6 MiB a layer, 78 MiB of layers; written lazily from one
     # random block so the test itself stays small. Measured growth: ~8 MiB whatever the layer count
-    # (blocks of STREAM_BLOCK_BYTES, their temporaries and one packed output tensor).
+    # (blocks of checkpoint.sources.BLOCK_BYTES, their temporaries and one packed output tensor).
     config = GLMConfig(num_layers=5, hidden_size=640, num_attention_heads=8, vocab_size=512, inner_hidden_size=1280)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in GLM(config).state_dict().items()}

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from glm130b.checkpoint.safetensors import WEIGHTS_FILE, safetensors_files
 from glm130b.core.atomic import atomic_path
 from glm130b.core.errors import CheckpointError
 from glm130b.model.config import GLMConfig
@@ -22,7 +23,6 @@ from glm130b.quant.format import QuantScheme
 from glm130b.quant.linear import SCALE_SUFFIX, replace_linears
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def save_config(config: GLMConfig, directory: str | Path) -> None:
@@ -49,41 +49,31 @@ def load_config(directory: str | Path) -> GLMConfig:
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GLM:
-    """Build the model of `directory` on the meta device and assign its weights (on `device`)."""
+    """Build the model of `directory` on the meta device and assign its weights (on `device`); a
+    quantized directory (the scheme is in the weights' metadata) gives the quantized model."""
     directory = Path(directory)
     config = load_config(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} is missing; the directory holds a config but no weights")
-    with safe_open(str(weights), "pt") as f:
-        scheme = QuantScheme.from_metadata(f.metadata(), str(weights))
-    if scheme is not None:  # written by `glm130b quantize`
-        return load_quantized_model(directory, config, scheme, device, dtype)
+    files = safetensors_files(directory)
+    if not files:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE} is missing; the directory holds a config but no weights")
+    with safe_open(str(files[0]), "pt") as f:
+        scheme = QuantScheme.from_metadata(f.metadata(), str(files[0]))
     with torch.device("meta"):
-        model = GLM(config)
-    state = load_file(str(weights), device=str(device))
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{weights} does not match {directory / CONFIG_FILE}: {err}") from None
-    return model.eval()
-
-
-def load_quantized_model(directory: Path, config: GLMConfig, scheme: QuantScheme,
-                         device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GLM:
-    """A quantized model directory (its metadata records `scheme`), built on meta and assigned."""
-    weights = directory / WEIGHTS_FILE
-    with torch.device("meta"):
-        model = replace_linears(GLM(config), scheme)
-    state = load_file(str(weights), device=str(device))
-    if dtype is not None:  # packed values stay int8 and scales stay fp16 whatever the compute dtype
+        model = GLM(config) if scheme is None else replace_linears(GLM(config), scheme)
+    state = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file), device=str(device)))
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{file} cannot be read ({str(err).splitlines()[0]}); it may be truncated: "
+                                  "copy or convert it again") from None
+    if dtype is not None:  # packed values stay int8 and quantization scales fp16 whatever the compute dtype
         state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(SCALE_SUFFIX) else v
                  for k, v in state.items()}
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{weights} does not match {directory / CONFIG_FILE} quantized as {scheme.name}: "
-                              f"{err}") from None
+        quantized = f" quantized as {scheme.name}" if scheme is not None else ""
+        raise CheckpointError(f"the weights in {directory} do not match {CONFIG_FILE}{quantized}: "
+                              f"{str(err).splitlines()[0]}") from None
     return model.eval()

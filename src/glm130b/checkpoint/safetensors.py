@@ -125,3 +125,58 @@ class SafetensorsReader:
         if not buffer:
             return torch.empty(shape, dtype=info.dtype)
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
+
+
+SHARD_INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_sharded(directory: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                  tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str],
+                  max_shard_bytes: int) -> list[Path]:
+    """`tensors` (in `specs` order) as model.safetensors, or, past `max_shard_bytes`, as
+    model-0000i-of-0000n.safetensors shards plus the Hugging Face index (`weight_map`)."""
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = torch.Size(spec[2]).numel() * spec[1].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    names = ([WEIGHTS_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    stream = iter(tensors)
+    for name, shard in zip(names, shards, strict=True):
+        write_streaming(directory / name, shard, (next(stream) for _ in shard), metadata)
+    if len(shards) > 1:
+        weight_map = {spec[0]: name for name, shard in zip(names, shards, strict=True) for spec in shard}
+        total = sum(torch.Size(s[2]).numel() * s[1].itemsize for s in specs)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with atomic_path(directory / SHARD_INDEX_FILE) as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n")
+    return [directory / n for n in names]
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of a folder: those its index names, else the single model.safetensors."""
+    index = directory / SHARD_INDEX_FILE
+    if index.is_file():
+        weight_map = read_weight_map(index)
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists {missing[0].name}, which is missing; copy every shard of the model")
+        return files
+    if (directory / WEIGHTS_FILE).is_file():
+        return [directory / WEIGHTS_FILE]
+    return []
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{index} is not a weight index (a JSON object with a 'weight_map')") from None
+    return weight_map

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from glm130b import demo
-from glm130b.checkpoint import commands as checkpoint_commands
 from glm130b.core.errors import GLMError
 from glm130b.data import commands as data_commands
 from glm130b.distributed import commands as distributed_commands
 from glm130b.generate import commands as generate_commands
+from glm130b.interop import commands as interop_commands
 from glm130b.model import commands as model_commands
 from glm130b.tokenizer import commands as tokenizer_commands
 from glm130b.train import commands as train_commands
@@ -35,8 +35,11 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                     model_commands.add_info_arguments, model_commands.cmd_info),
     "convert-official": Command("merge an official tensor-parallel checkpoint into a model directory "
                                 "(streamed, one tensor in memory)",
-                                checkpoint_commands.add_convert_official_arguments,
-                                checkpoint_commands.cmd_convert_official),
+                                interop_commands.add_convert_official_arguments,
+                                interop_commands.cmd_convert_official),
+    "convert": Command("convert a checkpoint between formats (model directory, official shards of any "
+                       "tensor-parallel degree, Hugging Face folder), optionally quantizing",
+                       interop_commands.add_convert_arguments, interop_commands.cmd_convert),
     "tokenizer": {
         "train": Command("train our bilingual SentencePiece tokenizer on a corpus",
                          tokenizer_commands.add_train_arguments, tokenizer_commands.cmd_train),
@@ -57,7 +60,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "plan": Command("validate a training recipe for a world size and print memory per GPU",
                     distributed_commands.add_plan_arguments, distributed_commands.cmd_plan),
     "quantize": Command("weight-only INT8/INT4 quantization of a model directory (streamed, no calibration)",
-                        checkpoint_commands.add_quantize_arguments, checkpoint_commands.cmd_quantize),
+                        interop_commands.add_quantize_arguments, interop_commands.cmd_quantize),
     "generate": Command("generate text, continue [gMASK] or fill [MASK] blanks",
                         generate_commands.add_generate_arguments, generate_commands.cmd_generate,
                         "Generate from a model directory. With no prompt: interactive."),

@@ -73,7 +73,7 @@ def replace_linears(model: GLM, scheme: QuantScheme) -> GLM:
 
 @torch.no_grad()
 def quantize_model(model: GLM, scheme: QuantScheme) -> GLM:
-    """Quantize a loaded model in place (small models; large ones stream with quantize_checkpoint)."""
+    """Quantize a loaded model in place (small models; large ones stream through `glm130b quantize` or `convert --bits`)."""
     for name, parent, child in _quantized_linears(model):
         setattr(parent, child, QuantizedLinear.from_linear(getattr(parent, child), scheme, name))
     return model

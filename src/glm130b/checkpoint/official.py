@@ -143,10 +143,11 @@ def sat_model_config(config: GLMConfig, tp: int) -> dict:
             "layernorm_order": "post", "model_parallel_size": tp}
 
 
-def rotary_inv_freq(config: GLMConfig, dtype: torch.dtype) -> torch.Tensor:
-    """SAT's rotary buffer: 1 / base^(2i / d) over the rotated dims, in the weights' dtype."""
+def rotary_inv_freq(config: GLMConfig) -> torch.Tensor:
+    """SAT's rotary buffer: 1 / base^(2i / d) over the rotated dims, stored in fp16 whatever the
+    weights' dtype (the official class builds its rotary tables in half precision, SPEC.md section 4)."""
     dim = config.head_dim // 2 if config.position_encoding == "2d" else config.head_dim
-    return (1.0 / ROTARY_BASE ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).to(dtype)
+    return (1.0 / ROTARY_BASE ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).half()
 
 
 def write_official(source: TensorSource, destination: Path, tp: int,
@@ -159,9 +160,7 @@ def write_official(source: TensorSource, destination: Path, tp: int,
     for folder in staging:
         folder.mkdir(parents=True)
     pieces: list[dict[str, tuple[Path, torch.dtype, tuple[int, ...]]]] = [{} for _ in range(tp)]
-    rotary_dtype = None
     for name, tensor in tensors:
-        rotary_dtype = rotary_dtype or tensor.dtype
         for rank, piece in enumerate(split_tensor(name, tensor, tp, geglu)):
             path = staging[rank] / f"{len(pieces[rank]):06d}"
             piece.contiguous().reshape(-1).view(torch.uint8).numpy().tofile(path)
@@ -169,7 +168,7 @@ def write_official(source: TensorSource, destination: Path, tp: int,
     folder = destination / iteration
     folder.mkdir(parents=True)
     for rank in range(tp):
-        module = {SAT_ROTARY_KEY: rotary_inv_freq(source.config, rotary_dtype or torch.float16)}
+        module = {SAT_ROTARY_KEY: rotary_inv_freq(source.config)}
         for name, (path, dtype, shape) in pieces[rank].items():
             numel = torch.Size(shape).numel()
             module[name] = torch.from_file(str(path), shared=False, size=numel, dtype=dtype).view(shape)

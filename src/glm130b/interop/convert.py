@@ -80,16 +80,17 @@ def _output(source: TensorSource, dtype: torch.dtype | None, scheme: QuantScheme
     return cast, _plain_tensors(source, dtype)
 
 
-def special_tokens(src: Path) -> SpecialTokens:
-    """The special-token ids of the checkpoint at `src`: a Hugging Face folder's config says them,
-    else its tokenizer folder, else GLM-130B's."""
+def special_tokens(src: Path) -> tuple[SpecialTokens, int | None]:
+    """The special-token ids of the checkpoint at `src` and its tokenizer's vocabulary (None if
+    unknown): its tokenizer folder says them, else a Hugging Face folder's config, else GLM-130B's."""
+    if (src / TOKENIZER_DIR).is_dir():
+        tokenizer = load_tokenizer(src / TOKENIZER_DIR)
+        return tokenizer.specials, tokenizer.vocab_size
     if (src / CONFIG_FILE).is_file():
         data = read_mapping(src / CONFIG_FILE, "model config")
         if "model_type" in data:
-            return specials_of(src, data)
-    if (src / TOKENIZER_DIR).is_dir():
-        return load_tokenizer(src / TOKENIZER_DIR).specials
-    return GLM130B_TOKENS
+            return specials_of(src, data), None
+    return GLM130B_TOKENS, None
 
 
 def prepare_destination(destination: Path, overwrite: bool) -> Path:
@@ -136,7 +137,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "dir", tp: int = 1, dtyp
             write_sharded(staging, [(KEY_PREFIX + n, d, s) for n, d, s in plain],
                           ((KEY_PREFIX + n, t) for n, t in tensors), metadata, max_shard_bytes)
             floating = [s.dtype for s in specs if s.dtype.is_floating_point]
-            write_hf_extras(staging, source.config, special_tokens(src),
+            write_hf_extras(staging, source.config, *special_tokens(src),
                             DTYPE_NAMES.get(floating[0], "float32") if floating else "float32", __version__)
         else:
             write_sharded(staging, plain, tensors, metadata, max_shard_bytes)

@@ -17,12 +17,14 @@ from glm130b.checkpoint.sources import (
 )
 from glm130b.core.atomic import atomic_write_text
 from glm130b.core.errors import CheckpointError
+from glm130b.generate.decode import banned_tokens
 from glm130b.interop.bundle import CODE_FILE, bundled_source
 from glm130b.model.config import GLMConfig
 from glm130b.tokenizer.specials import GLM130B_TOKENS, SpecialTokens
 
 MODEL_TYPE = "glm130b"
 CHATGLM_MODEL_TYPE = "chatglm"
+GENERATION_CONFIG_FILE = "generation_config.json"
 KEY_PREFIX = "model."  # GLMForCausalLM keeps the GLM under `.model`
 # ChatGLM-6B's config.json fields that are GLMConfig fields under the same name.
 CHATGLM_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "inner_hidden_size",
@@ -86,9 +88,19 @@ def hf_config_dict(config: GLMConfig, specials: SpecialTokens, dtype_name: str, 
             "glm130b_version": version}
 
 
-def write_hf_extras(directory: Path, config: GLMConfig, specials: SpecialTokens, dtype_name: str,
-                    version: str) -> None:
-    """config.json and the modelling code of an exported folder (the weights are written apart)."""
+def generation_config_dict(config: GLMConfig, specials: SpecialTokens, tokenizer_vocab: int | None) -> dict:
+    """generation_config.json: transformers' `generate` stops at <eop>/eos and never emits the tokens
+    glm130b never generates (mask tokens, <sop>, pad, embedding rows past the tokenizer)."""
+    return {"eos_token_id": [specials.eop, specials.eos], "pad_token_id": specials.pad,
+            "suppress_tokens": banned_tokens(specials, config.vocab_size, tokenizer_vocab)}
+
+
+def write_hf_extras(directory: Path, config: GLMConfig, specials: SpecialTokens, tokenizer_vocab: int | None,
+                    dtype_name: str, version: str) -> None:
+    """config.json, generation_config.json and the modelling code of an exported folder (the weights
+    are written apart)."""
     atomic_write_text(directory / CONFIG_FILE,
                       json.dumps(hf_config_dict(config, specials, dtype_name, version), indent=2) + "\n")
+    atomic_write_text(directory / GENERATION_CONFIG_FILE,
+                      json.dumps(generation_config_dict(config, specials, tokenizer_vocab), indent=2) + "\n")
     atomic_write_text(directory / CODE_FILE, bundled_source(version))

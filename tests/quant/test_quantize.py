@@ -16,8 +16,8 @@ from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import load_model, save_model
 from glm130b.checkpoint.quantized import quantized_tensors
 from glm130b.checkpoint.sources import open_model_directory
-from glm130b.interop.convert import convert
 from glm130b.cli.main import main
+from glm130b.interop.convert import convert
 from glm130b.quant.format import (
     QuantizationError,
     QuantScheme,

@@ -58,7 +58,7 @@ def main() -> None:
     for backend in ("reference", "sdpa"):
         model = GLM(GLMConfig(**{**config.to_dict(), "attention_backend": backend})).eval()
         with torch.no_grad():
-            forward = lambda: model(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+            forward = lambda model=model: model(inputs.input_ids, inputs.position_ids, inputs.attention_mask)
             forward()
             timings[backend] = best_of(forward, 5)
     for backend, seconds in timings.items():

@@ -6,11 +6,11 @@
 Each variant trains the same model from the same init on the same batches (micro batch 8 x 2048,
 masks drawn like the pretraining mix: 70 % [gMASK] rows, 30 % [MASK] rows, see
 bench_prefix_attention.recipe_masks), bf16 autocast over fp32 master weights, fused AdamW, every
-transformer block torch.compile'd (glm130b.parallel.apply_compile). Variants differ only in the
+transformer block torch.compile'd (glm130b.distributed.parallelize.apply_compile). Variants differ only in the
 attention kernel: the model's own SDPA with a dense mask (baseline), FlexAttention with a block
 mask (baseline), and the compact-form plan's flash varlen calls (ours). Correctness first: the
 first-step losses of all variants must agree (bf16: within 2 %). MFU = model FLOPs per token
-(glm130b.trainer.training_flops_per_token: 6 N + 12 L C S, PaLM's convention, dense attention
+(glm130b.model.flops.training_flops_per_token: 6 N + 12 L C S, PaLM's convention, dense attention
 counted) x tokens/s / peak (989 TFLOP/s bf16 dense on H100/H200 unless --peak-tflops). A table is
 printed last; details go to $OUT/bench_train_mfu.json when OUT is set. attention_dropout is 0
 (the fast kernels have none); hidden dropout stays 0.1.
@@ -35,11 +35,11 @@ from bench_prefix_attention import recipe_masks  # noqa: E402
 
 from glm130b.distributed.parallelize import apply_compile  # noqa: E402
 from glm130b.model.config import GLMConfig  # noqa: E402
+from glm130b.model.flops import training_flops_per_token  # noqa: E402
 from glm130b.model.glm import GLM  # noqa: E402
-from glm130b.model.masks import dense_attention_mask
+from glm130b.model.masks import dense_attention_mask  # noqa: E402
 from glm130b.model.prefix_attention import PrefixLMPlan, use_plan_attention  # noqa: E402
 from glm130b.objective.loss import masked_lm_loss  # noqa: E402
-from glm130b.train.trainer import training_flops_per_token  # noqa: E402
 
 
 def model_config(small: bool, layers: int = 20, hidden: int = 2048) -> GLMConfig:
@@ -151,8 +151,8 @@ def main(argv=None) -> int:
                      "mfu": flops_per_token * tps / (args.peak_tflops * 1e12), "peak_mem_gib": mem,
                      "losses": losses})
     ref = first_losses.get("dense")
-    checks = {n: ("ok" if ref is None or abs(l - ref) <= 0.02 * abs(ref) else f"MISMATCH {l:.4f} vs dense {ref:.4f}")
-              for n, l in first_losses.items()}
+    checks = {n: ("ok" if ref is None or abs(loss - ref) <= 0.02 * abs(ref) else f"MISMATCH {loss:.4f} vs dense {ref:.4f}")
+              for n, loss in first_losses.items()}
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "config": cfg.to_dict(), "params": n_params, "batch": args.batch,
             "seq": args.seq, "compiled": compile_blocks, "dtype": str(dtype), "flops_per_token": flops_per_token,

@@ -29,8 +29,9 @@ from glm130b.quant.linear import quantize_model
 from glm130b.tokenizer.tokenizers import load_tokenizer, train_tokenizer
 from glm130b.train.config import TrainConfig, apply_overrides
 from glm130b.train.metrics import read_metrics
+from glm130b.train.pretrain import PretrainResult, run_pretraining
 from glm130b.train.report import markdown_table, plot_loss_curve, write_report
-from glm130b.train.trainer import PretrainResult, evaluate, run_pretraining
+from glm130b.train.step import evaluate
 
 DEFAULT_OUT = Path("runs/demo")
 # Generation prompts of the report: an English and a Chinese continuation, and a blank to fill.

@@ -14,24 +14,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from glm130b.cli.main import main
 from glm130b.core.errors import ConfigError
+from glm130b.distributed.memory_plan import Recipe, estimate, stage_parameter_counts
 from glm130b.distributed.parallelize import (
     GeGLUInput,
     ParallelConfig,
+    build_mesh,
     clip_grad_norm_,
+    full_state_dict,
+    load_checkpoint,
     parallelize,
+    save_checkpoint,
     to_official_keys,
     to_split_keys,
 )
+from glm130b.distributed.pipeline import pipeline_stage, stage_layer_ranges
 from glm130b.model.config import GLMConfig
 from glm130b.model.glm import GLM
 from glm130b.objective.batch import TrainingBatch
 from glm130b.objective.loss import masked_lm_loss
+from tests.distributed.helpers import data_parallel_loss, pipeline_step
 from tests.helpers import free_port
 
 STEPS = 4
@@ -95,8 +105,6 @@ def reference_run(model=None, optimizer=None, batches=None, start: int = 0) -> l
 
 # ---------------------------------------------------------------------------------- workers
 def _train_distributed(model, mesh, batches, rank_rows, loss_fn, ckpt_dir=None) -> list[float]:
-    from glm130b.distributed.parallelize import save_checkpoint
-
     optimizer = make_optimizer(model)
     losses = []
     for step, batch in enumerate(batches):
@@ -114,11 +122,6 @@ def _train_distributed(model, mesh, batches, rank_rows, loss_fn, ckpt_dir=None) 
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    from glm130b.distributed.parallelize import build_mesh, data_parallel_loss, full_state_dict
-    from glm130b.distributed.pipeline import pipeline_step
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -136,7 +139,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                 for f in dataclasses.fields(batch)})
 
     def dp_loss(logits, rows):
-        return data_parallel_loss(logits, rows.targets, rows.loss_mask, mesh["dp"].get_group())
+        return data_parallel_loss(logits, rows, mesh["dp"].get_group())
 
     results["dp"] = _train_distributed(model, mesh, batches, dp_rows, dp_loss, ckpt_dir=os.path.join(out_dir, "ckpt_dp"))
     full = full_state_dict(model)
@@ -154,16 +157,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     results["tp"] = _train_distributed(model, mesh, batches, lambda b: b, full_loss,
                                        ckpt_dir=os.path.join(out_dir, "ckpt_tp"))
-    results["tp_local_heads"] = model.transformer.layers[0].attention.config.num_attention_heads
-    results["tp_qkv_local_rows"] = model.transformer.layers[0].attention.query_key_value.weight.to_local().shape[0]
+    attention = model.transformer.layers[0].attention
+    results["tp_config_heads"] = attention.config.num_attention_heads
+    results["tp_qkv_local_rows"] = attention.query_key_value.weight.to_local().shape[0]
+    heads_seen = []  # the head count the attention computes with: read from the local qkv output
+    hook = attention.query_key_value.register_forward_hook(
+        lambda module, args, out: heads_seen.append(out.shape[-1] // (3 * attention.config.head_dim)))
+    batch = batches[0]
+    with torch.no_grad():
+        model(batch.input_ids, batch.position_ids, batch.attention_mask(), check_inputs=False)
+    hook.remove()
+    results["tp_local_heads"] = heads_seen[0]
 
     # Pipeline parallel, 2 stages, 2 microbatches: one step's loss and full gradients.
     pcfg = ParallelConfig(pp=2, pp_microbatches=2)
     mesh = build_mesh(pcfg, "cpu")
     loss, norm, grads = pipeline_step(make_model(), mesh, pcfg, batches[0], return_grads=True)
     results["pp_grad_norm"] = float(norm)
-    if rank == world - 1:
-        results["pp_loss"] = float(loss)
+    results["pp_loss"] = float(loss)  # broadcast from the last stage: the same on every rank
     torch.save(grads, os.path.join(out_dir, f"pp_grads_{rank}.pt"))
 
     if rank == 0:
@@ -181,7 +192,9 @@ def distributed(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     results = json.loads((out / "results.json").read_text())
-    results.update({k: v for k, v in json.loads((out / "results_1.json").read_text()).items() if k.startswith("pp")})
+    other = json.loads((out / "results_1.json").read_text())
+    assert other["pp_loss"] == results["pp_loss"]  # both stages report the last stage's loss
+    results.update({k: v for k, v in other.items() if k.startswith("pp")})
     return out, results
 
 
@@ -201,8 +214,9 @@ def test_tensor_parallel_reproduces_single_process_losses(distributed, reference
     _, results = distributed
     torch.testing.assert_close(torch.tensor(results["tp"]), torch.tensor(reference_losses), rtol=RTOL, atol=ATOL)
     cfg = tiny_config()
-    assert results["tp_local_heads"] == cfg.num_attention_heads // 2
+    assert results["tp_config_heads"] == cfg.num_attention_heads  # tensor parallel leaves the config alone
     assert results["tp_qkv_local_rows"] == 3 * cfg.hidden_size // 2
+    assert results["tp_local_heads"] == cfg.num_attention_heads // 2  # the forward reads them from the shard
 
 
 def test_full_state_dict_is_official_layout(distributed):
@@ -220,8 +234,6 @@ def test_full_state_dict_is_official_layout(distributed):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("saved_by", ["dp", "tp"])
 def test_checkpoint_saved_with_two_processes_resumes_with_one(distributed, reference_losses, saved_by):
-    from glm130b.distributed.parallelize import load_checkpoint
-
     out, _ = distributed
     model = parallelize(make_model(), None, ParallelConfig())
     with torch.no_grad():  # scramble, so that only the checkpoint can give the right losses
@@ -276,6 +288,42 @@ def test_split_geglu_keeps_the_forward():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_pipeline_stages_are_the_model_with_the_other_stages_modules_removed(tie):
+    """Stages (the same seeded model, cut in place) chained by hand give the full model's logits,
+    keep its parameter names, and together hold all of them (plus the last stage's tied copy)."""
+    config = dataclasses.replace(tiny_config(), num_layers=3, tie_word_embeddings=tie)
+    batch = make_batches(1)[0]
+    torch.manual_seed(0)
+    full = GLM(config)
+    expected = full(batch.input_ids, batch.position_ids, batch.attention_mask())
+    ranges = stage_layer_ranges(config.num_layers, 3)
+    x, names = batch.input_ids, []
+    for s, (start, end) in enumerate(ranges):
+        torch.manual_seed(0)
+        stage = pipeline_stage(GLM(config), start, end, s == 0, s == 2)
+        names += [name for name, _ in stage.named_parameters()]
+        x = stage(x, batch.position_ids, batch.attention_mask(), check_inputs=False)
+        assert x.shape[-1] == (config.vocab_size if s == 2 else config.hidden_size)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    tied_copy = ["transformer.word_embeddings.weight"] if tie else []
+    assert sorted(names) == sorted([name for name, _ in full.named_parameters()] + tied_copy)
+
+
+def test_pipeline_microbatches_default_to_one_per_micro_batch():
+    """The one rule of `glm130b pretrain` and `glm130b plan`: global_batch_size / (dp x micro_batch_size)."""
+    pcfg = ParallelConfig(pp=2).resolve(4)  # dp 2
+    assert pcfg.with_microbatches(global_batch_size=16, micro_batch_size=2).microbatches == 4
+    assert ParallelConfig(pp=2, pp_microbatches=8).resolve(4).with_microbatches(16, 2).microbatches == 8
+    with pytest.raises(ConfigError, match="not a multiple of dp 2 x micro_batch_size 3"):
+        pcfg.with_microbatches(16, 3)
+    with pytest.raises(ConfigError, match="not filled in yet"):
+        _ = ParallelConfig(pp=2).microbatches
+    four_layers = dataclasses.replace(tiny_config(), num_layers=4)
+    with pytest.raises(ConfigError, match="smaller than pp 4"):
+        ParallelConfig(pp=4).resolve(4).with_microbatches(4, 2).validate(four_layers, 4)
+
+
 def test_parallel_config_validation():
     cfg = GLMConfig.from_preset("glm-130b")
     resolved = ParallelConfig(tp=4, pp=8).validate(cfg, 768)
@@ -295,12 +343,10 @@ def test_parallel_config_validation():
 
 
 # ---------------------------------------------------------------------------------- recipe and plan
-RECIPE = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "glm-130b-recipe.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "glm-130b-recipe.yaml"
 
 
 def test_recipe_validates_and_stages_hold_every_parameter():
-    from glm130b.distributed.memory_plan import Recipe, stage_parameter_counts
-
     recipe = Recipe.load(RECIPE).resolve(768)
     assert (recipe.parallel.tp, recipe.parallel.pp, recipe.parallel.dp) == (4, 8, 24)
     assert recipe.parallel.microbatches == 4224 // 24
@@ -319,8 +365,6 @@ def test_recipe_validates_and_stages_hold_every_parameter():
 
 
 def test_plan_command_prints_memory_per_gpu(capsys):
-    from glm130b.cli.main import main
-
     assert main(["plan", "--config", str(RECIPE), "--world-size", "768", "--gpu-memory-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert "tp 4 x pp 8 x dp 24" in out and "peak per GPU" in out and "fits in 80 GiB" in out
@@ -332,25 +376,17 @@ def test_plan_command_prints_memory_per_gpu(capsys):
 
 def test_memory_estimate_scales_with_sharding():
     """ZeRO sharding: the optimizer states per GPU fall as 1/dp; recomputation shrinks activations."""
-    import dataclasses as dc
-
-    from glm130b.distributed.memory_plan import Recipe, estimate
-
     base = Recipe.load(RECIPE)
     small = estimate(base.resolve(768))
     large = estimate(base.resolve(1536))
     assert large[1].optimizer == pytest.approx(small[1].optimizer / 2)
-    no_ckpt = estimate(dc.replace(base, parallel=dc.replace(base.parallel, activation_checkpointing=False)).resolve(768))
+    no_recompute = dataclasses.replace(base.parallel, activation_checkpointing=False)
+    no_ckpt = estimate(dataclasses.replace(base, parallel=no_recompute).resolve(768))
     assert no_ckpt[0].activations > 3 * small[0].activations
 
 
 # ---------------------------------------------------------------------------------- 4 processes (opt-in)
 def _worker4(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    from glm130b.distributed.parallelize import build_mesh, data_parallel_loss
-    from glm130b.distributed.pipeline import pipeline_step
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -365,7 +401,7 @@ def _worker4(rank: int, world: int, port: int, out_dir: str) -> None:
                                 for f in dataclasses.fields(batch)})
 
     results["dp2_tp2"] = _train_distributed(
-        model, mesh, batches, rows, lambda logits, r: data_parallel_loss(logits, r.targets, r.loss_mask, mesh["dp"].get_group()),
+        model, mesh, batches, rows, lambda logits, r: data_parallel_loss(logits, r, mesh["dp"].get_group()),
         ckpt_dir=os.path.join(out_dir, "ckpt_2d"))
     for name, kw in (("pp2_tp2", dict(tp=2)), ("pp2_dp2_ac", dict(dp=2, activation_checkpointing=True))):
         pcfg = ParallelConfig(pp=2, pp_microbatches=2, **kw)
@@ -373,8 +409,7 @@ def _worker4(rank: int, world: int, port: int, out_dir: str) -> None:
         dp_rank = mesh["dp"].get_local_rank()
         loss, norm, _ = pipeline_step(make_model(), mesh, pcfg, rows(batches[0]) if "dp2" in name else batches[0])
         results[name + "_norm"] = float(norm)
-        if loss is not None:
-            results[name + "_loss"] = float(loss)
+        results[name + "_loss"] = float(loss)
     if rank == world - 1:
         with open(os.path.join(out_dir, "results4.json"), "w") as f:
             json.dump(results, f)
@@ -388,8 +423,6 @@ def _worker4(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_four_processes_two_dimensional_layouts(tmp_path, reference_losses):
     """dp 2 x tp 2 training, pp 2 x tp 2 and pp 2 x dp 2 (with recomputation) steps, and a dp 2 x tp 2
     checkpoint resumed by one process."""
-    from glm130b.distributed.parallelize import load_checkpoint
-
     mp.spawn(_worker4, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
     results = json.loads((tmp_path / "results4.json").read_text())
     torch.testing.assert_close(torch.tensor(results["dp2_tp2"]), torch.tensor(reference_losses), rtol=RTOL, atol=ATOL)

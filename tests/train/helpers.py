@@ -3,9 +3,10 @@
 import torch
 
 from glm130b.objective.batch import TrainingBatch
+from glm130b.train.builders import build_model_and_optimizer
 from glm130b.train.config import TrainConfig
 from glm130b.train.metrics import read_metrics
-from glm130b.train.trainer import Trainer, build_model_and_optimizer, resolve_device
+from glm130b.train.trainer import Trainer
 
 VOCAB, LENGTH = 64, 32
 
@@ -45,15 +46,14 @@ def tiny_run_config(tmp_path, name="run", **overrides) -> TrainConfig:
                     sequence_length=LENGTH, train_samples=8 * 16, micro_batch_size=4, global_batch_size=8,
                     rampup_start_batch_size=4, rampup_fraction=0.25, lr=3e-3, min_lr=3e-4,
                     warmup_fraction=0.1, precision="fp32", out_dir=str(tmp_path / name), eval_every=8,
-                    eval_batches=2, checkpoint_every=5, keep_checkpoints=2, tensorboard=False)
+                    eval_batches=2, checkpoint_every=5, keep_checkpoints=2, tensorboard=False, device="cpu")
     return TrainConfig(**{**settings, **overrides})
 
 
 def make_trainer(config: TrainConfig, source=None) -> Trainer:
     torch.manual_seed(0)
-    model, optimizer = build_model_and_optimizer(config, config.model_config(), resolve_device("cpu"))
-    return Trainer(config, model, optimizer, source or CountingSource(), {"count": [CountingSource(seed=99).micro_batch(i) for i in range(2)]},
-                   show_progress=False)
+    valid = {"count": [CountingSource(seed=99).micro_batch(i) for i in range(2)]}
+    return Trainer(config, build_model_and_optimizer(config), source or CountingSource(), valid, show_progress=False)
 
 
 def last_loss_per_step(out_dir) -> dict[int, float]:

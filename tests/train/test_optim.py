@@ -54,7 +54,7 @@ def test_batch_ramp_up_grows_in_whole_micro_batches_to_the_global_batch():
     assert global_batch_size_at(0, recipe(rampup_start_batch_size=None)) == 64
 
 
-def test_embedding_alpha_schedule():
+def test_embedding_grad_scale_schedule():
     assert embedding_grad_scale(10_000, recipe()) == 0.1
     cfg = recipe(embedding_grad_scale_ramp_start=100, embedding_grad_scale_ramp_steps=400)
     assert embedding_grad_scale(50, cfg) == 0.1

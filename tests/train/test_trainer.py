@@ -7,12 +7,15 @@ import re
 
 import pytest
 import torch
+import yaml
 
 from glm130b import GLM, GLMConfig, cli
+from glm130b.checkpoint.model_dir import load_model
 from glm130b.core.errors import ConfigError, GLMError
-from glm130b.train.config import TrainConfig, add_config_arguments, overrides_from_args
+from glm130b.model.flops import training_flops_per_token
+from glm130b.train.config import TrainConfig, add_config_arguments, apply_overrides, overrides_from_args
 from glm130b.train.metrics import read_metrics
-from glm130b.train.trainer import latest_checkpoint, list_checkpoints, training_flops_per_token
+from glm130b.train.run_checkpoint import latest_checkpoint, list_checkpoints
 from tests.train.helpers import CountingSource, last_loss_per_step, make_trainer, tiny_run_config
 
 
@@ -37,7 +40,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path):
 def test_validation_is_logged_and_learning_happens(tmp_path):
     config = tiny_run_config(tmp_path)
     trainer = make_trainer(config)
-    untrained = trainer.validate()["count"]
+    untrained = trainer.run_validation()["count"]
     final = trainer.train()["count"]
     assert final < 0.5 * untrained  # the counting language is learnable in 20 steps
     # the manual pass at 0, every eval_every (8) steps and at the end (step 20)
@@ -60,10 +63,12 @@ def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     monkeypatch.undo()
-    assert latest_checkpoint(tmp_path / "run" / "checkpoints") == good
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(checkpoints) == good
+    assert [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # the half-written save, hidden
     again = make_trainer(config)
     again.train()  # resumes from the good one (already finished) and clears the half-written save
-    assert again.state.step == 4 and not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+    assert again.state.step == 4 and all(p.name.startswith("step_") for p in checkpoints.iterdir())
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
@@ -159,12 +164,34 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path):
     losses = {}
     for recompute in (False, True):
         config = tiny_run_config(tmp_path, f"recompute-{recompute}", train_samples=8 * 3, rampup_start_batch_size=None,
-                                 activation_checkpointing=recompute)
-        make_trainer(config).train()
+                                 parallel={"activation_checkpointing": recompute})
+        trainer = make_trainer(config)
+        # one process applies parallel.activation_checkpointing too: every block wrapped, or none
+        assert all(hasattr(block, "_checkpoint_wrapped_module") == recompute
+                   for block in trainer.model.transformer.layers)
+        trainer.train()
         losses[recompute] = last_loss_per_step(config.out_dir)
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)  # dropout replayed identically in the recompute
-    from glm130b.checkpoint.model_dir import load_model
     assert load_model(tmp_path / "recompute-True" / "checkpoints" / "step_00000003").config.num_layers == 2
+
+
+def test_old_top_level_activation_checkpointing_sets_the_parallel_field_with_a_warning(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("model_preset: glm-tiny\nsequence_length: 64\nactivation_checkpointing: true\n")
+    with pytest.warns(FutureWarning, match="parallel.activation_checkpointing"):
+        config = TrainConfig.load(path)
+    assert config.parallel.activation_checkpointing is True
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--activation_checkpointing", "true"])  # the old command-line spelling
+    with pytest.warns(FutureWarning, match="deprecated"):
+        config = TrainConfig.from_dict(apply_overrides({"sequence_length": 64}, overrides_from_args(args)))
+    assert config.parallel.activation_checkpointing is True
+    config.save(tmp_path / "new.yaml")  # written back in its one place
+    saved = yaml.safe_load((tmp_path / "new.yaml").read_text())
+    assert "activation_checkpointing" not in saved and saved["parallel"]["activation_checkpointing"] is True
+    with pytest.raises(ConfigError, match="contradicts parallel.activation_checkpointing"), pytest.warns(FutureWarning):
+        TrainConfig.from_dict({"activation_checkpointing": True, "parallel": {"activation_checkpointing": False}})
 
 
 def test_csv_metrics_read_back_like_json_lines(tmp_path):

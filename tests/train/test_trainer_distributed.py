@@ -2,8 +2,8 @@
 pipeline parallel reproduce the single-process losses, and a checkpoint written by 2 processes resumes with 1.
 
 Each worker takes the launch path of `glm130b pretrain` under torchrun (RANK etc. in the
-environment, then trainer.build_run_model_and_optimizer) and trains on the counting language of
-tests/test_trainer.py. The reference is the plain single-process Trainer on the same micro-batches.
+environment, then train.builders.build_model_and_optimizer) and trains on the counting language of
+tests/train/test_trainer.py. The reference is the plain single-process Trainer on the same micro-batches.
 """
 
 import os
@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from glm130b.checkpoint.model_dir import load_model
+from glm130b.train.builders import build_model_and_optimizer
 from glm130b.train.metrics import read_metrics
-from glm130b.train.trainer import Trainer, build_run_model_and_optimizer, export_model
+from glm130b.train.pretrain import export_model
+from glm130b.train.trainer import Trainer
 from tests.helpers import free_port
 from tests.train.helpers import CountingSource, last_loss_per_step, make_trainer, tiny_run_config
 
@@ -43,16 +46,14 @@ def run_config(tmp_path, name, **overrides):
 
 def _train(config, bad=()):
     """What run_pretraining does with the model, on the counting source instead of a corpus."""
-    model, optimizer, mesh = build_run_model_and_optimizer(config, config.model_config())
+    built = build_model_and_optimizer(config)
     valid = {"count": [CountingSource(seed=99).micro_batch(i) for i in range(2)]}
-    trainer = Trainer(config, model, optimizer, CountingSource(bad=bad), valid, show_progress=False, mesh=mesh)
+    trainer = Trainer(config, built, CountingSource(bad=bad), valid, show_progress=False)
     trainer.train()
     export_model(trainer, Path(config.out_dir) / "model", metadata={})
 
 
 def _worker(rank: int, world: int, port: int, tmp_path: str, layouts: list[dict]) -> None:
-    import torch.distributed as dist
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -75,13 +76,14 @@ def runs(tmp_path_factory):
     export_model(reference, tmp_path / "single" / "model", metadata={})
     make_trainer(run_config(tmp_path, "single_spike", **SPIKE), CountingSource(bad=BAD)).train()
     _launch(2, tmp_path, [dict(name="dp", parallel=dict(dp=2)), dict(name="tp", parallel=dict(tp=2, dp=1)),
-                          dict(name="pp", parallel=dict(pp=2, dp=1)),
+                          dict(name="pp", parallel=dict(pp=2, dp=1, pp_microbatches=4)),
                           dict(name="dp_spike", parallel=dict(dp=2), bad=BAD, **SPIKE)])
     # The 2-process data-parallel run, cut back to its step-3 checkpoint, resumed by 1 process.
     shutil.copytree(tmp_path / "dp", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / f"step_{STEPS:08d}")
     _launch(1, tmp_path, [dict(name="resumed")])
-    # The pipelined run, cut back to step 3 and resumed by the pipeline (each stage's optimizer state).
+    # The pipelined run, cut back to step 3 and resumed by the pipeline (each stage's optimizer state),
+    # with the default pp_microbatches (one per micro-batch: 2) instead of the 4 it was written with.
     shutil.copytree(tmp_path / "pp", tmp_path / "pp_resumed")
     shutil.rmtree(tmp_path / "pp_resumed" / "checkpoints" / f"step_{STEPS:08d}")
     _launch(2, tmp_path, [dict(name="pp_resumed", parallel=dict(pp=2, dp=1))])
@@ -147,7 +149,8 @@ def test_only_rank_zero_writes_and_checkpoints_are_complete(runs):
 
 def test_pipeline_parallel_reproduces_single_process_losses(runs):
     """pp=2: each step's 2 micro-batches go through the 1F1B schedule as 4 pieces of 2 sequences;
-    its step-3 checkpoint, resumed by the pipeline, continues on the single-process losses."""
+    its step-3 checkpoint, resumed by the pipeline with the default of one pipeline microbatch per
+    micro-batch (2 pieces of 4), continues on the single-process losses."""
     tmp_path, _ = runs
     steps = list(range(1, STEPS + 1))
     torch.testing.assert_close(losses(tmp_path / "pp", steps), losses(tmp_path / "single", steps),

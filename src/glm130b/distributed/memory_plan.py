@@ -1,20 +1,10 @@
-"""A training recipe (model + parallel layout + batch schedule) and its memory per GPU: `glm130b plan`.
+"""A training recipe (model + parallel layout + training schedule) and its memory per GPU: `glm130b plan`.
 
 `glm130b plan --config configs/glm-130b-recipe.yaml --world-size 768` validates the recipe, builds
 the model and every pipeline stage on the meta device (no memory), and prints per GPU, for the
 stage that needs most: weights, gradients, optimizer states and activations with recomputation.
-
-The estimate follows what glm130b.parallel builds (FSDP2 over dp, the TP plan, 1F1B over pp):
-- weights: the stage's parameters / tp (the embedding and LayerNorms are replicated over tp),
-  gathered in param_dtype for compute; the fp32 master copy sharded over dp;
-- gradients: accumulated unsharded in reduce_dtype over the microbatches of a step (the pipeline
-  schedule skips the reduce-scatter until the last one), plus the fp32 sharded copy;
-- optimizer: AdamW's two fp32 moments, sharded over dp;
-- activations: with recomputation every layer only each layer's input is kept per microbatch in
-  flight (1F1B: stage s holds pp - s of them), plus one layer's full activations while it is
-  recomputed, plus the logits and their fp32 loss buffers on the last stage.
-It is an estimate (no allocator fragmentation, no communication buffers, no CUDA context: keep
-~10 % free), not a measurement.
+It follows what glm130b.distributed.parallelize builds (FSDP2 over dp, the TP plan, 1F1B over pp);
+what each term counts, and what the estimate leaves out: docs/distributed.md, `glm130b plan`.
 """
 
 from __future__ import annotations
@@ -25,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from glm130b.core.config_io import check_field, check_positive_int, read_mapping
 from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import ConfigError
 from glm130b.distributed.parallelize import ParallelConfig, split_geglu
-from glm130b.distributed.pipeline import GLMStage, stage_layer_ranges
+from glm130b.distributed.pipeline import pipeline_stage, stage_layer_ranges
 from glm130b.model.config import GLMConfig
 from glm130b.model.glm import GLM
 
@@ -41,7 +31,7 @@ TP_SHARDED = ("attention.query_key_value.", "attention.dense.weight", "mlp.dense
 
 
 @dataclass
-class BatchSchedule:
+class TrainingSchedule:
     """The recipe's batch and optimizer schedule (SPEC.md section 10); the trainer reads the rest
     of the `training` section itself."""
 
@@ -52,33 +42,30 @@ class BatchSchedule:
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size", "sequence_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"training.{name} must be a positive integer, got {value!r}")
+            check_positive_int(f"training.{name}", getattr(self, name))
 
 
 @dataclass
 class Recipe:
     model: GLMConfig
     parallel: ParallelConfig
-    training: BatchSchedule
+    training: TrainingSchedule
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist")
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict) or "model" not in data:
+        data = read_mapping(path, "recipe")
+        if "model" not in data:
             raise ConfigError(f"{path} must be a mapping with `model`, `parallel` and `training` sections")
+        for section in ("model", "parallel", "training"):
+            check_field(f"{section} (in {path})", data.get(section) or {}, dict, expected="a mapping of fields")
         model = dict(data["model"])
         preset = model.pop("preset", None)
         config = GLMConfig.from_preset(preset, **model) if preset else GLMConfig.from_dict(model)
         parallel = ParallelConfig.from_dict(dict(data.get("parallel") or {}))
         training = dict(data.get("training") or {})
-        known = {f.name for f in dataclasses.fields(BatchSchedule)} - {"extra"}
-        schedule = BatchSchedule(**{k: v for k, v in training.items() if k in known},
-                                 extra={k: v for k, v in training.items() if k not in known})
+        known = {f.name for f in dataclasses.fields(TrainingSchedule)} - {"extra"}
+        schedule = TrainingSchedule(**{k: v for k, v in training.items() if k in known},
+                                    extra={k: v for k, v in training.items() if k not in known})
         return cls(config, parallel, schedule)
 
     def resolve(self, world_size: int) -> Recipe:
@@ -92,8 +79,7 @@ class Recipe:
         if self.training.sequence_length > self.model.max_sequence_length:
             raise ConfigError(f"sequence_length {self.training.sequence_length} exceeds the model's "
                               f"max_sequence_length {self.model.max_sequence_length}")
-        if pcfg.pp_microbatches is None:
-            pcfg = dataclasses.replace(pcfg, pp_microbatches=self.training.global_batch_size // per_rank)
+        pcfg = pcfg.with_microbatches(self.training.global_batch_size, self.training.micro_batch_size)
         pcfg = pcfg.validate(self.model, world_size)
         return dataclasses.replace(self, parallel=pcfg)
 
@@ -116,12 +102,11 @@ class StageMemory:
 def stage_parameter_counts(config: GLMConfig, pp: int, tp: int) -> list[tuple[tuple[int, int], int]]:
     """Build the model and each pipeline stage on the meta device; count what one GPU of each holds."""
 
-    with torch.device("meta"):
-        model = split_geglu(GLM(config))
     counts = []
     ranges = stage_layer_ranges(config.num_layers, pp)
     for s, (start, end) in enumerate(ranges):
-        stage = GLMStage(model, start, end, s == 0, s == pp - 1)
+        with torch.device("meta"):  # a model per stage: pipeline_stage turns it into the stage in place
+            stage = pipeline_stage(split_geglu(GLM(config)), start, end, s == 0, s == pp - 1)
         n = 0
         for name, p in stage.named_parameters():
             n += p.numel() // tp if any(key in name for key in TP_SHARDED) else p.numel()
@@ -209,6 +194,5 @@ def format_plan(recipe: Recipe, world_size: int, stages: list[StageMemory], gpu_
 
 
 def _meta_model(cfg: GLMConfig):
-
     with torch.device("meta"):
         return GLM(cfg)

@@ -2,26 +2,9 @@
 
 The model code (glm130b.model) knows nothing of parallelism. `parallelize(model, mesh, pcfg)`
 applies, in this order (torchtitan's): tensor parallel (a DTensor plan), activation checkpointing,
-torch.compile, FSDP2 (`fully_shard`, ZeRO-3 style data parallel). Pipeline parallel lives in
-glm130b.pipeline; checkpoints go through torch.distributed.checkpoint (DCP), so the parallel
-layout is a load-time property: a run saved with 2 ranks (FSDP or TP) resumes with 1.
-
-Two facts of the GLM layout shape the tensor-parallel plan (SPEC.md section 6):
-- query_key_value rows are grouped per head as [q_h; k_h; v_h], so a contiguous row block is a
-  set of whole heads and plain ColwiseParallel is right whenever tp divides the head count.
-  Each attention module then computes with its LOCAL head count: `parallelize` gives it a copy of
-  the config with num_attention_heads / tp and hidden_size / tp (head_dim unchanged).
-- dense_h_to_4h rows are [value half; gate half]; a contiguous shard would give rank 0 only value
-  rows. `parallelize` replaces that Linear by `GeGLUInput`, two Linears (`value`, `gate`) whose
-  outputs are concatenated: each is ColwiseParallel, so every rank holds [its value rows; its gate
-  rows] (the official TP checkpoint layout) and the model's `chunk(2)` splits the local output
-  correctly. Permuting the rows of one parameter would do the same arithmetic, but a DTensor of
-  permuted rows reports the permuted matrix as its global value, so every DCP checkpoint would be
-  in a tp-dependent layout; with two parameters each one's global value is the official half,
-  whatever the layout, and DCP reshards them freely. `full_state_dict` merges them back into the
-  official `dense_h_to_4h.weight` (value rows first).
-The word embedding (tied to the output head, which the model computes with F.linear rather than a
-module) and the LayerNorms stay replicated across TP ranks and are sharded by FSDP over dp.
+torch.compile, FSDP2. Checkpoints go through torch.distributed.checkpoint (DCP), so the parallel
+layout is a load-time property. Why the TP plan splits the GeGLU input into two parameters and
+leaves the embedding replicated: docs/distributed.md, parallelize.
 """
 
 from __future__ import annotations
@@ -36,15 +19,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
 
-from glm130b.core.config_io import DictConfig
+from glm130b.core.config_io import DictConfig, check_field, check_positive_int
 from glm130b.core.dtypes import DTYPES
-from glm130b.core.errors import ConfigError, GLMError
+from glm130b.core.errors import CheckpointError, ConfigError, GLMError
 from glm130b.model.config import GLMConfig
-from glm130b.model.glm import FeedForward, GLMBlock, SelfAttention
+from glm130b.model.glm import FeedForward, GLMBlock
 
 MESH_DIMS = ("pp", "dp", "tp")  # outermost first: tp innermost keeps its traffic inside a node
 PP_SCHEDULES = ("1F1B", "GPipe")
+# torch.distributed.tensor, .fsdp, .checkpoint and .pipelining are imported where they are used:
+# together they take about a second to import, which every `glm130b` command would pay otherwise.
 
 
 # ---------------------------------------------------------------------------------- degrees
@@ -62,6 +49,7 @@ class ParallelConfig(DictConfig):
     # the backward (ZeRO-2: more memory, one all-gather per step instead of two).
     reshard_after_forward: bool = True
     # Recompute every transformer block in the backward (the GLM-130B recipe recomputed every layer).
+    # The one switch for it: a plain one-process `glm130b pretrain` applies it too.
     activation_checkpointing: bool = False
     # torch.compile each transformer block (per block keeps compile time flat in depth).
     compile: bool = False
@@ -70,27 +58,47 @@ class ParallelConfig(DictConfig):
     param_dtype: str = "fp32"
     reduce_dtype: str = "fp32"
     pp_schedule: str = "1F1B"
-    # Microbatches per pipeline step; None = 2 * pp (keeps the 1F1B bubble at (pp-1)/(3pp-1)).
+    # Pipeline microbatches per step. None = one per micro-batch of a data-parallel rank's share of
+    # the global batch: global_batch_size / (dp x micro_batch_size), Megatron's rule (the most
+    # microbatches, so the smallest 1F1B bubble, (pp - 1) / (m + pp - 1)). `glm130b pretrain` and
+    # `glm130b plan` both fill it in with with_microbatches().
     pp_microbatches: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.dp, int) or isinstance(self.dp, bool) or (self.dp < 1 and self.dp != -1):
-            raise ConfigError(f"parallel.dp must be a positive integer or -1 (infer from the world size), got {self.dp!r}")
+            check_positive_int(f"parallel.{name}", getattr(self, name))
+        check_field("parallel.dp", self.dp, int, lambda v: v >= 1 or v == -1,
+                    "a positive integer or -1 (infer from the world size)")
+        for name in ("reshard_after_forward", "activation_checkpointing", "compile"):
+            check_field(f"parallel.{name}", getattr(self, name), bool, expected="true or false")
         for name in ("param_dtype", "reduce_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"parallel.{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
-        if self.pp_schedule not in PP_SCHEDULES:
-            raise ConfigError(f"parallel.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
-        if self.pp_microbatches is not None and (not isinstance(self.pp_microbatches, int) or self.pp_microbatches < 1):
-            raise ConfigError(f"parallel.pp_microbatches must be a positive integer or None, got {self.pp_microbatches!r}")
+            check_field(f"parallel.{name}", getattr(self, name), str, lambda v: v in DTYPES,
+                        f"one of {', '.join(DTYPES)}")
+        check_field("parallel.pp_schedule", self.pp_schedule, str, lambda v: v in PP_SCHEDULES,
+                    f"one of {', '.join(PP_SCHEDULES)}")
+        if self.pp_microbatches is not None:
+            check_field("parallel.pp_microbatches", self.pp_microbatches, int, lambda v: v > 0,
+                        "a positive integer or null (one per micro-batch)")
 
     @property
     def microbatches(self) -> int:
-        return self.pp_microbatches if self.pp_microbatches is not None else 2 * self.pp
+        if self.pp_microbatches is None:
+            raise ConfigError("parallel.pp_microbatches is not filled in yet: call "
+                              "ParallelConfig.with_microbatches(global_batch_size, micro_batch_size) first")
+        return self.pp_microbatches
+
+    def with_microbatches(self, global_batch_size: int, micro_batch_size: int) -> ParallelConfig:
+        """A copy with pp_microbatches filled in by the rule next to the field (dp resolved first)."""
+        if self.pp_microbatches is not None:
+            return self
+        if self.dp < 1:
+            raise ConfigError("parallel.dp is still -1: call resolve(world_size) before with_microbatches")
+        per_step = self.dp * micro_batch_size
+        if global_batch_size % per_step:
+            raise ConfigError(f"global_batch_size {global_batch_size} is not a multiple of dp {self.dp} x "
+                              f"micro_batch_size {micro_batch_size} = {per_step}: every data-parallel rank takes "
+                              f"whole micro-batches of each global batch; pick a multiple of {per_step}")
+        return dataclasses.replace(self, pp_microbatches=global_batch_size // per_step)
 
     def resolve(self, world_size: int) -> ParallelConfig:
         """A copy with dp filled in for `world_size`; raises ConfigError if the degrees do not fit."""
@@ -120,17 +128,17 @@ class ParallelConfig(DictConfig):
         if self.pp > model.num_layers:
             raise ConfigError(f"pp {self.pp} exceeds num_layers {model.num_layers}: every pipeline stage needs "
                               "at least one transformer layer")
-        if self.pp > 1 and self.microbatches < self.pp:
-            raise ConfigError(f"pp_microbatches {self.microbatches} is smaller than pp {self.pp}: the pipeline "
-                              "would never fill; use at least pp microbatches (2 x pp or more)")
+        if self.pp > 1 and self.pp_microbatches is not None and self.pp_microbatches < self.pp:
+            raise ConfigError(f"pp_microbatches {self.pp_microbatches} is smaller than pp {self.pp}: the pipeline "
+                              "would never fill; use at least pp microbatches (set parallel.pp_microbatches, or "
+                              "a smaller micro_batch_size or a larger global batch for the default of one per "
+                              "micro-batch)")
         return resolved
 
 
 def build_mesh(pcfg: ParallelConfig, device_type: str | None = None):
     """One DeviceMesh [pp, dp, tp] over the initialized process group (sizes of 1 are kept, so
     `mesh["dp"]` etc. always exist)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if not dist.is_initialized():
         raise GLMError("torch.distributed is not initialized: launch with torchrun (or call "
                        "dist.init_process_group) before building a device mesh")
@@ -146,7 +154,7 @@ class GeGLUInput(nn.Module):
 
     Keeping the halves as separate parameters lets tensor parallel shard each contiguously (each
     rank gets [its value rows; its gate rows]) while every checkpoint stores each half in its
-    official order, whatever the layout (module docstring).
+    official order, whatever the layout (docs/distributed.md, parallelize).
     """
 
     def __init__(self, value: nn.Linear, gate: nn.Linear):
@@ -211,15 +219,15 @@ def to_official_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 # ---------------------------------------------------------------------------------- parallelize
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
-    """DTensor plan: qkv and both GeGLU halves column-parallel, the two output projections row-parallel;
-    each attention module gets a config with its local head count."""
-    from torch.distributed.tensor.parallel import (
+    """DTensor plan: qkv and both GeGLU halves column-parallel, the two output projections
+    row-parallel. ColwiseParallel hands the modules plain local tensors, and the attention reads
+    its local head count from them, so the model's config stays as it is."""
+    from torch.distributed.tensor.parallel import (  # deferred: see top
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
 
-    tp = tp_mesh.size()
     for block in model.modules():
         if not isinstance(block, GLMBlock):
             continue
@@ -230,22 +238,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         else:
             plan["mlp.dense_h_to_4h"] = ColwiseParallel()
         parallelize_module(block, tp_mesh, plan)
-        attn: SelfAttention = block.attention
-        cfg = attn.config
-        # The model reshapes qkv with config.num_attention_heads: give it the local count. head_dim
-        # = hidden_size / heads, so both shrink by tp; ColwiseParallel hands the module plain local
-        # tensors (use_local_output=True), so the rest of the forward runs unchanged.
-        attn.config = dataclasses.replace(cfg, hidden_size=cfg.hidden_size // tp,
-                                          num_attention_heads=cfg.num_attention_heads // tp)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute every transformer block in the backward (non-reentrant, so it composes with FSDP2
     and compile). State-dict helpers of torch.distributed.checkpoint strip the wrapper's name."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        checkpoint_wrapper,
-    )
-
     for layers in _layer_lists(model):
         for name, block in list(layers.named_children()):
             setattr(layers, name, checkpoint_wrapper(block, preserve_rng_state=True))
@@ -259,7 +256,7 @@ def apply_compile(model: nn.Module) -> None:
 
 def apply_fsdp(model: nn.Module, dp_mesh, pcfg: ParallelConfig) -> None:
     """FSDP2 per transformer block, then the root (embedding, final LayerNorm)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # deferred: see top
 
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[pcfg.param_dtype], reduce_dtype=DTYPES[pcfg.reduce_dtype])
     for layers in _layer_lists(model):
@@ -279,7 +276,7 @@ def parallelize(model: nn.Module, mesh, pcfg: ParallelConfig) -> nn.Module:
     `mesh` is build_mesh's [pp, dp, tp] mesh, or None for one process (then only the GeGLU split,
     checkpointing and compile apply, so the module names match every other layout's). `model` is a
     GLM or a pipeline stage of one; all ranks must start from the same weights (same seed), or load
-    them afterwards with load_checkpoint / load_full_state_dict.
+    them afterwards with load_checkpoint.
     """
     split_geglu(model)
     if mesh is not None:
@@ -298,36 +295,14 @@ def parallelize(model: nn.Module, mesh, pcfg: ParallelConfig) -> nn.Module:
 
 
 def _layer_lists(model: nn.Module) -> list[nn.Module]:
-    """The containers of transformer blocks (a GLM's ModuleList, a pipeline stage's ModuleDict)."""
-    return [m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.ModuleDict))
+    """The containers of transformer blocks (a GLM's ModuleList; a pipeline stage's holds None for
+    the layers of other stages, which children() skips)."""
+    return [m for m in model.modules() if isinstance(m, nn.ModuleList)
             and any(isinstance(c, GLMBlock) or isinstance(getattr(c, "_checkpoint_wrapped_module", None), GLMBlock)
                     for c in m.children())]
 
 
 # ---------------------------------------------------------------------------------- training helpers
-def data_parallel_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
-                       dp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backward, loss to log) for one data-parallel shard of the global batch.
-
-    The GLM loss is the mean over the scored tokens of the WHOLE batch, and dp ranks hold
-    different numbers of them, so each rank divides its token sum by the global count; FSDP2 then
-    averages gradients over dp ranks, which the factor dp_size undoes. The logged value is the
-    global mean, the same number a single process prints for the same batch.
-    """
-    per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    weights = loss_mask.flatten().float()
-    local = torch.stack(((per_token * weights).sum(), weights.sum()))
-    size = 1
-    if dp_group is not None and dist.is_initialized():
-        size = dist.get_world_size(dp_group)
-        totals = local.detach().clone()
-        dist.all_reduce(totals, group=dp_group)
-    else:
-        totals = local.detach()
-    count = totals[1].clamp(min=1.0)
-    return local[0] / count * size, totals[0] / count
-
-
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, pp_group=None) -> torch.Tensor:
     """Clip the global gradient norm across any mix of plain, TP-sharded and FSDP-sharded grads.
 
@@ -339,7 +314,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, pp_grou
     total is finally made bit-identical on every rank (a MAX all-reduce), so that replicated
     parameters stay identical. Collective when distributed. Returns the total norm before clipping.
     """
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # deferred: see top
 
     grads = [p.grad for p in parameters if p.grad is not None]
     device = None
@@ -366,10 +341,10 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, pp_grou
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def _state_dict_options(full: bool = False, flatten_optimizer: bool = False):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+def _state_dict_options(flatten_optimizer: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions  # deferred: see top
 
-    return StateDictOptions(full_state_dict=full, cpu_offload=full, flatten_optimizer_state_dict=flatten_optimizer)
+    return StateDictOptions(flatten_optimizer_state_dict=flatten_optimizer)
 
 
 def _flattened_optimizer(saved_keys) -> bool:
@@ -391,7 +366,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     flatten_optimizer: key the optimizer's param groups by parameter name. Pipeline stages need it:
     by position, every stage's group 0 has the same key and only one stage's parameter list would be
     kept. load_checkpoint recognises either form."""
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # deferred: see top
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     directory = Path(directory)
@@ -412,12 +387,12 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                     extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Load a save_checkpoint directory into `model` (and `optimizer`) in place, whatever layout
     either side used. `extra`: a dict shaped like the saved one (e.g. {"step": 0}); returned filled."""
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # deferred: see top
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     directory = Path(directory)
     if not (directory / ".metadata").is_file():
-        raise GLMError(f"{directory} is not a torch.distributed.checkpoint directory (no .metadata); "
+        raise CheckpointError(f"{directory} is not a torch.distributed.checkpoint directory (no .metadata); "
                        "give the directory that save_checkpoint wrote")
     saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     if optimizer is not None and not any(key.startswith("optim.") for key in saved):
@@ -433,29 +408,22 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     try:
         dcp.load(state, checkpoint_id=str(directory))
     except Exception as err:  # DCP raises a CheckpointException listing the missing keys
-        raise GLMError(f"could not load {directory} into this model: {err}. The checkpoint must come from a "
-                       "parallelized model of the same GLMConfig (see docs/distributed.md)") from err
+        raise CheckpointError(f"could not load {directory} into this model: {err}. The checkpoint must come from "
+                              "a parallelized model of the same GLMConfig (see docs/distributed.md)") from err
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}), options=options)
     return state.get("extra")
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
     """The whole model on CPU under the official key names (TP = 1 layout), e.g. for
-    glm130b.checkpoint.save_model. Collective: call on every rank."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    glm130b.checkpoint.save_model: on global rank 0 only (an empty dict elsewhere), or with
+    `all_ranks` on every rank (gathered on the device first). Collective: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # deferred: see top
 
-    return to_official_keys(get_model_state_dict(model, options=_state_dict_options(full=True)))
-
-
-def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load official-key full tensors (e.g. from glm130b.checkpoint) into a parallelized model."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-    )
-
-    set_model_state_dict(model, to_split_keys(state_dict), options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+    state = get_model_state_dict(model, options=options)
+    return to_official_keys({k: v.detach().cpu() for k, v in state.items()})
 
 
 def init_distributed(backend: str | None = None) -> int:
@@ -471,5 +439,5 @@ def init_distributed(backend: str | None = None) -> int:
 
 
 __all__ = ["ParallelConfig", "build_mesh", "parallelize", "GeGLUInput", "split_geglu", "to_split_keys",
-           "to_official_keys", "data_parallel_loss", "clip_grad_norm_", "save_checkpoint", "load_checkpoint",
-           "full_state_dict", "load_full_state_dict", "init_distributed", "build_parallel_model_and_optimizer"]
+           "to_official_keys", "clip_grad_norm_", "save_checkpoint", "load_checkpoint", "full_state_dict",
+           "init_distributed"]

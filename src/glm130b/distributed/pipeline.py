@@ -1,33 +1,25 @@
 """Pipeline parallel through torch.distributed.pipelining: GLM stages, the schedule, tied embeddings.
 
-A stage is a slice of the GLM that keeps the full model's parameter names
-(`transformer.layers.17...`), so DCP checkpoints of a pipelined run load into any other layout.
-The first stage embeds; the last applies the final LayerNorm and the tied output head, for which
-it holds its own copy of the word embedding (as Megatron and the GLM-130B training code do) whose
-gradient is summed with the first stage's after every backward (`sync_tied_embedding_grads`), so
-both copies take identical optimizer steps.
-
-The loss is the GLM mean over the scored tokens of the whole batch. Each microbatch's loss is its
-token sum divided by the global count, and the schedule does not rescale (scale_grads=False), so the
-accumulated gradient is exactly the full-batch gradient however the tokens fall into microbatches.
+A stage is the GLM itself with the modules of other stages set to None, which GLM.forward skips
+(torchtitan's passthrough), so it keeps the full model's parameter names and DCP checkpoints load
+into any other layout. The last stage keeps its own copy of a tied embedding for the output head,
+synced by gradient; each microbatch's loss is its token sum over the global token count
+(docs/distributed.md, Pipeline parallel).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from glm130b.core.errors import ConfigError
 from glm130b.distributed.parallelize import ParallelConfig, clip_grad_norm_, parallelize
-from glm130b.model.glm import GLM, RotaryAngles, shrink_gradient
+from glm130b.model.glm import GLM
 from glm130b.objective.batch import TrainingBatch
-
-IGNORE = -100  # cross_entropy's ignore_index: unscored positions
+from glm130b.objective.loss import masked_lm_loss_sum
 
 
 def stage_layer_ranges(num_layers: int, pp: int) -> list[tuple[int, int]]:
@@ -45,46 +37,23 @@ def stage_layer_ranges(num_layers: int, pp: int) -> list[tuple[int, int]]:
     return ranges
 
 
-class GLMStage(nn.Module):
-    """Layers [start, end) of a GLM, under the full model's parameter names."""
-
-    def __init__(self, model: GLM, start: int, end: int, first: bool, last: bool):
-        super().__init__()
-        self.config = model.config
-        self.first, self.last = first, last
-        self.embedding_grad_scale = model.embedding_grad_scale
-        self.transformer = nn.Module()
-        if first or (last and model.config.tie_word_embeddings):
-            self.transformer.word_embeddings = model.transformer.word_embeddings
-            if not first:  # the last stage's own copy of the tied weight (synced by gradient)
-                self.transformer.word_embeddings = _copy_embedding(model.transformer.word_embeddings)
-        # ModuleDict keyed by the global index keeps the names `transformer.layers.{i}`.
-        self.transformer.layers = nn.ModuleDict({str(i): model.transformer.layers[i] for i in range(start, end)})
-        self.layer_offset = start
-        if last:
-            self.transformer.final_layernorm = model.transformer.final_layernorm
-            if not model.config.tie_word_embeddings:
-                self.lm_head = model.lm_head
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.first:  # x = input_ids [B, S]
-            x = shrink_gradient(self.transformer.word_embeddings(x), self.embedding_grad_scale)  # [B, S, C]
-        rotary = RotaryAngles.build(position_ids, self.config)
-        for name, layer in self.transformer.layers.items():
-            x = layer(x, rotary, attention_mask, None, int(name))
-        if not self.last:
-            return x
-        x = self.transformer.final_layernorm(x)
-        weight = (shrink_gradient(self.transformer.word_embeddings.weight, self.embedding_grad_scale)
-                  if self.config.tie_word_embeddings else self.lm_head.weight)
-        return F.linear(x, weight)  # [B, S, vocab]
-
-
-def _copy_embedding(embedding: nn.Embedding) -> nn.Embedding:
-    copy = nn.Embedding(embedding.num_embeddings, embedding.embedding_dim, device=embedding.weight.device,
-                        dtype=embedding.weight.dtype)
-    copy.weight = nn.Parameter(embedding.weight.detach().clone())
-    return copy
+def pipeline_stage(model: GLM, start: int, end: int, first: bool, last: bool) -> GLM:
+    """Make `model` the stage holding layers [start, end), in place, and return it: the other
+    layers become None (the rest keep their global index and names), the first stage keeps the
+    embedding, the last the final LayerNorm and the head. With tied embeddings the last stage also
+    keeps its word embedding, the output head's weight: a copy of the first stage's on another
+    rank (as in Megatron and the GLM-130B training code), kept equal by sync_tied_embedding_grads."""
+    transformer = model.transformer
+    for i in range(len(transformer.layers)):
+        if not start <= i < end:
+            transformer.layers[i] = None
+    if not first and not (last and model.config.tie_word_embeddings):
+        transformer.word_embeddings = None
+    if not last:
+        transformer.final_layernorm = None
+        if not model.config.tie_word_embeddings:
+            model.lm_head = None
+    return model
 
 
 def tied_embedding_group(mesh):
@@ -104,103 +73,124 @@ def tied_embedding_group(mesh):
     return mine
 
 
-def sync_tied_embedding_grads(stage: GLMStage, group) -> None:
+def sync_tied_embedding_grads(stage: GLM, group) -> None:
     """Sum the tied embedding's gradient over its first- and last-stage copies."""
     if group is None or not stage.config.tie_word_embeddings:
         return
-    grad = stage.transformer.word_embeddings.weight.grad
-    if grad is None:
-        grad = stage.transformer.word_embeddings.weight.grad = torch.zeros_like(stage.transformer.word_embeddings.weight)
-    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    weight = stage.transformer.word_embeddings.weight
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    local = weight.grad.to_local() if hasattr(weight.grad, "to_local") else weight.grad
     dist.all_reduce(local, group=group)
 
 
 class PipelineRunner:
     """This rank's stage and schedule. `step(batch)` runs forward and backward over all
-    microbatches (no optimizer step) and returns the batch loss on the last stage, else None.
-    Use `runner.stage_module.parameters()` for the optimizer and checkpoints."""
+    microbatches (no optimizer step) and returns the batch loss; `evaluate(batches)` the
+    validation loss. Use `runner.stage_module.parameters()` for the optimizer and checkpoints.
+    `pcfg.pp_microbatches` must be filled in (ParallelConfig.with_microbatches)."""
 
     def __init__(self, model: GLM, mesh, pcfg: ParallelConfig, device: torch.device | str = "cpu"):
-        from torch.distributed.pipelining import (
-            PipelineStage,
-            Schedule1F1B,
-            ScheduleGPipe,
-        )
+        # deferred: importing torch.distributed.pipelining takes ~0.5 s (see parallelize.py)
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         pcfg = pcfg.validate(model.config, mesh.size())
         pp_rank = mesh["pp"].get_local_rank()
         start, end = stage_layer_ranges(model.config.num_layers, pcfg.pp)[pp_rank]
-        self.pcfg, self.mesh = pcfg, mesh
-        self.stage_module = GLMStage(model, start, end, pp_rank == 0, pp_rank == pcfg.pp - 1)
+        self.pcfg, self.mesh, self.device = pcfg, mesh, torch.device(device)
+        self.is_first, self.is_last = pp_rank == 0, pp_rank == pcfg.pp - 1
+        self.stage_module = pipeline_stage(model, start, end, self.is_first, self.is_last)
         # The same TP / checkpointing / compile / FSDP2 steps as an unpipelined model, per stage.
         parallelize(self.stage_module, mesh, pcfg)
         self.tied_group = tied_embedding_group(mesh)
-        self.stage = PipelineStage(self.stage_module, pp_rank, pcfg.pp, torch.device(device),
-                                   group=mesh["pp"].get_group())
+        self.stage = PipelineStage(self.stage_module, pp_rank, pcfg.pp, self.device, group=mesh["pp"].get_group())
         self._count = torch.tensor(1.0)
         schedule = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}[pcfg.pp_schedule]
         self.schedule = schedule(self.stage, pcfg.microbatches, loss_fn=self._loss, scale_grads=False)
 
+    def _tied_copy(self) -> nn.Parameter | None:
+        """The last stage's copy of the tied embedding (its gradient equals the first stage's)."""
+        if self.is_last and not self.is_first and self.stage_module.config.tie_word_embeddings:
+            return self.stage_module.transformer.word_embeddings.weight
+        return None
+
     def norm_parameters(self) -> list[torch.Tensor]:
         """The parameters that count in the global gradient norm: all of this stage's, except the
-        last stage's copy of the tied embedding (its gradient equals the first stage's)."""
-        skip = None
-        if self.stage_module.last and not self.stage_module.first and self.stage_module.config.tie_word_embeddings:
-            skip = self.stage_module.transformer.word_embeddings.weight
+        last stage's copy of the tied embedding."""
+        skip = self._tied_copy()
         return [p for p in self.stage_module.parameters() if p is not skip]
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm over the whole model (all stages); call after step() on every rank."""
-
         norm = clip_grad_norm_(self.norm_parameters(), max_norm, pp_group=self.mesh["pp"].get_group())
-        if self.tied_group is not None and not self.stage_module.first:  # the skipped copy too
+        copy = self._tied_copy()
+        if copy is not None and copy.grad is not None:  # the copy left out of the norm is clipped alike
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            grad = self.stage_module.transformer.word_embeddings.weight.grad
-            if grad is not None:
-                grad.mul_(coef.item() if hasattr(grad, "to_local") else coef.to(grad.device))
+            copy.grad.mul_(coef.item() if hasattr(copy.grad, "to_local") else coef.to(copy.grad.device))
         return norm
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # token sum / global token count; x dp to undo FSDP2's gradient averaging over dp
-        summed = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # target [b, S, 2]: this microbatch's targets and loss mask (step packs them so that the
+        # schedule splits both like the inputs). Token sum / global token count; x dp to undo
+        # FSDP2's gradient averaging over dp.
+        summed = masked_lm_loss_sum(logits, target[..., 0], target[..., 1])
         return summed / self._count * self.pcfg.dp
 
-    def step(self, batch: TrainingBatch) -> torch.Tensor | None:
-        mask = batch.attention_mask()
+    def step(self, batch: TrainingBatch) -> float:
+        """Forward and backward of `batch` (this dp rank's share of the global batch) through the
+        schedule; returns the loss of the global batch (the mean over its scored tokens) on every rank."""
         count = batch.loss_mask.sum().float().reshape(())
         if self.pcfg.dp > 1:
             dist.all_reduce(count, group=self.mesh["dp"].get_group())
         self._count = count.clamp(min=1.0)
-        kwargs: dict[str, Any] = dict(position_ids=batch.position_ids, attention_mask=mask)
-        if self.stage.is_last:
-            losses: list[torch.Tensor] = []
-            targets = batch.targets.masked_fill(batch.loss_mask == 0, IGNORE)
-            self.schedule.step(target=targets, losses=losses, **kwargs)
-        elif self.stage.is_first:
-            self.schedule.step(batch.input_ids, **kwargs)
+        kwargs: dict[str, Any] = dict(position_ids=batch.position_ids, attention_mask=batch.attention_mask(),
+                                      check_inputs=False)  # a later stage's input is hidden states, not ids
+        inputs = (batch.input_ids,) if self.is_first else ()
+        losses: list[torch.Tensor] = []
+        if self.is_last:
+            target = torch.stack((batch.targets, batch.loss_mask.long()), dim=-1)  # loss_mask is 0/1
+            self.schedule.step(*inputs, target=target, losses=losses, **kwargs)
         else:
-            self.schedule.step(**kwargs)
+            self.schedule.step(*inputs, **kwargs)
         sync_tied_embedding_grads(self.stage_module, self.tied_group)
-        if not self.stage.is_last:
-            return None
-        # the logged loss: the global mean (undo the x dp of the backward scaling)
-        loss = torch.stack([l.detach() for l in losses]).sum() / self.pcfg.dp
-        if self.pcfg.dp > 1:
-            dist.all_reduce(loss, group=self.mesh["dp"].get_group())
-        return loss
+        loss = None
+        if self.is_last:  # the global mean: undo the x dp of the backward scaling, sum over dp
+            loss = torch.stack([mb.detach() for mb in losses]).sum() / self.pcfg.dp
+            if self.pcfg.dp > 1:
+                dist.all_reduce(loss, group=self.mesh["dp"].get_group())
+        return self.from_last_stage(loss)
 
+    @torch.no_grad()
+    def evaluate(self, batches: list[TrainingBatch]) -> float:
+        """Mean loss over the scored tokens of `batches` (no dropout), on every rank: each stage
+        receives the previous stage's hidden states [B, S, C] (sent in fp32), runs its layers and
+        passes them on; the last scores them. Runs under the caller's autocast."""
+        stage = self.stage_module
+        group, pp_rank = self.mesh["pp"].get_group(), self.mesh["pp"].get_local_rank()
+        was_training = stage.training
+        stage.eval()
+        loss_sum, count = 0.0, 0
+        for batch in batches:
+            batch = batch.to(self.device)
+            if self.is_first:
+                x = batch.input_ids
+            else:
+                x = torch.empty(*batch.input_ids.shape, stage.config.hidden_size, device=self.device)
+                dist.recv(x, group=group, group_src=pp_rank - 1)
+            out = stage(x, batch.position_ids, batch.attention_mask(), check_inputs=False)
+            if self.is_last:
+                loss_sum += masked_lm_loss_sum(out, batch.targets, batch.loss_mask).item()
+                count += batch.num_target_tokens
+            else:
+                dist.send(out.float().contiguous(), group=group, group_dst=pp_rank + 1)
+        stage.train(was_training)
+        return self.from_last_stage(loss_sum / max(1, count) if self.is_last else None)
 
-def pipeline_step(model: GLM, mesh, pcfg: ParallelConfig, batch: TrainingBatch, return_grads: bool = False
-                  ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward+backward of `batch` through the pipeline (a helper for tests and quick checks):
-    the loss (last stage, else None), the whole model's gradient norm (every rank) and, with
-    return_grads, this stage's gradients by parameter name."""
-    runner = PipelineRunner(model, mesh, pcfg)
-    loss = runner.step(batch)
-    norm = runner.clip_grad_norm_(math.inf)  # measures only: inf clips nothing
-    grads = {}
-    if return_grads:
-        for name, p in runner.stage_module.named_parameters():
-            g = p.grad
-            grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-    return loss, norm, grads
+    def from_last_stage(self, value: torch.Tensor | float | None) -> float:
+        """A number known on the last pipeline stage (e.g. the loss), broadcast to every rank."""
+        source = int(self.mesh.mesh[-1, 0, 0])  # the last stage of dp 0, tp 0 ([pp, dp, tp] ranks)
+        cuda = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        buffer = torch.tensor([float(value) if value is not None else 0.0], dtype=torch.float64, device=device)
+        dist.broadcast(buffer, src=source)
+        return buffer.item()

@@ -82,9 +82,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rotary: RotaryAngles, mask: torch.Tensor,
                 kv_cache: KVCache | None, layer: int, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
-        H, D = self.config.num_attention_heads, self.config.head_dim
+        D = self.config.head_dim
         # Rows of the qkv weight are grouped per head as [q_h; k_h; v_h], not all-q/all-k/all-v.
-        q, k, v = self.query_key_value(x).view(B, S, H, 3 * D).chunk(3, dim=-1)  # [B, S, H, D] each
+        # -1, not num_attention_heads: tensor parallel may have sharded the heads
+        q, k, v = self.query_key_value(x).view(B, S, -1, 3 * D).chunk(3, dim=-1)  # [B, S, H, D] each
         q, k = rotary.apply(q), rotary.apply(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if kv_cache is not None:
@@ -94,7 +95,7 @@ class SelfAttention(nn.Module):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, dropout_p=dropout)
         else:
             context = self._reference_attention(q, k, v, mask)
-        context = context.transpose(1, 2).reshape(B, S, H * D)  # heads concatenated in head order
+        context = context.transpose(1, 2).reshape(B, S, -1)  # [B, S, H * D]: heads concatenated in head order
         return self.output_dropout(self.dense(context))
 
     def _reference_attention(self, q, k, v, mask):
@@ -160,6 +161,10 @@ class GLM(nn.Module):
     input_ids [B, S] long; position_ids [B, S] (1-D) or [B, 2, S] (2-D); attention_mask bool
     [B, 1, S, T], True = blocked, where T = S for a full forward, cached + S with a KV cache, and
     the cache's max_length with `cache_slots` (the static-shape decode path, see KVCache).
+
+    A pipeline stage (glm130b.distributed.pipeline) is this model with the modules it lacks set to
+    None, which the forward skips: a stage after the first takes the previous stage's hidden states
+    [B, S, C] in place of input_ids, and one before the last returns its hidden states.
     """
 
     def __init__(self, config: GLMConfig):
@@ -186,13 +191,22 @@ class GLM(nn.Module):
                 cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         if check_inputs:  # reads values on the host: hot decode loops validate once and pass False
             self.validate_inputs(input_ids, position_ids, attention_mask, kv_cache, cache_slots)
-        x = self.transformer.word_embeddings(input_ids)  # [B, S, C]: no position embedding, no scaling
-        x = shrink_gradient(x, self.embedding_grad_scale)
+        embeddings = self.transformer.word_embeddings
+        # Hidden states come in on a pipeline stage after the first (whose embedding is None, or, on
+        # the last stage, the tied weight kept for the output head only).
+        if embeddings is not None and not input_ids.is_floating_point():
+            x = embeddings(input_ids)  # [B, S, C]: no position embedding, no scaling
+            x = shrink_gradient(x, self.embedding_grad_scale)
+        else:
+            x = input_ids  # [B, S, C]
         rotary = RotaryAngles.build(position_ids, self.config)
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, rotary, attention_mask, kv_cache, i, cache_slots)
+            if layer is not None:  # None: a layer of another pipeline stage (the index stays global)
+                x = layer(x, rotary, attention_mask, kv_cache, i, cache_slots)
         if kv_cache is not None and cache_slots is None:  # with slots the caller tracks what is filled
             kv_cache.length += input_ids.shape[1]
+        if self.transformer.final_layernorm is None:  # a pipeline stage before the last
+            return x  # [B, S, C]
         x = self.transformer.final_layernorm(x)
         return F.linear(x, self.output_weight)  # [B, S, vocab]
 

@@ -1,1 +1,2 @@
-"""Pretraining: run config, optimizer and schedules, spike guard, the trainer, metrics and report."""
+"""Pretraining: the run config, optimizer and schedules, the step, model builders, data setup, the
+trainer loop, run checkpoints, the spike guard, metrics and report, and `run_pretraining`."""

@@ -1,11 +1,11 @@
-"""Command-line entry points of this package (train/trainer.py)."""
+"""Command-line entry points of this package (train/pretrain.py)."""
 
 from __future__ import annotations
 
 import argparse
 
 from glm130b.train.config import TrainConfig, add_config_arguments, apply_overrides, overrides_from_args
-from glm130b.train.trainer import run_pretraining
+from glm130b.train.pretrain import run_pretraining
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -24,4 +24,3 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a TrainConfig YAML file (configs/*.yaml); options below override it")
     add_config_arguments(parser)
-

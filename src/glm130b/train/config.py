@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from glm130b.core.config_io import DictConfig
+from glm130b.core.config_io import DictConfig, check_field, check_positive_int, read_mapping
 from glm130b.core.errors import ConfigError
 from glm130b.distributed.parallelize import ParallelConfig
 from glm130b.model.config import PRESETS, GLMConfig
@@ -27,6 +28,8 @@ from glm130b.train.spike_guard import SpikeGuardConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 METRICS_FORMATS = ("jsonl", "csv")
+# The old top-level spelling of parallel.activation_checkpointing, still read (with a warning).
+DEPRECATED_ACTIVATION_CHECKPOINTING = "activation_checkpointing"
 
 
 @dataclass
@@ -36,8 +39,8 @@ class TrainConfig(DictConfig):
     # ---------------------------------------------------------------- model
     model_preset: str = "glm-130b"
     # GLMConfig fields that replace the preset's (e.g. vocab_size from the tokenizer, dropout).
+    # Recomputation in the backward is parallel.activation_checkpointing (below).
     model: dict[str, Any] = field(default_factory=dict)
-    activation_checkpointing: bool = False  # recompute each layer in backward (GLM-130B: every layer)
 
     # ---------------------------------------------------------------- data
     corpus: str = ""          # a prepared TokenCorpus directory (glm130b.data)
@@ -76,8 +79,9 @@ class TrainConfig(DictConfig):
     loss_scale_window: int = 2000
     loss_scale_hysteresis: int = 2
     min_loss_scale: float = 1.0
-    # Embedding gradient shrink alpha (0.1 in the recipe; 1 = off). With ramp steps > 0 it grows
-    # as alpha + (1 - alpha) * (step - start) / steps, reaching 1, the schedule the team used.
+    # Embedding gradient shrink: the share of their gradient that the embedding lookup and the tied
+    # head pass (0.1 in the recipe; 1 = off). With ramp steps > 0 it grows as
+    # scale + (1 - scale) * (step - start) / steps, reaching 1, the schedule the team used.
     embedding_grad_scale: float = 0.1
     embedding_grad_scale_ramp_start: int = 0
     embedding_grad_scale_ramp_steps: int = 0
@@ -89,8 +93,8 @@ class TrainConfig(DictConfig):
     # printed only when known.
     peak_flops: float | None = None
     seed: int = 1234
-    # Degrees of parallelism under torchrun (tp, dp, ...; glm130b.parallel). Ignored by a plain
-    # one-process launch; pp > 1 is refused by the trainer (pipeline parallel is glm130b.pipeline's).
+    # Degrees of parallelism under torchrun (tp, pp, dp, ...; glm130b.distributed.parallelize). A
+    # plain one-process launch reads only parallel.activation_checkpointing from it.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     # ---------------------------------------------------------------- output
@@ -143,18 +147,18 @@ class TrainConfig(DictConfig):
         for name in ("sequence_length", "train_samples", "micro_batch_size", "global_batch_size",
                      "loss_scale_window", "loss_scale_hysteresis", "log_every", "eval_every",
                      "eval_batches", "checkpoint_every", "keep_checkpoints"):
-            _require(name, getattr(self, name), int, lambda v: v > 0, "a positive integer")
+            check_positive_int(name, getattr(self, name))
         for name in ("lr", "adam_eps", "initial_loss_scale", "min_loss_scale"):
-            _require(name, getattr(self, name), float, lambda v: v > 0, "a positive number")
+            check_field(name, getattr(self, name), float, lambda v: v > 0, "a positive number")
         for name in ("min_lr", "weight_decay", "grad_clip"):
-            _require(name, getattr(self, name), float, lambda v: v >= 0, "a number >= 0")
+            check_field(name, getattr(self, name), float, lambda v: v >= 0, "a number >= 0")
         for name in ("warmup_fraction", "decay_fraction", "rampup_fraction"):
-            _require(name, getattr(self, name), float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+            check_field(name, getattr(self, name), float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
         for name in ("adam_beta1", "adam_beta2"):
-            _require(name, getattr(self, name), float, lambda v: 0 <= v < 1, "in [0, 1)")
-        _require("embedding_grad_scale", self.embedding_grad_scale, float, lambda v: 0 < v <= 1, "in (0, 1]")
+            check_field(name, getattr(self, name), float, lambda v: 0 <= v < 1, "in [0, 1)")
+        check_field("embedding_grad_scale", self.embedding_grad_scale, float, lambda v: 0 < v <= 1, "in (0, 1]")
         for name in ("embedding_grad_scale_ramp_start", "embedding_grad_scale_ramp_steps", "seed"):
-            _require(name, getattr(self, name), int, lambda v: v >= 0, "an integer >= 0")
+            check_field(name, getattr(self, name), int, lambda v: v >= 0, "an integer >= 0")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr {self.min_lr} is above lr {self.lr}; the cosine decays from lr down to min_lr")
         if self.warmup_fraction > self.decay_fraction:
@@ -164,38 +168,47 @@ class TrainConfig(DictConfig):
             raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}; the global batch is an accumulation of whole micro-batches")
         if self.rampup_start_batch_size is not None:
-            _require("rampup_start_batch_size", self.rampup_start_batch_size, int,
-                     lambda v: self.micro_batch_size <= v <= self.global_batch_size,
-                     f"between micro_batch_size ({self.micro_batch_size}) and global_batch_size "
-                     f"({self.global_batch_size}), or null for no ramp-up")
+            check_field("rampup_start_batch_size", self.rampup_start_batch_size, int,
+                        lambda v: self.micro_batch_size <= v <= self.global_batch_size,
+                        f"between micro_batch_size ({self.micro_batch_size}) and global_batch_size "
+                        f"({self.global_batch_size}), or null for no ramp-up")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.metrics_format not in METRICS_FORMATS:
             raise ConfigError(f"metrics_format must be one of {', '.join(METRICS_FORMATS)}; got {self.metrics_format!r}")
         if self.peak_flops is not None:
-            _require("peak_flops", self.peak_flops, float, lambda v: v > 0, "a positive FLOP/s figure or null")
+            check_field("peak_flops", self.peak_flops, float, lambda v: v > 0, "a positive FLOP/s figure or null")
         if self.sequence_length > self.model_config().max_sequence_length:
             raise ConfigError(f"sequence_length {self.sequence_length} exceeds the model's max_sequence_length "
                               f"{self.model_config().max_sequence_length}; shorten it or set model.max_sequence_length")
         self.spike_guard.validate()
 
     # ------------------------------------------------------------------ (de)serialisation
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """DictConfig.from_dict, reading the old top-level `activation_checkpointing` (with a
+        deprecation warning) as parallel.activation_checkpointing."""
+        if DEPRECATED_ACTIVATION_CHECKPOINTING in data:
+            data = dict(data)
+            value = data.pop(DEPRECATED_ACTIVATION_CHECKPOINTING)
+            # FutureWarning, not DeprecationWarning: Python shows it to the person running the command.
+            warnings.warn("the TrainConfig field activation_checkpointing is deprecated; it now sets "
+                          "parallel.activation_checkpointing, write that instead", FutureWarning, stacklevel=2)
+            parallel = data.get("parallel") or {}
+            if isinstance(parallel, ParallelConfig):
+                parallel = parallel.to_dict()
+            check_field("parallel", parallel, dict, expected="a mapping of fields")
+            set_there = parallel.get(DEPRECATED_ACTIVATION_CHECKPOINTING)
+            if set_there is not None and set_there != value:
+                raise ConfigError(f"activation_checkpointing {value!r} contradicts parallel.activation_checkpointing "
+                                  f"{set_there!r}; keep only parallel.activation_checkpointing")
+            data["parallel"] = {**parallel, DEPRECATED_ACTIVATION_CHECKPOINTING: value}
+        return super().from_dict(data)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        """Read a YAML file, then apply `key=value` overrides (dotted keys reach nested fields)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of TrainConfig fields, found {type(data).__name__}")
-        return cls.from_dict(apply_overrides(data, overrides or []))
+        """Read a YAML or JSON file, then apply `key=value` overrides (dotted keys reach nested fields)."""
+        return cls.from_dict(apply_overrides(read_mapping(path, cls.config_label), overrides or []))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -227,16 +240,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     names += [f"model.{f.name}" for f in dataclasses.fields(GLMConfig)]
     for name in names:
         group.add_argument(f"--{name}", dest=f"override:{name}", metavar="VALUE", default=None)
+    group.add_argument(f"--{DEPRECATED_ACTIVATION_CHECKPOINTING}", dest=f"override:{DEPRECATED_ACTIVATION_CHECKPOINTING}",
+                       metavar="VALUE", default=None, help="deprecated: use --parallel.activation_checkpointing")
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return [f"{key.removeprefix('override:')}={value}" for key, value in vars(args).items()
             if key.startswith("override:") and value is not None]
-
-
-def _require(name: str, value: Any, kind: type, ok, expected: str) -> None:
-    """Type and range check; ints are accepted where floats are expected, bools never count as numbers."""
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    right_type = (isinstance(value, int) and not isinstance(value, bool)) if kind is int else numeric
-    if not right_type or not ok(value):
-        raise ConfigError(f"{name} must be {expected}, got {value!r}")

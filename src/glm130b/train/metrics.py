@@ -1,11 +1,28 @@
 """Training metrics: one file per kind of record (train, valid, intervention), read back the same way,
-and the console line of a step."""
+the console line of a step, and the device peak that MFU divides by."""
 
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
+
+import torch
+
+# Dense bf16/fp16 tensor-core peak of one device (datasheet, SXM parts), for MFU.
+PEAK_FLOPS_BY_DEVICE = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def device_peak_flops(device: torch.device, configured: float | None) -> float | None:
+    """`configured` when given, else the datasheet peak of a known GPU; None (no MFU) otherwise."""
+    if configured is not None:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_FLOPS_BY_DEVICE.items():
+            if key in name:
+                return peak
+    return None  # CPU and unknown GPUs: MFU not printed
 
 
 class MetricsLog:
@@ -53,7 +70,6 @@ def read_metrics(directory: str | Path, kind: str) -> list[dict]:
     if (directory / f"{kind}.jsonl").exists():
         return [json.loads(line) for line in (directory / f"{kind}.jsonl").read_text().splitlines() if line]
     if (directory / f"{kind}.csv").exists():
-
         with (directory / f"{kind}.csv").open() as f:
             return [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
     return []

@@ -1,5 +1,5 @@
 """The optimiser side of the recipe (SPEC.md section 10): AdamW parameter groups, the learning-rate
-schedule, batch-size ramp-up, the embedding-alpha schedule and the fp16 dynamic loss scaler.
+schedule, batch-size ramp-up, the embedding-gradient-scale schedule and the fp16 dynamic loss scaler.
 
 Schedules are plain functions of the samples (or steps) trained so far, so resuming needs only
 that count.
@@ -52,12 +52,12 @@ def global_batch_size_at(samples: int, config: TrainConfig) -> int:
 
 
 def embedding_grad_scale(step: int, config: TrainConfig) -> float:
-    """Alpha of the embedding gradient shrink: a constant, or a + (1 - a) * (step - s0) / s1 up to 1."""
-    a = config.embedding_grad_scale
+    """The embedding gradient scale at `step`: a constant, or scale + (1 - scale) * (step - s0) / s1 up to 1."""
+    scale = config.embedding_grad_scale
     if config.embedding_grad_scale_ramp_steps == 0:
-        return a
+        return scale
     progress = max(0, step - config.embedding_grad_scale_ramp_start) / config.embedding_grad_scale_ramp_steps
-    return min(1.0, a + (1.0 - a) * progress)
+    return min(1.0, scale + (1.0 - scale) * progress)
 
 
 class DynamicLossScaler:

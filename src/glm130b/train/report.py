@@ -1,6 +1,6 @@
 """What a run leaves for people: the loss-curve PNG and a Markdown report.
 
-The curve reads the metrics files of glm130b.trainer (train loss per step, validation loss per
+The curve reads the metrics files of glm130b.train.trainer (train loss per step, validation loss per
 language, spike-guard interventions as vertical lines). matplotlib is optional (the `demo` extra):
 without it the curve is skipped and the caller says so.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from glm130b.core.atomic import atomic_path, atomic_write_text
 from glm130b.train.metrics import read_metrics
 
 
@@ -51,7 +52,8 @@ def plot_loss_curve(metrics_dir: str | Path, png_path: str | Path,
     axes.legend()
     figure.tight_layout()
     png_path = Path(png_path)
-    figure.savefig(png_path)
+    with atomic_path(png_path) as tmp:
+        figure.savefig(tmp, format="png")
     plt.close(figure)
     return png_path
 
@@ -66,7 +68,5 @@ def write_report(path: str | Path, title: str, sections: list[tuple[str, str]]) 
     """`sections`: (heading, Markdown body) pairs, in order."""
     path = Path(path)
     text = f"# {title}\n\n" + "\n\n".join(f"## {heading}\n\n{body.strip()}" for heading, body in sections) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
     return path

@@ -3,8 +3,8 @@
 A step is a spike when its loss or its gradient norm is non-finite, or far above the median of
 the recent healthy steps. The trainer answers a spike the way the team did (SPEC.md section 10):
 roll back to the last good checkpoint and skip the batches that caused it, optionally lowering
-the learning rate or the embedding gradient shrink alpha. This module only decides; the trainer
-(glm130b.trainer) acts and logs each intervention with its step and reason.
+the learning rate or the embedding gradient scale. This module only decides; the trainer
+(glm130b.train.trainer) acts and logs each intervention with its step and reason.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from glm130b.core.config_io import DictConfig
+from glm130b.core.config_io import DictConfig, check_field, check_positive_int
 from glm130b.core.errors import ConfigError
 
 
@@ -36,21 +36,17 @@ class SpikeGuardConfig(DictConfig):
     embedding_grad_scale_factor: float = 1.0
 
     def validate(self) -> None:
+        check_field("spike_guard.enabled", self.enabled, bool, expected="true or false")
         for name in ("window", "min_history", "max_rollbacks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"spike_guard.{name} must be a positive integer, got {value!r}")
+            check_positive_int(f"spike_guard.{name}", getattr(self, name))
         if self.min_history > self.window:
             raise ConfigError(f"spike_guard.min_history {self.min_history} exceeds spike_guard.window "
                               f"{self.window}; the window must hold that many steps")
         for name in ("loss_ratio", "grad_norm_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 1:
-                raise ConfigError(f"spike_guard.{name} must be a number above 1, got {value!r}")
+            check_field(f"spike_guard.{name}", getattr(self, name), float, lambda v: v > 1, "a number above 1")
         for name in ("lr_factor", "embedding_grad_scale_factor"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ConfigError(f"spike_guard.{name} must be in (0, 1] (1 = unchanged), got {value!r}")
+            check_field(f"spike_guard.{name}", getattr(self, name), float, lambda v: 0 < v <= 1,
+                        "in (0, 1] (1 = unchanged)")
 
 
 class SpikeGuard:

@@ -1,0 +1,84 @@
+"""The model and optimizer of a training launch, built one way for every launch: the GLM on its
+device with the seeded GLM-130B init, then what the launch needs (recomputation in one process;
+under torchrun the parallelized model or this rank's pipeline stage), then AdamW."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from glm130b.distributed.parallelize import (
+    ParallelConfig,
+    apply_activation_checkpointing,
+    build_mesh,
+    init_distributed,
+    parallelize,
+)
+from glm130b.distributed.pipeline import PipelineRunner
+from glm130b.model.config import GLMConfig
+from glm130b.model.glm import GLM
+from glm130b.model.initialization import initialize_glm
+from glm130b.train.config import TrainConfig
+from glm130b.train.optim import build_optimizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainingModel:
+    """What the Trainer trains: the model (a GLM, or this rank's pipeline stage of one) and its
+    optimizer; in a torchrun launch also the [pp, dp, tp] DeviceMesh and, with pp > 1, the
+    pipeline runner."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh
+    runner: PipelineRunner | None = None
+
+
+def build_model_and_optimizer(config: TrainConfig, model_config: GLMConfig | None = None) -> TrainingModel:
+    """The model and AdamW of this launch. One process (RANK unset): the model on config.device.
+    Under torchrun (RANK set, whatever the process count): the process group (nccl on CUDA with
+    each rank on cuda:LOCAL_RANK, gloo on CPU), the mesh of config.parallel, and the same seeded
+    full model on every rank (so every rank starts from identical weights), then parallelized, or
+    cut into this rank's pipeline stage when parallel.pp > 1. Models too large to materialise
+    whole per rank need a meta-device build and a checkpoint instead (docs/distributed.md)."""
+    model_config = model_config or config.model_config()
+    device = resolve_device(config.device)
+    mesh, pcfg = None, config.parallel
+    if "RANK" in os.environ:
+        device, pcfg = _join_process_group(config, model_config, device)
+        mesh = build_mesh(pcfg, device.type)
+    with torch.device(device):
+        model = GLM(model_config)
+    initialize_glm(model, seed=config.seed)
+    runner = None
+    if mesh is None:
+        if pcfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+    elif pcfg.pp > 1:
+        runner = PipelineRunner(model, mesh, pcfg, device)  # turns `model` into this rank's stage
+    else:
+        parallelize(model, mesh, pcfg)
+    return TrainingModel(model, build_optimizer(model, config), mesh, runner)
+
+
+def _join_process_group(config: TrainConfig, model_config: GLMConfig,
+                        device: torch.device) -> tuple[torch.device, ParallelConfig]:
+    """Initialise torch.distributed for this rank; its device and the validated degrees."""
+    init_distributed("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    world = dist.get_world_size()
+    pcfg = config.parallel.resolve(world)
+    if pcfg.pp > 1:
+        pcfg = pcfg.with_microbatches(config.global_batch_size, config.micro_batch_size)
+    return device, pcfg.validate(model_config, world)

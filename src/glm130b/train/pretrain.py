@@ -1,0 +1,85 @@
+"""`glm130b pretrain` as a function: data, model, training, export of the trained model and the
+loss curve (`run_pretraining`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from glm130b.checkpoint.model_dir import save_model
+from glm130b.core.errors import GLMError
+from glm130b.distributed.parallelize import full_state_dict
+from glm130b.model.glm import GLM
+from glm130b.objective.batch import TrainingBatch
+from glm130b.tokenizer.tokenizers import load_tokenizer
+from glm130b.train.builders import build_model_and_optimizer
+from glm130b.train.config import TrainConfig
+from glm130b.train.data_setup import build_data
+from glm130b.train.report import plot_loss_curve
+from glm130b.train.trainer import Trainer
+
+
+@dataclass
+class PretrainResult:
+    valid_losses: dict[str, float]
+    valid_batches: dict[str, list[TrainingBatch]]
+    model_dir: Path       # the trained model, in the glm130b.checkpoint format
+    metrics_dir: Path
+    loss_curve: Path | None
+
+
+def run_pretraining(config: TrainConfig, show_progress: bool = True) -> PretrainResult:
+    """Everything `glm130b pretrain` does: data, model, training, export, loss curve."""
+    if not config.corpus or not config.tokenizer:
+        raise GLMError("set corpus (a prepared corpus directory) and tokenizer (its tokenizer directory), "
+                       "in the config file or as --corpus DIR --tokenizer DIR")
+    tokenizer = load_tokenizer(config.tokenizer)
+    model_config = config.model_config()
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise GLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size} "
+                       f"rows; set model.vocab_size to at least {tokenizer.vocab_size}")
+    train_source, valid_batches = build_data(config, tokenizer)
+    built = build_model_and_optimizer(config, model_config)
+    trainer = Trainer(config, built, train_source, valid_batches, show_progress=show_progress)
+    valid = trainer.train()
+    model_dir, metrics_dir = Path(config.out_dir) / "model", Path(config.out_dir) / "metrics"
+    export_model(trainer, model_dir, metadata={"tokenizer_fingerprint": tokenizer.fingerprint()})
+    curve = None
+    if trainer.is_main:
+        tokenizer.save(model_dir / "tokenizer")
+        curve = plot_loss_curve(metrics_dir, Path(config.out_dir) / "loss_curve.png")
+    if built.mesh is not None:
+        dist.barrier()  # the export is complete before any rank returns
+        dist.destroy_process_group()
+    return PretrainResult(valid, valid_batches, model_dir, metrics_dir, curve)
+
+
+def export_model(trainer: Trainer, directory: Path, metadata: dict[str, str]) -> None:
+    """The trained model in the glm130b.checkpoint format (official keys, whole tensors), written
+    by rank 0. Collective in a distributed run: every rank takes part in gathering the shards."""
+    metadata = {**metadata, "step": str(trainer.state.step)}
+    if trainer.mesh is None:
+        save_model(trainer.model, directory, metadata=metadata)
+        return
+    # the whole tensors arrive on rank 0 only
+    state = _gather_stages(trainer) if trainer.runner is not None else full_state_dict(trainer.model)
+    if trainer.is_main:
+        with torch.device("meta"):
+            plain = GLM(trainer.model.config)
+        plain.load_state_dict(state, assign=True)
+        save_model(plain, directory, metadata=metadata)
+
+
+def _gather_stages(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The whole model's official-key state on rank 0, from the pipeline stages: each stage's full
+    tensors (all-gathered over its dp / tp shards), sent by its dp 0, tp 0 rank. Collective."""
+    # all_ranks: every stage's dp 0 / tp 0 rank needs its stage's tensors, not global rank 0 alone
+    state = full_state_dict(trainer.model, all_ranks=True)
+    sender = trainer.mesh["dp"].get_local_rank() == 0 and trainer.mesh["tp"].get_local_rank() == 0
+    parts = [None] * dist.get_world_size() if trainer.is_main else None
+    dist.gather_object(state if sender else {}, parts, dst=0)
+    # the tied embedding arrives from the first and the last stage: identical copies
+    return {k: v for part in (parts or []) for k, v in part.items()}

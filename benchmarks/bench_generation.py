@@ -1,4 +1,4 @@
-"""Decoding speed of glm130b.generation (GitHub issue 6), at batch 1 and 8.
+"""Decoding speed of glm130b.generate (GitHub issue 6), at batch 1 and 8.
 
   python benchmarks/bench_generation.py                  # the GPU run: checks, then a Markdown table
   python benchmarks/bench_generation.py --small --device cpu   # the same code at toy sizes
@@ -41,6 +41,8 @@ from glm130b import GLM, GLMConfig
 from glm130b.generate.decode import banned_tokens, end_tokens, generate_ids, new_cache, prefill
 from glm130b.generate.inputs import build_generation_batch
 from glm130b.generate.strategies import Greedy
+from glm130b.quant.format import QuantScheme
+from glm130b.quant.linear import QuantizedLinear, replace_linears
 from glm130b.tokenizer.specials import GLM130B_TOKENS as TOKENS
 
 PROMPT_TOKENS = 32
@@ -54,9 +56,6 @@ def random_int4_glm(config: GLMConfig, device: torch.device, dtype: torch.dtype,
     Meta first (no memory), float parts cast while still on meta, then the linears swapped for
     empty QuantizedLinear, then `to_empty` allocates everything on the device, and the values are
     drawn there in place."""
-    from glm130b.quant.format import QuantScheme
-    from glm130b.quant.linear import QuantizedLinear, replace_linears
-
     with torch.device("meta"):
         model = GLM(config).to(dtype)
     replace_linears(model, QuantScheme(4, group_size))
@@ -154,7 +153,7 @@ def bench_glm(model: GLM, batch: int, new_tokens: int, repeats: int, compile: bo
 
 def bench_hf(batch: int, new_tokens: int, repeats: int, device, small: bool) -> dict | None:
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM  # deferred: the optional baseline (bench extra)
     except ImportError:
         return None
     if small:

@@ -4,7 +4,7 @@
 
 Baseline (measured in the same run): the official collator's way of building a [MASK] sequence,
 with the same span rule as ours: Python lists filled token by token, and a dense [L, L] bool mask
-per sample (np.tril per segment, prefix columns opened). Against it: glm130b.objective.mask_sample
+per sample (np.tril per segment, prefix columns opened). Against it: glm130b.objective.samples.mask_sample
 (vectorised numpy, compact attention form), the same plus the dense mask materialised from the
 compact form, and the whole GLMBatchSampler (mix, corpus windows, padding into a TrainingBatch).
 """
@@ -29,7 +29,7 @@ from glm130b.tokenizer.specials import SpecialTokens
 
 SPECIALS = SpecialTokens()
 # Dense masks are built per micro-batch of this many rows: [8, 2048, 2048] index temporaries
-# already take ~270 MB (glm130b.batch.dense_attention_mask gathers int64 segment ids per pair).
+# already take ~270 MB (glm130b.model.masks.dense_attention_mask gathers int64 segment ids per pair).
 DENSE_MICRO_BATCH = 8
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from glm130b.data.demo_corpus import DemoCorpus
-from glm130b.data.prepare import SourceSpec
+from glm130b.data.sources import SourceSpec
 from glm130b.demo import run_demo, unigram_cross_entropy
 from tests.helpers import SHARED
 

@@ -2,8 +2,9 @@
 of ours inside a function (the way an import cycle hides)."""
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "glm130b"
 PYPROJECT = PACKAGE.parents[1] / "pyproject.toml"

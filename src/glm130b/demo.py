@@ -20,9 +20,10 @@ import numpy as np
 
 from glm130b.checkpoint.model_dir import load_config, load_model
 from glm130b.core.config_io import read_mapping
+from glm130b.data.corpus import TokenCorpus
 from glm130b.data.demo_corpus import DEFAULT_CACHE, DemoCorpus, fetch_demo_corpus
-from glm130b.data.prepare import TokenCorpus, prepare_corpus
-from glm130b.generate.decode import generate_text
+from glm130b.data.prepare import prepare_corpus
+from glm130b.generate.api import generate_text
 from glm130b.objective.batch import TrainingBatch
 from glm130b.quant.format import QuantScheme
 from glm130b.quant.linear import quantize_model

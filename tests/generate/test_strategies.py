@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from glm130b.core.errors import InputError
+from glm130b.core.errors import ConfigError, InputError
 from glm130b.generate.strategies import (
     BeamSearch,
     BeamState,
@@ -83,8 +83,14 @@ def test_temperature_and_per_row_options():
         assert tokens[0] == 0 and tokens[1] == 0  # temperature 0 and top-k 1 are greedy
     with pytest.raises(InputError, match="2 values for 3 prompts"):
         TokenChooser(Sampling(top_k=[1, 2]), 3, torch.device("cpu"))
-    with pytest.raises(InputError, match=r"top_p must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\], got 0.0"):
         Sampling(top_p=0.0)
+    with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        Sampling(top_p=[0.5, 1.5])
+    with pytest.raises(ConfigError, match="temperature must be a number >= 0"):
+        Sampling(temperature=-0.1)
+    with pytest.raises(ConfigError, match="top_k must be an integer >= 0, got 2.5"):
+        Sampling(top_k=2.5)
     with pytest.raises(InputError, match="unknown strategy 'nucleus'"):
         strategy_from_name("nucleus")
 
@@ -190,3 +196,28 @@ def test_first_step_expands_beam_zero_only():
     logits[1, 2] = 10.0  # would win if beam 1 were expanded
     parents, _ = state.step(logits)
     assert parents.tolist() == [0, 0, 0]
+
+
+def test_beam_options_are_checked():
+    for options, message in ((dict(num_beams=0), "num_beams must be a positive integer"),
+                             (dict(min_length=-1), "min_length must be an integer >= 0"),
+                             (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be an integer >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            BeamSearch(**options)
+
+
+def test_drawn_beam_candidates_are_reproducible_and_differ_from_the_top_ones():
+    """draw_candidates=True draws each step's candidates from the softmax of the cumulative scores
+    (the reference's stochastic beams): the same seed gives the same beams; over several seeds the
+    draws do not always equal the deterministic top candidates."""
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(4))  # 9 candidates of 200
+
+    def first_step(strategy):
+        state = BeamState(strategy, 4, 6, ENDS, torch.device("cpu"))
+        return [c.tolist() for c in state.step(logits)]
+
+    top = first_step(BeamSearch(num_beams=3))
+    drawn = [first_step(BeamSearch(num_beams=3, draw_candidates=True, seed=seed)) for seed in range(8)]
+    assert drawn[0] == first_step(BeamSearch(num_beams=3, draw_candidates=True, seed=0))
+    assert any(d != top for d in drawn)
+    assert all(parents == [0, 0, 0] for parents, _ in drawn)  # the first step expands beam 0 only

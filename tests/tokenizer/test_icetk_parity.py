@@ -92,7 +92,7 @@ import pytest  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
 from glm130b.generate.inputs import generation_context  # noqa: E402
-from glm130b.tokenizer.specials import GLM130B_TOKENS
+from glm130b.tokenizer.specials import GLM130B_TOKENS  # noqa: E402
 from glm130b.tokenizer.tokenizers import IceTokenizer, load_tokenizer  # noqa: E402
 from tests.helpers import FIXTURES  # noqa: E402
 

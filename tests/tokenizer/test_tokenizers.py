@@ -162,6 +162,15 @@ def test_save_load_and_fingerprint(tiny, tmp_path):
         load_tokenizer(tmp_path / "copy")
 
 
+def test_saved_metadata_is_json_and_a_damaged_one_is_refused(tiny, tmp_path):
+    tiny.save(tmp_path / "copy")
+    meta = json.loads((tmp_path / "copy" / "tokenizer.json").read_text())
+    assert meta == {**tiny.layout(), "model_file": "tokenizer.model", "fingerprint": tiny.fingerprint()}
+    assert not list((tmp_path / "copy").glob(".*"))  # written atomically: no temporaries left
+    (tmp_path / "copy" / "tokenizer.json").write_text('{"kind": "bilingual",')
+    with pytest.raises(TokenizerError, match="tokenizer.json is damaged.*save the tokenizer again"):
+        load_tokenizer(tmp_path / "copy")
+
 def test_training_is_reproducible(tiny, tmp_path):
     again = train_tiny(tmp_path)
     assert again.fingerprint() == tiny.fingerprint()

@@ -1,4 +1,4 @@
-"""Command-line entry points of this package (data/prepare.py, data/demo_corpus.py)."""
+"""Command-line entry points of this package: `glm130b data prepare | info | demo`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import os
 import time
 from pathlib import Path
 
+from glm130b.data.corpus import TokenCorpus
 from glm130b.data.demo_corpus import DEFAULT_CACHE, RECORD_FILE, fetch_demo_corpus, prepare_demo_corpus
-from glm130b.data.prepare import DEFAULT_SHARD_TOKENS, DataError, TokenCorpus, parse_source_spec, prepare_corpus
+from glm130b.data.errors import DataError
+from glm130b.data.prepare import DEFAULT_SHARD_TOKENS, prepare_corpus
+from glm130b.data.sources import parse_source_spec
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

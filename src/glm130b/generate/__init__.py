@@ -1,1 +1,1 @@
-"""Generation and blank infilling: prompts and inputs, decoding strategies, the decode loop, the API."""
+"""Generation and blank infilling: prompt inputs, decoding strategies, the decode loop, prompts, the API."""

@@ -1,4 +1,4 @@
-"""Command-line entry points of this package (generate/decode.py)."""
+"""Command-line entry point of this package: `glm130b generate` (one-shot or interactive)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from glm130b.checkpoint.model_dir import load_model
 from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import InputError
-from glm130b.generate.decode import generate, generate_text, stream_text
+from glm130b.generate.api import generate, generate_text, stream_text
+from glm130b.generate.decode import DEFAULT_MAX_NEW_TOKENS
 from glm130b.generate.strategies import BeamSearch, Greedy, Sampling, Strategy
 from glm130b.model.glm import GLM
 from glm130b.quant.format import QuantScheme
@@ -20,7 +21,6 @@ from glm130b.tokenizer.tokenizers import load_tokenizer
 
 
 def _load_for_cli(args: argparse.Namespace):
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     checkpoint = Path(args.checkpoint)
@@ -41,7 +41,6 @@ def _load_for_cli(args: argparse.Namespace):
 def _quantize(model: GLM, bits: int, group_size: int | None) -> GLM:
     """Weight-only quantization of the loaded float model (a directory written by `glm130b quantize`
     is already quantized: load_model sees that and needs no flag)."""
-
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         return model
     return quantize_model(model, QuantScheme(bits, group_size))
@@ -100,7 +99,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, help="scales per group of input columns for --quantized "
                                                   "(default: one per output row, GLM-130B's scheme)")
     p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="new tokens per blank")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.7, help="the official default")

@@ -1,25 +1,11 @@
-"""Generation and blank infilling (SPEC.md sections 5 and 8).
-
-Layers, from the tensors up:
-- `prefill` and `decode_one_token`: plain functions over a preallocated KVCache in its static-slot
-  mode. Every decode step has the same shapes (the mask covers all cache slots, the new key is
-  written at a slot tensor), so `decode_one_token` is compiled once with
-  `torch.compile(mode="reduce-overhead", fullgraph=True)` and replayed as a CUDA graph.
-- `generate_ids`: a batch of contexts (token ids ending in <sop>) of different lengths -> the
-  tokens of each one's first blank, under a strategy (glm130b.strategies).
-- `fill_blanks`: every blank of every context, left to right, one pass per blank, each time
-  rebuilding the sequence with the filled span in place of its mask (the official rule).
-- `generate`, `generate_text`, `stream_text`: text in, text out, with a tokenizer.
-- `glm130b generate`: the command line (one-shot or interactive).
-
-A batch is right-padded to the longest prompt L. Cache slots 0..L-1 hold the prompts (pad slots
-blocked in each row's mask); generated token j of every row goes to slot L + j. Each row keeps its
-own positions: [gMASK] counts on from its <sop>, [MASK]/[sMASK] spans stay at their mask position.
+"""The decode loop (SPEC.md sections 5 and 8), on token ids: `prefill` and `decode_one_token` over a
+static KV cache, `iterate_tokens` and `generate_ids` for a batch of contexts (each ending in <sop>),
+`fill_blanks` for every blank of every context, left to right. The design (static cache slots,
+per-row positions, one compiled step replayed as a CUDA graph): docs/generation.md, "The engine".
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -27,23 +13,19 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from glm130b.core.errors import GLMError, InputError
+from glm130b.core.config_io import check_positive_int
+from glm130b.core.errors import InputError
 from glm130b.generate.inputs import build_generation_batch, sequence_positions
-from glm130b.generate.strategies import (
-    BeamSearch,
-    BeamState,
-    Greedy,
-    Sampling,
-    Strategy,
-    TokenChooser,
-    strategy_from_name,
-)
+from glm130b.generate.strategies import BeamSearch, BeamState, Greedy, Sampling, Strategy, TokenChooser
 from glm130b.model.glm import GLM
 from glm130b.model.kv_cache import KVCache
-from glm130b.tokenizer.specials import MASK_MARKER, SpecialTokens
+from glm130b.tokenizer.specials import SpecialTokens
 
-# The official prompt pattern; anything else that looks like a mask marker is refused.
-MARKER_LIKE = re.compile(r"\[\s*[a-z]*\s*mask\s*\]", re.IGNORECASE)
+# New tokens per blank unless asked otherwise, in the Python API and the CLI alike. The official
+# scripts bound prompt and answer together (generate.sh: --out-seq-length 256, prompt included); a
+# count of new tokens does not depend on the prompt's length, and 128 is half that budget.
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_STRATEGY = Greedy()  # the CLI's --strategy default too
 # Cache lengths are rounded up to this, so prompts of similar lengths share one compiled decode step.
 CACHE_LENGTH_MULTIPLE = 64
 # How often (in tokens) a non-streaming loop reads `all rows ended?` from the device; each read is
@@ -64,8 +46,8 @@ class DecodeState:
 
 def decode_state(contexts: list[list[int]], specials: SpecialTokens, cache_length: int,
                  two_d: bool, device: torch.device) -> DecodeState:
-    """Positions come from glm130b.inputs.sequence_positions, so they follow the same rule as a
-    full forward: token 0 and 1 of a span give the base and the step."""
+    """Positions come from glm130b.generate.inputs.sequence_positions, so they follow the same rule
+    as a full forward: token 0 and 1 of a span give the base and the step."""
     L = max(len(c) for c in contexts)
     visible = torch.zeros(len(contexts), cache_length, dtype=torch.bool)
     base, step = [], []
@@ -169,8 +151,7 @@ def room_to_generate(model: GLM, contexts: list[list[int]], max_new_tokens: int)
     if room < 1:
         raise InputError(f"the prompt fills the model's whole context ({limit} tokens): no room is left to "
                          "generate; shorten it")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_positive_int("max_new_tokens", max_new_tokens)
     if max_new_tokens > room:
         warnings.warn(f"only {room} of the {max_new_tokens} new tokens asked for fit after a {longest}-token "
                       f"prompt in the {limit}-token context; generating at most {room}", stacklevel=3)
@@ -193,7 +174,7 @@ def iterate_tokens(model: GLM, contexts: list[list[int]], specials: SpecialToken
                    strategy: Greedy | Sampling, max_new_tokens: int, banned: Sequence[int],
                    compile: bool = False, check_every: int = DONE_CHECK_EVERY
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Greedy or sampled decoding of a batch; yields (tokens [B], ended_before [B]) on the device
+    """Decoding of a batch under Greedy or Sampling; yields (tokens [B], ended_before [B]) on the device
     each step. A row that ended keeps yielding its end token; the loop stops after max_new_tokens
     or once every row has ended (read from the device every `check_every` steps)."""
     device = model.transformer.word_embeddings.weight.device
@@ -262,15 +243,15 @@ def _strip_end(tokens: list[int], ends: Sequence[int]) -> list[int]:
 
 
 def generate_ids(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
-                 strategy: Strategy = Greedy(), max_new_tokens: int = 64, *,
+                 strategy: Strategy = DEFAULT_STRATEGY, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
                  banned: Sequence[int] | None = None, compile: bool = False) -> list[list[int]]:
     """The tokens of the first blank of each context (each a list of ids ending with <sop>, as
-    glm130b.inputs.generation_context builds it), without the end token."""
+    glm130b.generate.inputs.generation_context builds it), without the end token."""
     if not contexts:
         raise InputError("no prompts given")
     for c in contexts:
         if not c or c[-1] != specials.sop:
-            raise InputError("a context must end with <sop>: build it with glm130b.inputs.generation_context")
+            raise InputError("a context must end with <sop>: build it with glm130b.generate.inputs.generation_context")
     max_new_tokens = room_to_generate(model, contexts, max_new_tokens)
     if banned is None:
         banned = banned_tokens(specials, model.config.vocab_size)
@@ -285,7 +266,8 @@ def generate_ids(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
 
 
 # ---------------------------------------------------------------------------------- blanks
-def _first_mask(sequence: list[int], specials: SpecialTokens) -> int | None:
+def first_mask(sequence: list[int], specials: SpecialTokens) -> int | None:
+    """Index of the first mask token of the sequence, None when every blank is filled."""
     return next((i for i, t in enumerate(sequence) if t in specials.mask_ids), None)
 
 
@@ -305,8 +287,9 @@ def _rows_of(strategy: Strategy, rows: list[int], total: int) -> Strategy:
 
 
 def fill_blanks(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
-                strategy: Strategy = Greedy(), max_new_tokens: int = 64, *, banned: Sequence[int] | None = None,
-                compile: bool = False) -> tuple[list[list[int]], list[list[list[int]]]]:
+                strategy: Strategy = DEFAULT_STRATEGY, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
+                banned: Sequence[int] | None = None, compile: bool = False
+                ) -> tuple[list[list[int]], list[list[list[int]]]]:
     """Fill every mask of every context (ids without <sop>), left to right: one generation pass per
     blank, the sequence rebuilt with the span in place of its mask before the next pass (the
     official rule). Contexts still holding a blank are batched together in each pass.
@@ -316,135 +299,14 @@ def fill_blanks(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
     # One pass per mask written in the prompt (a span never holds a mask token: they are banned).
     passes = max(sum(t in specials.mask_ids for t in c) for c in contexts) if contexts else 0
     for _ in range(passes):
-        rows = [i for i, s in enumerate(sequences) if _first_mask(s, specials) is not None]
+        rows = [i for i, s in enumerate(sequences) if first_mask(s, specials) is not None]
         if not rows:
             break
-        batch = [sequences[i] + [specials.sop] for i in rows]
-        outputs = generate_ids(model, batch, specials, _rows_of(strategy, rows, len(contexts)), max_new_tokens,
+        pending = [sequences[i] + [specials.sop] for i in rows]
+        outputs = generate_ids(model, pending, specials, _rows_of(strategy, rows, len(contexts)), max_new_tokens,
                                banned=banned, compile=compile)
         for i, span in zip(rows, outputs):
-            at = _first_mask(sequences[i], specials)
+            at = first_mask(sequences[i], specials)
             sequences[i] = sequences[i][:at] + span + sequences[i][at + 1:]
             spans[i].append(span)
     return sequences, spans
-
-
-# ---------------------------------------------------------------------------------- text
-@dataclass
-class Prompt:
-    text: str
-    pieces: list[str]        # the text between markers
-    markers: list[str]       # the markers written in it ([gMASK] added when there was none)
-    context: list[int]       # ids: mask tokens in place, eos after a right context; no <sop>
-
-
-def parse_prompt(text: str, tokenizer) -> Prompt:
-    """Split a prompt at its mask markers and build its context ids (SPEC.md section 5)."""
-    known = set(MASK_MARKER.findall(text))
-    unknown = sorted({m for m in MARKER_LIKE.findall(text) if m not in ("[MASK]", "[sMASK]", "[gMASK]")})
-    if unknown:
-        raise InputError(f"unknown mask marker {', '.join(unknown)}: write [MASK] for a blank to fill, "
-                         "[gMASK] to continue the text (the default when there is no marker)")
-    if len(known) > 1:
-        raise InputError(f"the prompt mixes {', '.join(sorted(known))}: use one kind of mask per prompt")
-    if "[sMASK]" in known:
-        warnings.warn("[sMASK] was never trained in GLM-130B (SPEC.md section 2); expect poor spans. "
-                      "Use [MASK] for short blanks or [gMASK] for long generation", stacklevel=3)
-    pieces = MASK_MARKER.split(text)
-    markers = MASK_MARKER.findall(text)
-    ids = tokenizer.encode_prompt(text)
-    specials = tokenizer.specials
-    if not markers:
-        markers = ["[gMASK]"]
-        pieces = [text, ""]
-        ids = ids + [specials.gmask]
-    if ids[-1] not in specials.mask_ids:
-        ids = ids + [specials.eos]
-    return Prompt(text, pieces, markers, ids)
-
-
-@dataclass
-class GenerationResult:
-    text: str                # the prompt with each marker replaced by its generated text
-    blanks: list[str]        # the generated text of each blank, in order
-    token_ids: list[int]     # the final sequence: context with every span in place
-
-
-def _assemble(prompt: Prompt, blanks: list[str]) -> str:
-    out = [prompt.pieces[0]]
-    for blank, piece in zip(blanks, prompt.pieces[1:]):
-        out += [blank, piece]
-    return "".join(out)
-
-
-def _as_strategy(strategy: Strategy | str) -> Strategy:
-    return strategy_from_name(strategy) if isinstance(strategy, str) else strategy
-
-
-def generate(model: GLM, tokenizer, prompts: str | list[str], strategy: Strategy | str = Greedy(),
-             max_new_tokens: int = 64, *, compile: bool = False) -> list[GenerationResult]:
-    """Generate for a batch of text prompts. Each prompt holds [MASK] blanks (filled left to right),
-    [gMASK] (continue; appended when no marker is written) or [sMASK] (warned: never trained)."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    parsed = [parse_prompt(p, tokenizer) for p in prompts]
-    banned = banned_tokens(tokenizer.specials, model.config.vocab_size, tokenizer.vocab_size)
-    sequences, spans = fill_blanks(model, [p.context for p in parsed], tokenizer.specials, _as_strategy(strategy),
-                                   max_new_tokens, banned=banned, compile=compile)
-    results = []
-    for prompt, sequence, item_spans in zip(parsed, sequences, spans):
-        blanks = [tokenizer.decode(span) for span in item_spans]
-        results.append(GenerationResult(_assemble(prompt, blanks), blanks, sequence))
-    return results
-
-
-def generate_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str = "greedy",
-                  max_new_tokens: int = 64, *, compile: bool = False) -> str:
-    """The prompt with its blanks filled (or continued after [gMASK]): one string."""
-    return generate(model, tokenizer, prompt, strategy, max_new_tokens, compile=compile)[0].text
-
-
-def stream_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str = "greedy",
-                max_new_tokens: int = 64, *, compile: bool = False) -> Iterator[str]:
-    """Yield the answer as it is produced: the prompt's text up to its first marker, the first
-    blank's text token by token, the text up to the next marker, and so on (a [gMASK] prompt: the
-    prompt, then its continuation). "".join(stream_text(...)) == generate_text(...) for the same
-    draws. Beam search yields each blank whole once its search ends."""
-    strategy = _as_strategy(strategy)
-    parsed = parse_prompt(prompt, tokenizer)
-    specials = tokenizer.specials
-    banned = banned_tokens(specials, model.config.vocab_size, tokenizer.vocab_size)
-    ends = end_tokens(specials)
-    sequence = list(parsed.context)
-    yield parsed.pieces[0]
-    for piece in parsed.pieces[1:]:
-        at = _first_mask(sequence, specials)
-        context = sequence + [specials.sop]
-        if isinstance(strategy, BeamSearch):
-            span = generate_ids(model, [context], specials, strategy, max_new_tokens, banned=banned,
-                                compile=compile)[0]
-            yield tokenizer.decode(span)
-        else:
-            span, shown = [], ""
-            limit = room_to_generate(model, [context], max_new_tokens)
-            for tokens, _ in iterate_tokens(model, [context], specials, strategy, limit, banned, compile,
-                                            check_every=1):
-                token = int(tokens[0])  # one sync per token: the price of streaming
-                if token in ends:
-                    break
-                span.append(token)
-                text = tokenizer.decode(span)
-                # Hold back text that may still change (an incomplete multi-byte character).
-                if text.startswith(shown) and not text.endswith("\ufffd"):
-                    yield text[len(shown):]
-                    shown = text
-            text = tokenizer.decode(span)
-            if text != shown:
-                if not text.startswith(shown):
-                    raise GLMError("the tokenizer changed text it had already decoded; use generate_text")
-                yield text[len(shown):]
-        sequence = sequence[:at] + span + sequence[at + 1:]
-        yield piece
-
-
-__all__ = ["DecodeState", "prefill", "decode_one_token", "generate_ids", "fill_blanks", "generate",
-           "generate_text", "stream_text", "GenerationResult", "parse_prompt", "banned_tokens", "end_tokens"]

@@ -1,25 +1,19 @@
 """Decoding strategies (SPEC.md section 8): greedy, sampling, beam search.
 
-A strategy is a small frozen dataclass of options; the engine (glm130b.generation) asks it for the
-next tokens from logits. Everything that runs once per decoded token of greedy and sampling is
-tensor code with no device-to-host copy, so the GPU never waits on Python. Beam search keeps its
-finished hypotheses on the host (it has to compare them with the running beams every step).
-
-Differences from the reference, on purpose:
-- top-k and top-p are applied per row (the reference's top-p flattens the logits and only works
-  at batch size 1), and temperature, top-k and top-p may each differ per row;
-- beam search picks candidates deterministically by default (the reference samples them; pass
-  `sample=True` for that) and stops only when no running beam can still beat the finished ones.
+A strategy is a small frozen dataclass of options; the decode loop (glm130b.generate.decode) asks
+it for the next tokens from logits. Greedy and sampling run as tensor code with no device-to-host
+copy per token; beam search keeps its finished hypotheses on the host. Where and why they differ
+from the reference (per-row top-p, deterministic beams): docs/generation.md, "Strategies".
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
+from glm130b.core.config_io import check_field, check_positive_int
 from glm130b.core.errors import InputError
 
 NEG_INF = float("-inf")
@@ -32,7 +26,7 @@ class Greedy:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sample from softmax(logits / temperature) restricted to the top_k tokens and then to the
+    """Draw from softmax(logits / temperature) restricted to the top_k tokens and then to the
     smallest set of them whose probability reaches top_p. top_k 0 and top_p 1.0 switch a filter
     off; temperature 0 means greedy for that row. Each option may be one value or one per prompt.
     `seed` makes the draws reproducible (same seed, same prompts, same tokens)."""
@@ -43,12 +37,12 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        for name, low in (("temperature", 0.0), ("top_k", 0), ("top_p", 0.0)):
+        for name, kind, ok, expected in (("temperature", float, lambda v: v >= 0, "a number >= 0"),
+                                         ("top_k", int, lambda v: v >= 0, "an integer >= 0"),
+                                         ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]")):
             values = getattr(self, name)
             for value in (values if isinstance(values, (list, tuple)) else [values]):
-                if value < low or (name == "top_p" and (value <= 0 or value > 1)):
-                    bound = "in (0, 1]" if name == "top_p" else f">= {low}"
-                    raise InputError(f"{name} must be {bound}, got {value!r}")
+                check_field(name, value, kind, ok, expected)
 
 
 @dataclass(frozen=True)
@@ -56,23 +50,24 @@ class BeamSearch:
     """Keep the num_beams most likely continuations (cumulative log-prob); a finished one scores
     score / ((5 + length) / 6) ** length_penalty, length counting the prompt as the reference does.
     No n-gram of no_repeat_ngram_size generated tokens occurs twice (0 = off); end tokens are
-    banned before min_length tokens. sample=True draws the candidates as the reference does."""
+    banned before min_length tokens. draw_candidates=True draws the candidates at random, as the
+    reference does (deterministic top candidates otherwise)."""
 
     num_beams: int = 4
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     min_length: int = 0
-    sample: bool = False
+    draw_candidates: bool = False
     seed: int | None = None
 
     def __post_init__(self):
-        if self.num_beams < 1:
-            raise InputError(f"num_beams must be at least 1, got {self.num_beams}")
-        if self.no_repeat_ngram_size < 0 or self.min_length < 0:
-            raise InputError("no_repeat_ngram_size and min_length must be >= 0")
+        check_positive_int("num_beams", self.num_beams)
+        check_field("length_penalty", self.length_penalty, float)
+        for name in ("no_repeat_ngram_size", "min_length"):
+            check_field(name, getattr(self, name), int, lambda v: v >= 0, "an integer >= 0")
 
 
-Strategy = Union[Greedy, Sampling, BeamSearch]
+Strategy = Greedy | Sampling | BeamSearch
 STRATEGY_NAMES = {"greedy": Greedy, "sample": Sampling, "beam": BeamSearch}
 
 
@@ -116,7 +111,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(~keep_unsorted, NEG_INF)
 
 
-def sample_no_sync(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def draw_no_sync(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of probs [B, V] -> [B]. argmax(p / E) with E ~ Exp(1) picks i with
     probability p_i (the exponential race) without torch.multinomial's device-to-host sync."""
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
@@ -148,7 +143,7 @@ class TokenChooser:
             return best
         scaled = logits / torch.where(self.argmax_rows, 1.0, self.temperature).unsqueeze(-1)
         probs = torch.softmax(filter_logits(scaled, self.top_k, self.top_p), dim=-1)
-        return torch.where(self.argmax_rows, best, sample_no_sync(probs, self.generator))
+        return torch.where(self.argmax_rows, best, draw_no_sync(probs, self.generator))
 
 
 # ------------------------------------------------------------------------------ beam search
@@ -195,7 +190,7 @@ class BeamState:
         self.beams: list[list[int]] = [[] for _ in range(self.k)]
         self.finished: list[Hypothesis] = []
         self.generator = None
-        if strategy.sample:
+        if strategy.draw_candidates:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(strategy.seed if strategy.seed is not None else 0)
 
@@ -280,4 +275,4 @@ class BeamState:
 
 
 __all__ = ["Greedy", "Sampling", "BeamSearch", "Strategy", "strategy_from_name", "filter_logits",
-           "sample_no_sync", "TokenChooser", "BeamState", "length_normalized", "repeated_ngram_bans"]
+           "draw_no_sync", "TokenChooser", "BeamState", "length_normalized", "repeated_ngram_bans"]

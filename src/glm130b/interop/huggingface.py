@@ -8,13 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from glm130b.checkpoint.model_dir import CONFIG_FILE
-from glm130b.checkpoint.sources import (
-    SafetensorsSource,
-    TensorSource,
-    TorchFilesSource,
-    safetensors_files,
-    torch_files,
-)
+from glm130b.checkpoint.sources import SafetensorsSource, TensorSource, TorchFilesSource, safetensors_files, torch_files
 from glm130b.core.atomic import atomic_write_text
 from glm130b.core.errors import CheckpointError
 from glm130b.generate.decode import banned_tokens

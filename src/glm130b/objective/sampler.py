@@ -1,13 +1,10 @@
 """Training micro-batches of the GLM objective drawn from a corpus, deterministic in (seed, index).
 
 Each row has its own numpy Generator seeded from (seed, stream, index, row), so a resumed run sees
-the same batches, and validation (its own stream) the same windows every time. A row picks its
-kind (MIP with mip_share; else [gMASK] with gmask_share, else [MASK]), then a source by the corpus
-weights and a uniformly placed window of that source, and builds its sample (glm130b.objective).
-
-The corpus is duck-typed (glm130b.data provides one):
-    corpus.sources -> list[str]; corpus.weights -> dict[str, float] (summing to 1)
-    corpus.num_tokens(source) -> int; corpus.window(source, start, length) -> np.ndarray
+the same micro-batches, and validation (its own stream) the same windows every time. A row picks its
+kind, then a source by the corpus weights and a window of it, and builds its sample
+(glm130b.objective.samples). The corpus is duck-typed (glm130b.data.corpus.TokenCorpus is one):
+`sources`, `weights` (summing to 1), `num_tokens(source)`, `window(source, start, length)`.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from glm130b.core.config_io import check_field, check_positive_int
 from glm130b.core.errors import ConfigError
 from glm130b.objective.batch import TrainingBatch
 from glm130b.objective.samples import MIPPair, ObjectiveConfig, Sample, gmask_sample, mask_sample, mip_sample
@@ -37,10 +35,8 @@ class GLMBatchSampler:
                  position_encoding: str = "1d"):
         if position_encoding not in ("1d", "2d"):
             raise ConfigError(f"position_encoding must be '1d' or '2d', got {position_encoding!r}")
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        check_positive_int("batch_size", batch_size)
+        check_field("seed", seed, int, lambda v: v >= 0, "a non-negative integer")
         self.corpus, self.config, self.specials = corpus, objective_config, specials
         self.batch_size, self.seed, self.position_encoding = batch_size, seed, position_encoding
         self.mip_pairs = self._fitting_pairs(mip_pairs)
@@ -66,7 +62,8 @@ class GLMBatchSampler:
         if pairs is None:
             if config.mip_share > 0:
                 warnings.warn(f"no MIP pairs given: training the self-supervised mix only instead of "
-                              f"{config.mip_share:.0%} MIP; pass mip_pairs (load_mip_pairs) or set mip_share=0")
+                              f"{config.mip_share:.0%} MIP; pass mip_pairs (load_mip_pairs) or set mip_share=0",
+                              stacklevel=3)
             return []
         pairs = [MIPPair(np.asarray(p, np.int64), np.asarray(t, np.int64)) for p, t in pairs]
         # [MASK] and <sop> come on top of the target (its <eop> is a target, not an input).
@@ -74,7 +71,7 @@ class GLMBatchSampler:
         if len(fitting) < len(pairs):
             warnings.warn(f"{len(pairs) - len(fitting)} of {len(pairs)} MIP pairs have targets longer than "
                           f"a {config.mip_segment_length}-token segment allows and are left out "
-                          f"(targets are never truncated); use fewer mip_segments to keep them")
+                          f"(targets are never truncated); use fewer mip_segments to keep them", stacklevel=3)
         if not fitting and config.mip_share > 0:
             raise ConfigError("no MIP pair fits a segment; shorten the targets, use fewer mip_segments "
                               "or set mip_share=0")
@@ -101,9 +98,9 @@ class GLMBatchSampler:
 
     def micro_batch(self, index: int) -> TrainingBatch:
         """Training micro-batch number `index`: a function of (seed, index) only."""
-        if not isinstance(index, (int, np.integer)) or index < 0:
-            raise ConfigError(f"micro-batch index must be a non-negative integer, got {index!r}")
-        return self._batch(TRAIN_STREAM, int(index))
+        index = int(index) if isinstance(index, np.integer) else index
+        check_field("micro-batch index", index, int, lambda v: v >= 0, "a non-negative integer")
+        return self._batch(TRAIN_STREAM, index)
 
     def validation_batches(self, num_batches: int) -> list[TrainingBatch]:
         """A fixed set of batches (the same on every call), drawn apart from the training stream.

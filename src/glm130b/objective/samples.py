@@ -1,18 +1,9 @@
-"""The GLM-130B pretraining objective (SPEC.md sections 5 and 10): samples from raw tokens.
-
-Three kinds of sample, each a pure function of a numpy Generator and its raw material:
-- [gMASK]: a suffix of the raw window is generated left to right after `[gMASK] <sop>`.
-- [MASK]: several segments, each a raw chunk whose Poisson-length spans are replaced by one
-  [MASK] each and appended, in shuffled order, as `<sop> span` with targets `span <eop>`.
-- MIP: instruction pairs `prompt [MASK] <sop> target` with targets `target <eop>`, one per segment.
-
-A sample holds its attention pattern in compact form (segment ids and the bidirectional prefix,
-see glm130b.batch) and its positions as (anchor, block offset), from which both the 1-D
-(GLM-130B) and the 2-D (ChatGLM) position ids follow. Unscored positions carry their own input
-token as target (`source + [gMASK] + target` of SPEC section 10) with loss 0.
-
-No target is ever truncated: a [MASK] segment's raw chunk is sized after its spans are drawn so
-that context, masks, `<sop>`s and spans fill the segment exactly (see draw_span_lengths).
+"""The GLM-130B pretraining objective (SPEC.md sections 5 and 10): `ObjectiveConfig`, and the
+samples built from raw tokens, each a pure function of a numpy Generator and its raw material:
+[gMASK] (a suffix generated after `[gMASK] <sop>`), [MASK] (Poisson spans, each replaced by one
+[MASK] and appended as `<sop> span`), MIP (`prompt [MASK] <sop> target`). A `Sample` keeps its
+attention in compact form (segment ids, bidirectional prefix) and its positions as (anchor, block
+offset). No target is ever truncated. The recipe and the choices made: docs/objective.md.
 """
 
 from __future__ import annotations
@@ -28,7 +19,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from glm130b.core.config_io import DictConfig
+from glm130b.core.config_io import DictConfig, check_field, check_positive_int
 from glm130b.core.errors import ConfigError, GLMError
 from glm130b.tokenizer.specials import SpecialTokens
 
@@ -74,10 +65,6 @@ class ObjectiveConfig(DictConfig):
         self.validate()
 
     @classmethod
-    def glm130b(cls) -> ObjectiveConfig:
-        return cls()
-
-    @classmethod
     def for_sequence_length(cls, sequence_length: int) -> ObjectiveConfig:
         """The recipe scaled to a shorter (or longer) sequence, keeping its proportions: [gMASK] raw
         length 2000/2048 of it, four [MASK] segments of a quarter each. MIP keeps segments of
@@ -85,8 +72,7 @@ class ObjectiveConfig(DictConfig):
         least one. The span cap is lowered where a segment is too short to be sure to place
         39-token spans (see max_feasible_span_length); Poisson(3) mass beyond ~20 is below 1e-10."""
         recipe = cls()
-        if not isinstance(sequence_length, int) or isinstance(sequence_length, bool):
-            raise ConfigError(f"sequence_length must be an integer, got {sequence_length!r}")
+        check_field("sequence_length", sequence_length, int, expected="an integer")
         segment = sequence_length // recipe.mask_segments
         if max_feasible_span_length(segment, recipe.mask_ratio) < 1:
             raise ConfigError(f"sequence_length {sequence_length} gives [MASK] segments of {segment} tokens, "
@@ -120,9 +106,7 @@ class ObjectiveConfig(DictConfig):
     def validate(self) -> None:
         for name in ("sequence_length", "gmask_raw_length", "mask_segments", "mask_segment_length",
                      "mip_segments", "max_span_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.gmask_raw_length + 1 > self.sequence_length:
             raise ConfigError(f"gmask_raw_length {self.gmask_raw_length} + 1 ([gMASK] and <sop> in, the "
                               f"last token out) exceeds sequence_length {self.sequence_length}; "
@@ -135,13 +119,12 @@ class ObjectiveConfig(DictConfig):
             raise ConfigError(f"MIP segments of {self.mip_segment_length} tokens cannot hold [MASK] and "
                               f"<sop>; lower mip_segments ({self.mip_segments})")
         for name in ("gmask_share", "mip_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if not 0.0 < self.mask_ratio < 0.25:
-            raise ConfigError(f"mask_ratio must be in (0, 0.25) so that spans, masks and <sop>s fit a "
-                              f"segment; got {self.mask_ratio!r}")
-        if self.poisson_lambda <= 0:
-            raise ConfigError(f"poisson_lambda must be positive, got {self.poisson_lambda!r}")
+            check_field(name, getattr(self, name), float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        check_field("mask_ratio", self.mask_ratio, float, lambda v: 0.0 < v < 0.25,
+                    "in (0, 0.25) so that spans, masks and <sop>s fit a segment")
+        check_field("poisson_lambda", self.poisson_lambda, float, lambda v: v > 0, "a positive number")
+        for name in ("suffix_fraction_min", "suffix_fraction_max"):
+            check_field(name, getattr(self, name), float)
         feasible = max_feasible_span_length(self.mask_segment_length, self.mask_ratio)
         if self.max_span_length > feasible:
             raise ConfigError(f"max_span_length {self.max_span_length} cannot always be placed in a "
@@ -379,11 +362,13 @@ def mip_sample(pairs: Sequence[MIPPair], rng: np.random.Generator, config: Objec
     return concat_segments([mip_segment(pairs[i], config.mip_segment_length, specials) for i in chosen])
 
 
-class Tokenizer(Protocol):
+class TextEncoder(Protocol):
+    """What loading MIP pairs needs of a tokenizer (glm130b.tokenizer.tokenizers.Tokenizer has it)."""
+
     def encode(self, text: str) -> list[int]: ...
 
 
-def load_mip_pairs(path: str | Path, tokenizer: Tokenizer | None = None) -> list[MIPPair]:
+def load_mip_pairs(path: str | Path, tokenizer: TextEncoder | None = None) -> list[MIPPair]:
     """Instruction pairs from JSON lines `{"prompt": ..., "target": ...}`. Each field is text
     (encoded with `tokenizer.encode`) or an already tokenised list of ids. Blank lines are skipped."""
     path = Path(path)
@@ -404,7 +389,7 @@ def load_mip_pairs(path: str | Path, tokenizer: Tokenizer | None = None) -> list
     return pairs
 
 
-def _token_ids(value: str | Iterable[int], tokenizer: Tokenizer | None, where: str) -> np.ndarray:
+def _token_ids(value: str | Iterable[int], tokenizer: TextEncoder | None, where: str) -> np.ndarray:
     if isinstance(value, str):
         if tokenizer is None:
             raise GLMError(f"{where} is text but no tokenizer was given; pass one to load_mip_pairs "

@@ -1,4 +1,4 @@
-"""Command-line entry points of this package (tokenizer/tokenizers.py)."""
+"""Command-line entry points of this package: `glm130b tokenizer train` and `glm130b tokenizer encode`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from glm130b.tokenizer.specials import SPECIAL_NAMES
 from glm130b.tokenizer.tokenizers import load_tokenizer, train_tokenizer
-from glm130b.tokenizer.training import DEFAULT_CHARACTER_COVERAGE, DEFAULT_SAMPLE_SENTENCES
+from glm130b.tokenizer.training import DEFAULT_CHARACTER_COVERAGE, DEFAULT_INPUT_SENTENCE_SIZE
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -34,8 +34,8 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
                        help="ids in all, specials included (the model's vocab must be at least this)")
     train.add_argument("--character-coverage", type=float, default=DEFAULT_CHARACTER_COVERAGE,
                        help="share of characters with a piece of their own; the rest is spelled in bytes")
-    train.add_argument("--input-sentence-size", type=int, default=DEFAULT_SAMPLE_SENTENCES,
-                       help="lines sampled for training")
+    train.add_argument("--input-sentence-size", type=int, default=DEFAULT_INPUT_SENTENCE_SIZE,
+                       help="lines picked at random to train on")
     train.add_argument("--threads", type=int, default=None, help="training threads (default: all cores)")
     train.add_argument("--seed", type=int, default=0)
 

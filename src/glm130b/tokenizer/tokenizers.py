@@ -1,18 +1,9 @@
 """Tokenizers (SPEC.md sections 2 and 5): text <-> ids, and prompts with mask markers -> ids.
 
-Two tokenizers share one interface, `Tokenizer`: text ids come from a SentencePiece model at a
-fixed offset, the GLM special tokens sit at fixed ids outside the model and are never produced
-from plain text.
-
-- `IceTokenizer`: GLM-130B's icetk layout. Text id = SentencePiece id + 20000, the eight specials
-  at 150000..150007, eos = 20002 (the model's `</s>` piece), pad = 0.
-- `BilingualTokenizer`: our own, trained by `train_tokenizer` (glm130b.tokenizer_train runs
-  SentencePiece). Text id = SentencePiece id (pad 0, unk 1, eos 2), the eight specials appended
-  after the last piece, as GLM-130B appends its specials after icetk's ids. Byte fallback and
-  identity normalisation make every string round-trip exactly.
-
-`load_tokenizer` reads either kind from a folder written by `save`, or a folder/file holding an
-icetk `ice_text.model`.
+`Tokenizer` is the one interface: text ids from a SentencePiece model at a fixed offset, the GLM
+special tokens at fixed ids outside the model. `IceTokenizer` has GLM-130B's icetk layout,
+`BilingualTokenizer` is ours (trained by `train_tokenizer`); `load_tokenizer` reads either from a
+saved folder, or icetk's ice_text.model. Id layouts and verification: docs/tokenizer.md.
 """
 
 from __future__ import annotations
@@ -27,7 +18,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from glm130b.core.atomic import atomic_write_bytes
-from glm130b.core.errors import GLMError
+from glm130b.core.config_io import read_mapping, write_mapping
+from glm130b.core.errors import ConfigError, GLMError
 from glm130b.tokenizer.specials import GLM130B_TOKENS, MASK_MARKER, SPECIAL_NAMES, special_tokens_at
 from glm130b.tokenizer.training import train_sentencepiece
 
@@ -100,7 +92,7 @@ class Tokenizer:
 
     def encode_prompt(self, text: str) -> list[int]:
         """SPEC 5: split at [MASK]/[sMASK]/[gMASK], encode each piece on its own, insert the mask ids.
-        Nothing is appended: glm130b.inputs.generation_context adds [gMASK], eos and <sop>."""
+        Nothing is appended: glm130b.generate.inputs.generation_context adds [gMASK], eos and <sop>."""
         pieces = MASK_MARKER.split(text)
         markers = MASK_MARKER.findall(text)
         ids: list[int] = []
@@ -150,8 +142,8 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / self.model_file, self._model_proto)
-        meta = {**self.layout(), "model_file": self.model_file, "fingerprint": self.fingerprint()}
-        atomic_write_bytes(directory / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        write_mapping(directory / META_FILE, {**self.layout(), "model_file": self.model_file,
+                                              "fingerprint": self.fingerprint()})
         return directory
 
 
@@ -194,7 +186,7 @@ class IceTokenizer(Tokenizer):
 
 
 class BilingualTokenizer(Tokenizer):
-    """Our SentencePiece tokenizer (see glm130b.tokenizer_train): pad 0, unk 1, eos 2, the
+    """Our SentencePiece tokenizer (trained by glm130b.tokenizer.training): pad 0, unk 1, eos 2, the
     pieces, then the eight GLM specials; exact round trip of every string."""
 
     kind = "bilingual"
@@ -234,7 +226,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             return IceTokenizer(path)
         raise TokenizerError(f"{path} holds neither {META_FILE} (a saved tokenizer) nor {ICE_MODEL_FILE}; "
                              "train one with `glm130b tokenizer train` or pass the icetk model")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = read_mapping(meta_file, "tokenizer")
+    except ConfigError as err:
+        raise TokenizerError(f"{meta_file} is damaged ({err}); save the tokenizer again") from None
     model = path / meta["model_file"]
     if not model.is_file():
         raise TokenizerError(f"{model} is missing: {meta_file} names it; copy the whole tokenizer folder")
@@ -254,7 +249,7 @@ def train_tokenizer(texts_or_files: Iterable[str | os.PathLike], out_dir: str | 
                     **options) -> BilingualTokenizer:
     """Train our tokenizer with `vocab_size` ids in all (pieces + the 8 specials), save it to `out_dir`,
     return it. A `str` item is a text, a path object a .jsonl(.gz) or text file; `options` go to
-    glm130b.tokenizer_train.train_sentencepiece (character_coverage, input_sentence_size, num_threads, seed)."""
+    glm130b.tokenizer.training.train_sentencepiece (character_coverage, input_sentence_size, num_threads, seed)."""
     tokenizer = BilingualTokenizer(train_sentencepiece(texts_or_files, vocab_size - len(SPECIAL_NAMES), **options))
     tokenizer.save(out_dir)
     return tokenizer

@@ -1,13 +1,9 @@
 """Training our own bilingual tokenizer (`glm130b tokenizer train`): a SentencePiece unigram model
-like icetk's, with the settings that make every UTF-8 string round-trip exactly.
-
-- byte fallback: a character outside the vocabulary becomes its UTF-8 byte pieces, never <unk>;
-- identity normalisation, no whitespace collapsing, no dummy prefix: the text is kept as written,
-  and the ids of two strings concatenated decode to the two strings concatenated (so each piece
-  of a prompt encodes on its own without a space appearing at the joins);
-- split digits: numbers tokenize digit by digit, so no piece spans an arbitrary digit string;
-- pad 0, unk 1, eos 2, no bos; glm130b.tokenizer.train_tokenizer appends the eight GLM
-  specials after the pieces (BilingualTokenizer).
+like icetk's, with settings that make every UTF-8 string round-trip exactly: byte fallback,
+identity normalisation, no whitespace collapsing, no dummy prefix (ids of two strings concatenated
+decode to the strings concatenated), split digits, pad 0 / unk 1 / eos 2 and no bos. The reasons
+for each: docs/tokenizer.md, "BilingualTokenizer". The eight GLM specials are appended after the
+pieces by glm130b.tokenizer.tokenizers.BilingualTokenizer.
 """
 
 from __future__ import annotations
@@ -32,10 +28,10 @@ class TokenizerTrainingError(GLMError):
 # SentencePiece drops training sentences over 4192 bytes (its max_sentence_length); lines are cut
 # into chunks of 1000 characters, at most 4000 UTF-8 bytes.
 CHUNK_CHARS = 1000
-# Lines SentencePiece samples for training: 50k of the ~430k lines of the ~30 MB demo corpus train a
+# Lines SentencePiece picks at random to train on: 50k of the ~430k lines of the ~30 MB demo corpus train a
 # 16k vocabulary in ~30 s of CPU (1-2 min wall on the shared 2 cores); 100k took about 3 times as
 # long for the same characters per token on held-out text (English 3.53, Chinese 1.33).
-DEFAULT_SAMPLE_SENTENCES = 50_000
+DEFAULT_INPUT_SENTENCE_SIZE = 50_000
 # Share of characters that get their own piece; the rarest rest is spelled in bytes. SentencePiece
 # accepts 0.98..1; 0.9995 is its usual setting for Chinese/Japanese.
 DEFAULT_CHARACTER_COVERAGE = 0.9995
@@ -72,16 +68,16 @@ def training_sentences(texts_or_files: Iterable[str | os.PathLike]) -> Iterator[
             for start in range(0, len(line), CHUNK_CHARS):
                 count += 1
                 yield line[start:start + CHUNK_CHARS]
-    tqdm.write(f"{count} lines read; SentencePiece is training on a sample of them (1-2 minutes for 30 MB)")
+    tqdm.write(f"{count} lines read; SentencePiece trains on a random subset of them (1-2 minutes for 30 MB)")
 
 
 def train_sentencepiece(texts_or_files: Iterable[str | os.PathLike], num_pieces: int, *,
                         character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
-                        input_sentence_size: int = DEFAULT_SAMPLE_SENTENCES, num_threads: int | None = None,
+                        input_sentence_size: int = DEFAULT_INPUT_SENTENCE_SIZE, num_threads: int | None = None,
                         seed: int = 0) -> bytes:
     """The serialized SentencePiece model (`num_pieces` pieces) trained on the texts or files."""
     model = io.BytesIO()
-    spm.set_random_generator_seed(seed)  # the sentence sample and the trainer's own randomness
+    spm.set_random_generator_seed(seed)  # the lines it picks and the trainer's own randomness
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=training_sentences(texts_or_files), model_writer=model,

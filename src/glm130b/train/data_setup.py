@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from glm130b.data.prepare import TokenCorpus
+from glm130b.data.corpus import TokenCorpus
 from glm130b.objective.batch import TrainingBatch
 from glm130b.objective.sampler import GLMBatchSampler
 from glm130b.objective.samples import ObjectiveConfig, load_mip_pairs

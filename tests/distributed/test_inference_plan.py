@@ -1,6 +1,7 @@
 """The inference memory plan against the official GLM-130B hardware table and against a measured peak."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -81,3 +82,13 @@ def test_predicts_the_measured_peak_of_a_cpu_generation_within_10_percent(batch,
                          check=True)
     measured, planned = map(float, run.stdout.split())
     assert abs(measured - planned) <= 0.10 * measured, f"measured {measured / 2**20:.0f} MiB, planned {planned / 2**20:.0f}"
+
+
+def test_plan_command_answers_the_question_a_user_asks(capsys):
+    from glm130b.cli.main import main
+
+    assert main(["plan", "--preset", "glm-130b", "--gpus", "4x24GB", "--bits", "4", "--context", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^fits: [0-9.]+ GiB of 24 GiB per GPU", out, re.M) and "KV cache" in out
+    assert main(["plan", "--gpus", "8x32GB"]) == 2
+    assert "--preset NAME or --model-config FILE" in capsys.readouterr().err

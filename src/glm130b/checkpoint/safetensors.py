@@ -19,6 +19,7 @@ from typing import BinaryIO
 import torch
 
 from glm130b.core.atomic import atomic_path
+from glm130b.core.config_io import read_mapping, write_mapping
 from glm130b.core.errors import CheckpointError
 
 # safetensors dtype names (the format's spec)
@@ -46,12 +47,20 @@ class StreamingSafetensorsWriter:
         self.file = file
         self.file.write(len(encoded).to_bytes(8, "little") + encoded)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """The next tensor: whole, or as consecutive row blocks (never joined in memory)."""
         want = self.expected.pop(0) if self.expected else None
-        got = (name, tensor.dtype, tuple(tensor.shape))
-        if want != got:
-            raise CheckpointError(f"streamed tensor {got} does not match the header's next entry {want}")
-        self.file.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        blocks = [tensor] if isinstance(tensor, torch.Tensor) else tensor
+        rows, got = 0, None
+        for block in blocks:
+            got = (name, block.dtype, tuple(block.shape))
+            if want is None or want[:2] != got[:2] or tuple(block.shape[1:]) != want[2][1:]:
+                raise CheckpointError(f"streamed tensor {got} does not match the header's next entry {want}")
+            rows += block.shape[0] if block.dim() else 1
+            # a view of the tensor's own bytes: no copy on the way to the file
+            self.file.write(memoryview(block.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+        if want is None or rows != (want[2][0] if want[2] else 1):
+            raise CheckpointError(f"streamed tensor {name} has {rows} rows; the header's next entry is {want}")
 
     def finish(self) -> None:
         if self.expected:
@@ -60,8 +69,10 @@ class StreamingSafetensorsWriter:
 
 
 def write_streaming(path: str | Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                    tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` (produced lazily, in `specs` order) to a safetensors file at `path`."""
+                    tensors: Iterable[tuple[str, torch.Tensor | Iterable[torch.Tensor]]],
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (produced lazily, in `specs` order; each whole or as row blocks) to a
+    safetensors file at `path`."""
     with atomic_path(path) as tmp, open(tmp, "wb") as file:
         writer = StreamingSafetensorsWriter(file, specs, metadata)
         for name, tensor in tensors:
@@ -132,7 +143,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def write_sharded(directory: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                  tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str],
+                  tensors: Iterable[tuple[str, torch.Tensor | Iterable[torch.Tensor]]], metadata: dict[str, str],
                   max_shard_bytes: int) -> list[Path]:
     """`tensors` (in `specs` order) as model.safetensors, or, past `max_shard_bytes`, as
     model-0000i-of-0000n.safetensors shards plus the Hugging Face index (`weight_map`)."""
@@ -154,8 +165,7 @@ def write_sharded(directory: Path, specs: list[tuple[str, torch.dtype, tuple[int
         weight_map = {spec[0]: name for name, shard in zip(names, shards, strict=True) for spec in shard}
         total = sum(torch.Size(s[2]).numel() * s[1].itemsize for s in specs)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with atomic_path(directory / SHARD_INDEX_FILE) as tmp:
-            tmp.write_text(json.dumps(index, indent=2) + "\n")
+        write_mapping(directory / SHARD_INDEX_FILE, index)
     return [directory / n for n in names]
 
 
@@ -175,8 +185,9 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def read_weight_map(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{index} is not a weight index (a JSON object with a 'weight_map')") from None
+    """name -> file of a Hugging Face style weight index."""
+    weight_map = read_mapping(index, "weight index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} is not a weight index (a JSON object with a 'weight_map'); "
+                              "copy the index the checkpoint came with")
     return weight_map

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from glm130b.core.config_io import check_positive_int
 from glm130b.core.errors import ConfigError
 from glm130b.model.config import GLMConfig
 
@@ -113,8 +114,7 @@ def plan_inference(config: GLMConfig, tp: int, bits: int | None = None, group_si
                    runtime_bytes: float = CUDA_RUNTIME_BYTES) -> InferenceMemory:
     """Bytes per device of generating for `batch` sequences of `context` tokens at TP degree `tp`."""
     for name, value in (("tp", tp), ("context", context), ("batch", batch)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int(name, value)
     if config.num_attention_heads % tp or config.inner_hidden_size % tp:
         raise ConfigError(f"{tp} GPUs cannot split {config.num_attention_heads} heads and an FFN of "
                           f"{config.inner_hidden_size} evenly; use a GPU count dividing both")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from glm130b.checkpoint.model_dir import load_model
 from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import InputError
+from glm130b.distributed.parallelize import init_distributed
+from glm130b.distributed.sharded_inference import load_sharded_model
 from glm130b.generate.api import generate, generate_text, stream_text
 from glm130b.generate.decode import DEFAULT_MAX_NEW_TOKENS
 from glm130b.generate.strategies import BeamSearch, Greedy, Sampling, Strategy
@@ -32,10 +36,29 @@ def _load_for_cli(args: argparse.Namespace):
         raise InputError(f"no tokenizer at {tokenizer_dir}: pass --tokenizer DIR (a folder written by "
                          "glm130b's tokenizer, or one holding ice_text.model)")
     tokenizer = load_tokenizer(tokenizer_dir)
+    if args.tp > 1:
+        return _load_tensor_parallel(args, checkpoint, dtype), tokenizer
     model = load_model(checkpoint, device=device, dtype=dtype)
     if args.quantized:
         model = _quantize(model, args.bits, args.group_size)
     return model.eval(), tokenizer
+
+
+def _load_tensor_parallel(args: argparse.Namespace, checkpoint: Path, dtype: torch.dtype) -> GLM:
+    """This rank's slice of the model, under torchrun with --nproc_per_node equal to --tp."""
+    if "RANK" not in os.environ:
+        raise InputError(f"--tp {args.tp} runs one process per slice: launch with "
+                         f"torchrun --nproc_per_node {args.tp} -m glm130b.cli generate ...")
+    if args.quantized or not args.prompts:
+        raise InputError("with --tp, give the prompts on the command line and leave out --quantized")
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    rank = init_distributed("nccl" if cuda else "gloo")
+    if dist.get_world_size() != args.tp:
+        raise InputError(f"--tp {args.tp} but torchrun started {dist.get_world_size()} processes; make them equal")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if rank != 0:  # every rank computes the same tokens; one prints them
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (kept open for the life of the process)
+    return load_sharded_model(checkpoint, args.tp, rank, device=device, dtype=dtype)
 
 
 def _quantize(model: GLM, bits: int, group_size: int | None) -> GLM:
@@ -92,7 +115,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help='text with [MASK] or [gMASK] (none: [gMASK] appended); '
                                               'several prompts run as one batch; none starts an interactive session')
-    p.add_argument("--checkpoint", required=True, help="model directory (config.json + model.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="model directory (config.json + model.safetensors); with "
+                                                        "--tp also official shards or a Hugging Face folder")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: one process per slice of the model, "
+                                                     "under torchrun --nproc_per_node TP (default: %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
     p.add_argument("--quantized", action="store_true", help="quantize the linear weights on load (weight-only)")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits for --quantized")

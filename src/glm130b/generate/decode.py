@@ -62,7 +62,10 @@ def decode_state(contexts: list[list[int]], specials: SpecialTokens, cache_lengt
 
 def new_cache(model: GLM, batch: int, length: int) -> KVCache:
     weight = model.transformer.word_embeddings.weight
-    return _mark_static(KVCache(model.config, batch, length, dtype=weight.dtype, device=weight.device))
+    # heads this process holds: all, or a tensor-parallel rank's share (read off its qkv rows)
+    heads = model.transformer.layers[0].attention.query_key_value.weight.shape[0] // (3 * model.config.head_dim)
+    return _mark_static(KVCache(model.config, batch, length, dtype=weight.dtype, device=weight.device,
+                                num_heads=heads))
 
 
 def _mark_static(cache: KVCache) -> KVCache:

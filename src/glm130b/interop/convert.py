@@ -12,23 +12,23 @@ import torch
 from tqdm import tqdm
 
 from glm130b import __version__
+from glm130b.checkpoint.formats import open_source
+from glm130b.checkpoint.huggingface import KEY_PREFIX, specials_of
 from glm130b.checkpoint.model_dir import CONFIG_FILE, save_config
-from glm130b.checkpoint.official import DEFAULT_ITERATION, OfficialCheckpoint, write_official
+from glm130b.checkpoint.official import DEFAULT_ITERATION, write_official
 from glm130b.checkpoint.quantized import check_quantizable, quantized_specs, quantized_tensors
 from glm130b.checkpoint.safetensors import write_sharded
 from glm130b.checkpoint.sources import (
     TensorSource,
     TensorSpec,
     check_against_config,
-    open_model_directory,
     quantization_of,
     read_tensor,
 )
 from glm130b.core.atomic import publish_directory, temporary_path
 from glm130b.core.config_io import read_mapping
 from glm130b.core.errors import CheckpointError
-from glm130b.interop.huggingface import KEY_PREFIX, open_huggingface, specials_of, write_hf_extras
-from glm130b.model.config import GLMConfig
+from glm130b.interop.huggingface import write_hf_extras
 from glm130b.quant.format import QuantScheme
 from glm130b.quant.linear import SCALE_SUFFIX
 from glm130b.tokenizer.specials import GLM130B_TOKENS, SpecialTokens
@@ -41,22 +41,6 @@ TOKENIZER_DIR = "tokenizer"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def open_source(path: str | Path, preset: str | None = None) -> TensorSource:
-    """The checkpoint at `path`, whichever format: official shards (a `latest` file), a Hugging Face
-    folder (config.json with a model_type) or our model directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder; give a model directory, a Hugging Face folder or an "
-                              "official checkpoint folder (the one holding 'latest')")
-    if (path / "latest").is_file():
-        return OfficialCheckpoint(path, GLMConfig.from_preset(preset) if preset else None)
-    if (path / CONFIG_FILE).is_file():
-        data = read_mapping(path / CONFIG_FILE, "model config")
-        return open_huggingface(path, data) if "model_type" in data else open_model_directory(path)
-    raise CheckpointError(f"{path} holds no checkpoint: no config.json (model directory or Hugging Face folder) "
-                          "and no 'latest' (official shards)")
-
-
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Floating-point weights to `dtype`; packed integers and quantization scales (fp16) as they are."""
     if dtype is None or not tensor.is_floating_point() or name.endswith(SCALE_SUFFIX):
@@ -65,19 +49,27 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.T
 
 
 def _plain_tensors(source: TensorSource, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Whole tensors (what the official writer splits)."""
     for spec in source.specs():
         yield spec.name, _cast(spec.name, read_tensor(source, spec.name), dtype)
 
 
-def _output(source: TensorSource, dtype: torch.dtype | None, scheme: QuantScheme | None
-            ) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
+def _plain_blocks(source: TensorSource, dtype: torch.dtype | None
+                  ) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+    """Each tensor as cast row blocks (what the safetensors writer streams)."""
+    for spec in source.specs():
+        yield spec.name, (_cast(spec.name, block, dtype) for block in source.row_blocks(spec.name))
+
+
+def _output(source: TensorSource, dtype: torch.dtype | None, scheme: QuantScheme | None, whole: bool
+            ) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor | Iterator[torch.Tensor]]]]:
     specs = source.specs()
     if scheme is not None:
         cast = [TensorSpec(s.name, dtype if dtype and s.dtype.is_floating_point else s.dtype, s.shape) for s in specs]
         return quantized_specs(cast, scheme), quantized_tensors(source, scheme, dtype)
     cast = [TensorSpec(s.name, dtype if dtype and s.dtype.is_floating_point and not s.name.endswith(SCALE_SUFFIX)
                        else s.dtype, s.shape) for s in specs]
-    return cast, _plain_tensors(source, dtype)
+    return cast, _plain_tensors(source, dtype) if whole else _plain_blocks(source, dtype)
 
 
 def special_tokens(src: Path) -> tuple[SpecialTokens, int | None]:
@@ -125,7 +117,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "dir", tp: int = 1, dtyp
                               "quantize after loading); convert to a model directory to quantize")
     staging = prepare_destination(dst, overwrite)
     try:
-        specs, tensors = _output(source, dtype, scheme)
+        specs, tensors = _output(source, dtype, scheme, whole=to == "official")
         tensors = tqdm(tensors, total=len(specs), desc=f"convert to {to}", unit="tensor", disable=not progress)
         metadata = {k: v for k, v in source.metadata.items() if k in ("tokenizer_fingerprint", "step")}
         metadata = {"format": "glm130b", **metadata, **(scheme.to_metadata() if scheme else {}),

@@ -21,11 +21,12 @@ class KVCache:
     """
 
     def __init__(self, config: GLMConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_heads: int | None = None):
+        """num_heads: the heads this process computes (a tensor-parallel rank holds a share); default all."""
         if max_length > config.max_sequence_length:
             raise InputError(f"KV cache length {max_length} exceeds max_sequence_length "
                              f"{config.max_sequence_length}; generate fewer tokens or shorten the prompt")
-        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)
+        shape = (batch_size, num_heads or config.num_attention_heads, max_length, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.length = 0

@@ -210,8 +210,12 @@ def main() -> None:
             f"{MAX_BATCH} cache rows\n\n{table(rows)}\n\n{verdict}\n")
     print(text)
     if args.append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n## Serving: continuous batching (benchmarks/bench_serve.py, issue 13)\n\n" + text)
+        results = ROOT / "benchmarks" / "RESULTS.md"
+        heading = "## Serving: continuous batching (benchmarks/bench_serve.py, issue 13)"
+        with open(results, "a") as f:
+            if heading not in results.read_text():
+                f.write(f"\n{heading}\n")
+            f.write(f"\n### {args.size} model on {args.device}\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     url = f"http://127.0.0.1:{args.port}"
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / f"glm-bench-{args.size}"
         name = write_model(model_dir, args.size)
@@ -205,7 +206,9 @@ def main() -> None:
     shape = SIZES[args.size]
     size = (f"{args.size} GLM ({shape['num_layers']} x {shape['hidden_size']}), "
             f"{'bf16' if args.size == '1b' else 'fp32'}, random weights")
-    text = (f"{machine()}; {size} on {args.device}, threads {args.threads or 'default'}; prompts of "
+    load_after = os.getloadavg()[0]  # the machine may be shared: other work slows some rows more than others
+    text = (f"{machine()}, 1-minute load average {load_before:.1f} before / {load_after:.1f} after; "
+            f"{size} on {args.device}, threads {args.threads or 'default'}; prompts of "
             f"{args.prompt_tokens} tokens + [gMASK], {args.new_tokens} new tokens each (ignore_eos), greedy, "
             f"{MAX_BATCH} cache rows\n\n{table(rows)}\n\n{verdict}\n")
     print(text)

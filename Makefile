@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test lint install demo clean
+.PHONY: test lint install browser demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps icetk==0.0.7 SwissArmyTransformer==0.2.12
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
+
+# tests/serve/test_playground.py drives Debian's chromium through chromedriver (selenium); CI runs as
+# root on a fresh Debian machine. Nothing to do when both are there already.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver > /dev/null)
 
 test: install lint
 	$(PY) -m pytest -n auto -q

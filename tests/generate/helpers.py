@@ -61,6 +61,7 @@ class PositionStub(torch.nn.Module):
                                 max_sequence_length=64)
         self.transformer = torch.nn.Module()
         self.transformer.word_embeddings = torch.nn.Embedding(16, 8)
+        self.tensor_parallel_degree = 1  # as GLM: every head on this process
 
     def forward(self, input_ids, position_ids, attention_mask, kv_cache=None, check_inputs=True, cache_slots=None):
         letter = 7 + position_ids % 8

@@ -18,6 +18,7 @@ from glm130b.distributed import commands as distributed_commands
 from glm130b.generate import commands as generate_commands
 from glm130b.interop import commands as interop_commands
 from glm130b.model import commands as model_commands
+from glm130b.serve import commands as serve_commands
 from glm130b.tokenizer import commands as tokenizer_commands
 from glm130b.train import commands as train_commands
 
@@ -64,6 +65,9 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "generate": Command("generate text, continue [gMASK] or fill [MASK] blanks",
                         generate_commands.add_generate_arguments, generate_commands.cmd_generate,
                         "Generate from a model directory. With no prompt: interactive."),
+    "serve": Command("serve a model over HTTP: OpenAI-compatible completions, [MASK] infilling, a playground page",
+                     serve_commands.add_serve_arguments, serve_commands.cmd_serve,
+                     "Serve a model directory with continuous batching (docs/serving.md)."),
     "demo": Command("fetch a bilingual corpus, train a tokenizer and a small GLM, write runs/demo/REPORT.md",
                     demo.add_demo_arguments, demo.cmd_demo),
 }

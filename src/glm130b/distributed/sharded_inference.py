@@ -79,4 +79,5 @@ def load_sharded_model(path: str | Path, tp: int, rank: int, group=None, device:
             parent = getattr(block, parent_name)
             linear = getattr(parent, child)
             setattr(parent, child, RowParallelLinear(linear.weight.data, linear.bias.data, group))
+    model.tensor_parallel_degree = tp
     return model.eval()

@@ -62,8 +62,7 @@ def decode_state(contexts: list[list[int]], specials: SpecialTokens, cache_lengt
 
 def new_cache(model: GLM, batch: int, length: int) -> KVCache:
     weight = model.transformer.word_embeddings.weight
-    # heads this process holds: all, or a tensor-parallel rank's share (read off its qkv rows)
-    heads = model.transformer.layers[0].attention.query_key_value.weight.shape[0] // (3 * model.config.head_dim)
+    heads = model.config.num_attention_heads // model.tensor_parallel_degree  # this rank's share
     return _mark_static(KVCache(model.config, batch, length, dtype=weight.dtype, device=weight.device,
                                 num_heads=heads))
 

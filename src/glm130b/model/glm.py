@@ -177,6 +177,9 @@ class GLM(nn.Module):
         # logit weight pass only this share of their gradient (0.1 in the recipe; 1.0 = off). The
         # trainer may change it during a run (the team moved it between 0.1 and 1).
         self.embedding_grad_scale = 1.0
+        # Ranks that share each layer's heads (glm130b.distributed.sharded_inference sets it); a KV
+        # cache for this model holds num_attention_heads / tensor_parallel_degree heads.
+        self.tensor_parallel_degree = 1
         # Official checkpoints may carry rotary inv_freq buffers; rotary is computed, not stored.
         self.register_load_state_dict_pre_hook(_drop_rotary_buffers)
 

@@ -1,6 +1,8 @@
 """Shared test helpers: the oracle fixtures and the GLM config each one pins, paths, a free port."""
 
+import hashlib
 import socket
+import zlib
 from pathlib import Path
 
 import torch
@@ -39,6 +41,40 @@ def oracle_config(name: str, **overrides) -> GLMConfig:
 def oracle_model(name: str, **overrides) -> GLM:
     model = GLM(oracle_config(name, **overrides)).eval()
     model.load_state_dict(load_fixture(name)["state_dict"])
+    return model
+
+
+# The long-context fixtures (sat_long_context_*.pt, positions up to 2047): vocabulary 256, specials
+# at its top; eos and sMASK are ordinary tokens to the oracle and do not occur in its samples.
+LONG_CONTEXT_TOKENS = SpecialTokens(mask=250, gmask=251, smask=249, sop=252, eop=253, eos=254, pad=0)
+
+
+def canonical_value(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The weights shared/oracle/sat_oracle.py gives the official class: a draw seeded by the name."""
+    g = torch.Generator().manual_seed(1234 + zlib.crc32(name.encode()))
+    if "layernorm" in name:
+        return (1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=g)
+    if name.endswith("bias"):
+        return 0.1 * torch.randn(shape, generator=g)
+    if "word_embeddings" in name:
+        return torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=g) / shape[-1] ** 0.5
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def long_context_model(name: str, **overrides) -> GLM:
+    """The model of a long-context fixture, its weights rebuilt by name (the fixture stores only
+    their hashes) in the fixture's dtype; checked to be the very bits the oracle ran."""
+    fixture = load_fixture(name)
+    dtype = torch.float16 if fixture["mode"] == "fp16" else torch.float32
+    config = GLMConfig(**{k: fixture["config"][k] for k in SHAPE_FIELDS}, **overrides)
+    model = GLM(config).eval().to(dtype)
+    state = {k: canonical_value(k, tuple(v.shape)).to(dtype) for k, v in model.state_dict().items()}
+    assert {k: tensor_sha256(v) for k, v in state.items()} == fixture["weight_sha256"]
+    model.load_state_dict(state)
     return model
 
 

@@ -15,14 +15,18 @@ TOK = SpecialTokens(mask=1, gmask=2, smask=3, sop=4, eop=5, eos=6, pad=0)
 LETTERS = "abcdefgh"  # ids 7..14
 
 
+UNK = 7 + len(LETTERS)  # any other character; past the tokenizer's ids, so never generated
+
+
 class CharTokenizer:
-    """A stand-in for glm130b.tokenizer: one id per letter, specials at 0..6."""
+    """A stand-in for glm130b.tokenizer: one id per letter, specials at 0..6; whitespace gets no
+    id (as SentencePiece's whitespace collapsing drops a lone trailing space), other characters UNK."""
 
     specials = TOK
     vocab_size = 7 + len(LETTERS)
 
     def encode(self, text):
-        return [7 + LETTERS.index(c) for c in text]
+        return [7 + LETTERS.index(c) if c in LETTERS else UNK for c in text if not c.isspace()]
 
     def encode_prompt(self, text):
         ids = []
@@ -32,7 +36,7 @@ class CharTokenizer:
         return ids
 
     def decode(self, ids):
-        return "".join(LETTERS[i - 7] if i >= 7 else f"<{i}>" for i in ids)
+        return "".join("?" if i == UNK else LETTERS[i - 7] if i >= 7 else f"<{i}>" for i in ids)
 
 def tiny_glm(vocab=16, position_encoding="1d", seed=0, embedding_std=None):
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ from glm130b.core.errors import InputError
 from glm130b.generate import commands
 from glm130b.generate.api import generate, generate_text, stream_text
 from glm130b.generate.decode import DEFAULT_MAX_NEW_TOKENS, fill_blanks, generate_ids
-from glm130b.generate.strategies import Greedy, Sampling
+from glm130b.generate.strategies import BeamSearch, Greedy, Sampling
 from tests.generate.helpers import TOK, CharTokenizer, PositionStub, letter
 
 
@@ -31,10 +31,9 @@ def test_prompt_errors_and_warnings():
     tok, stub = CharTokenizer(), PositionStub()
     with pytest.raises(InputError, match=r"unknown mask marker \[XMASK\]"):
         generate_text(stub, tok, "ab[XMASK]c")
-    with pytest.raises(InputError, match=r"unknown mask marker \[mask\]"):
-        generate_text(stub, tok, "ab[mask]c")
-    with pytest.raises(InputError, match="mixes"):
-        generate_text(stub, tok, "a[MASK]b[gMASK]")
+    with pytest.warns(UserWarning, match=r"\[mask\] is not a mask marker"):  # plain text, as officially
+        # 9 ids, [gMASK] appended at 9, <sop> at 10 -> letter(10), which ends the span
+        assert generate_text(stub, tok, "ab[mask]c", max_new_tokens=2) == "ab[mask]c" + letter(10)
     with pytest.raises(InputError, match="more than the model's context of 64"):
         generate_text(stub, tok, "a" * 70)
     with pytest.raises(InputError, match="no room is left"):
@@ -74,3 +73,21 @@ def test_max_new_tokens_has_one_default():
     parser = commands.argparse.ArgumentParser()
     commands.add_generate_arguments(parser)
     assert parser.parse_args(["--checkpoint", "x"]).max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+
+
+def test_strategy_defaults_are_the_official_scripts_and_the_command_lines():
+    """GLM-130B's scripts/generate.sh: TEMP=1.0, TOPK=0, TOPP=0.7, NUM_BEAMS=4, LENGTH_PENALTY=1.0,
+    NO_REPEAT_NGRAM=3, MIN_GEN_LENGTH=0; the Python API and `glm130b generate` both use them."""
+    official = dict(temperature=1.0, top_k=0, top_p=0.7, num_beams=4, length_penalty=1.0,
+                    no_repeat_ngram_size=3, min_length=0)
+    sampling, beam = Sampling(), BeamSearch()
+    assert (sampling.temperature, sampling.top_k, sampling.top_p) == (1.0, 0, 0.7)
+    assert {k: getattr(beam, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size", "min_length")} \
+        == {k: official[k] for k in ("num_beams", "length_penalty", "no_repeat_ngram_size", "min_length")}
+    parser = commands.argparse.ArgumentParser()
+    commands.add_generate_arguments(parser)
+    args = parser.parse_args(["--checkpoint", "x"])
+    cli = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+               length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
+               min_length=args.min_length)
+    assert cli == official

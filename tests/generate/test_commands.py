@@ -3,6 +3,8 @@ INT4 weights quantized on load."""
 
 import io
 
+import torch
+
 from glm130b import cli
 from glm130b.checkpoint.model_dir import save_model
 from glm130b.generate import commands as generate_commands
@@ -34,3 +36,20 @@ def test_command_line_quantized(trained, tmp_path, monkeypatch, capsys):
                      "--no-stream", "abc"]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("abc") and 3 < len(out) <= 7 and set(out) <= set(LETTERS)
+
+
+def test_default_dtype_is_the_checkpoints_on_cuda(trained, tmp_path, monkeypatch, capsys):
+    """No --dtype: on CUDA the weights keep the checkpoint's dtype (load_model(dtype=None); fp16 for
+    the GLM-130B release), on CPU fp32; --dtype wins. load_model is replaced, so no GPU is needed."""
+    (tmp_path / "tokenizer").mkdir()
+    monkeypatch.setattr(generate_commands, "load_tokenizer", lambda path: CharTokenizer())
+    asked = []
+
+    def fake_load_model(directory, device, dtype):
+        asked.append((device.type, dtype))
+        return trained
+
+    monkeypatch.setattr(generate_commands, "load_model", fake_load_model)
+    for extra in (["--device", "cuda"], ["--device", "cpu"], ["--device", "cuda", "--dtype", "bf16"]):
+        assert cli.main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "2", *extra, "abc"]) == 0
+    assert asked == [("cuda", None), ("cpu", torch.float32), ("cuda", torch.bfloat16)]

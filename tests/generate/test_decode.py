@@ -21,7 +21,7 @@ from glm130b.generate.decode import (
 from glm130b.generate.inputs import build_generation_batch
 from glm130b.generate.strategies import BeamSearch, Greedy, Sampling
 from tests.generate.helpers import HELD_OUT, TOK, full_forward_last_logits, tiny_glm
-from tests.helpers import ORACLE_TOKENS, oracle_model
+from tests.helpers import LONG_CONTEXT_TOKENS, ORACLE_TOKENS, load_fixture, long_context_model, oracle_model
 
 
 # ------------------------------------------------------------------------------ engine vs full forward
@@ -43,6 +43,30 @@ def test_static_cache_logits_equal_full_forward_each_step(case):
             sequences = [c + forced[b, :j].tolist() for b, c in enumerate(contexts)]
             torch.testing.assert_close(logits, full_forward_last_logits(model, sequences, T), atol=1e-4, rtol=1e-4)
             logits = decode_one_token(model, cache, forced[:, j:j + 1], torch.tensor(j), state)
+
+@pytest.mark.parametrize("name, tolerance", [("sat_long_context_fp32", 1e-4), ("sat_long_context_fp16", 0.0625)])
+def test_static_cache_decode_at_the_end_of_the_context_matches_the_official_class(name, tolerance):
+    """Each sample of the long-context fixtures decoded as generation runs it: prefill up to <sop>
+    into a 2048-slot cache, then the oracle's generated tokens one by one (positions up to 2047 for
+    [gMASK], 2035 for the [MASK] span): the logits at <sop> and at every generated token equal the
+    official class's (fp16: within one step at |logits| ~ 64, as the full-forward parity test)."""
+    fixture = load_fixture(name)
+    model = long_context_model(name)
+    rows = fixture["rows"].tolist()
+    T = LONG_CONTEXT_TOKENS
+    for b, sequence in enumerate(fixture["input_ids"].long().tolist()):
+        sop = sequence.index(T.sop)
+        context, generated = sequence[:sop + 1], sequence[sop + 1:]
+        cache = new_cache(model, 1, 2048)
+        state = decode_state([context], T, cache.max_length, False, torch.device("cpu"))
+        ours = []
+        with torch.no_grad():
+            ours.append(prefill(model, cache, [context], T)[0])
+            for j, token in enumerate(generated[:-1]):
+                ours.append(decode_one_token(model, cache, torch.tensor([[token]]), torch.tensor(j), state)[0])
+        expected = fixture["logits"][b, [rows.index(p) for p in range(sop, len(sequence) - 1)]].float()
+        assert (torch.stack(ours) - expected).abs().max().item() <= tolerance
+
 
 def test_compiled_decode_step_is_one_graph_for_the_whole_generation(monkeypatch):
     """fullgraph tracing succeeds and the step never recompiles: its shapes are static."""

@@ -7,7 +7,7 @@ from glm130b import GLM
 from glm130b.core.errors import InputError
 from glm130b.generate.inputs import build_generation_batch, generation_context
 from glm130b.tokenizer.specials import GLM130B_TOKENS
-from tests.helpers import ORACLE_TOKENS, load_fixture, oracle_config, valid_lengths
+from tests.helpers import LONG_CONTEXT_TOKENS, ORACLE_TOKENS, load_fixture, oracle_config, valid_lengths
 
 T = ORACLE_TOKENS
 
@@ -25,6 +25,14 @@ def test_builder_reproduces_the_reference_inputs(case):
         assert torch.equal(built.attention_mask[b, :, :n], fixture["attention_mask"][b, :, :n])
 
 
+def test_builder_reproduces_the_reference_positions_at_the_end_of_the_context():
+    """The 2048-token fixtures (their masks are not stored: test_mask_rule checks the rule)."""
+    fixture = load_fixture("sat_long_context_fp32")
+    built = build_generation_batch(fixture["input_ids"].long().tolist(), LONG_CONTEXT_TOKENS,
+                                   max_sequence_length=2048, vocab_size=256)
+    assert torch.equal(built.position_ids, fixture["position_ids"].long())
+
+
 def test_gmask_positions_count_on_and_mask_positions_stay():
     g = build_generation_batch([[5, 6, T.gmask, T.sop, 7, 8]], T)
     assert g.position_ids.tolist() == [[0, 1, 2, 3, 4, 5]]
@@ -39,6 +47,18 @@ def test_2d_positions():
     assert g.position_ids.tolist() == [[[0, 1, 2, 2, 2, 2], [0, 0, 0, 1, 2, 3]]]
     m = build_generation_batch([[5, T.mask, 6, T.eos, T.sop, 7]], T, "2d")
     assert m.position_ids.tolist() == [[[0, 1, 2, 3, 1, 1], [0, 0, 0, 0, 1, 2]]]
+
+
+def test_the_mask_filled_follows_each_models_official_priority():
+    """GLM-130B's generate.py fills [MASK] if there is one, else [sMASK], else [gMASK] (1-D);
+    ChatGLM-6B's code takes [gMASK] if there is one, else [MASK] (2-D). The first mask of any kind
+    is not the rule: here [gMASK] comes first and [MASK] is filled."""
+    seq = [5, T.gmask, 6, T.mask, 7, T.eos, T.sop, 8, 9]
+    assert build_generation_batch([seq], T).position_ids[0, 6:].tolist() == [3, 3, 3]
+    assert build_generation_batch([seq], T, "2d").position_ids[0, 0, 6:].tolist() == [1, 1, 1]
+    smask_first = [T.smask, 5, T.gmask, T.eos, T.sop, 8]
+    assert build_generation_batch([smask_first], T).position_ids[0, 4:].tolist() == [0, 0]
+    assert build_generation_batch([smask_first], T, "2d").position_ids[0, 0, 4:].tolist() == [2, 2]
 
 
 def test_mask_rule():
@@ -76,8 +96,13 @@ def test_builder_errors():
         build_generation_batch([[1, 2, T.sop, 3]], T)
     with pytest.raises(InputError, match=r"token id 1000 is outside the vocabulary \[0, 1000\)"):
         build_generation_batch([[1, 1000, T.gmask, T.sop]], T, vocab_size=1000)
-    with pytest.raises(InputError, match="position 6 exceeds max_sequence_length 6"):
-        build_generation_batch([[1, 2, 3, T.gmask, T.sop, 4, 5]], T, max_sequence_length=6)
+    with pytest.raises(InputError, match="sequence 1 has 7 tokens, more than max_sequence_length 6"):
+        build_generation_batch([[T.gmask, T.sop], [1, 2, 3, T.gmask, T.sop, 4, 5]], T, max_sequence_length=6)
+    # [MASK] spans keep their positions low, yet the sequence itself may not exceed the context
+    # (issue #14: 211 tokens ran on a 128-token model)
+    with pytest.raises(InputError, match="sequence 0 has 211 tokens, more than max_sequence_length 128"):
+        build_generation_batch([[T.mask, T.eos, T.sop] + [7] * 208], T, max_sequence_length=128)
+    assert build_generation_batch([[1, 2, T.gmask, T.sop, 4, 5]], T, max_sequence_length=6).lengths.tolist() == [6]
 
 
 def test_model_input_errors(tiny_config):
@@ -88,6 +113,10 @@ def test_model_input_errors(tiny_config):
         model(torch.tensor([[1, 1000, 2, 3, 4]]), pos, mask)
     with pytest.raises(InputError, match="position 128 exceeds max_sequence_length 128"):
         model(ids, pos + 124, mask)
+    long = build_generation_batch([[T.mask, T.eos, T.sop] + [7] * 208], T)  # the span stays at position 0
+    assert int(long.position_ids.max()) == 1
+    with pytest.raises(InputError, match="the input has 211 tokens, more than max_sequence_length 128"):
+        model(long.input_ids, long.position_ids, long.attention_mask)
     with pytest.raises(InputError, match="attention_mask must be bool"):
         model(ids, pos, mask.float())
     with pytest.raises(InputError, match=r"position_ids must have shape \(1, 5\)"):

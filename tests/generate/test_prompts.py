@@ -28,12 +28,32 @@ def test_filled_puts_each_blank_in_place_of_its_marker():
     assert parse_prompt("abc", CharTokenizer()).filled(["def"]) == "abcdef"  # [gMASK]: continued
 
 
-@pytest.mark.parametrize("text, message", [("ab[XMASK]c", r"unknown mask marker \[XMASK\]"),
-                                           ("a[ mask ]b", r"unknown mask marker \[ mask \]"),
-                                           ("a[MASK]b[gMASK]", r"mixes \[MASK\], \[gMASK\]")])
-def test_refused_markers(text, message):
+@pytest.mark.parametrize("text, message", [
+    ("ab[XMASK]c", r"unknown mask marker \[XMASK\] but no \[MASK\], \[sMASK\] or \[gMASK\]"),
+    ("ab MASK] c", r"holds 'MASK\]' but no \[MASK\]"),
+])
+def test_refused_where_the_official_rule_generates_nothing(text, message):
+    """The official rule appends [gMASK] only to a text without "MASK]": with that text but no real
+    marker there is no mask token at all, and the official code returns the prompt unchanged."""
     with pytest.raises(InputError, match=message):
         parse_prompt(text, CharTokenizer())
+
+
+@pytest.mark.parametrize("text", ["a[ mask ]b", "a[XMASK]b[MASK]c", "ab[mask]"])
+def test_marker_lookalikes_are_plain_text_with_a_warning(text):
+    """The official code reads them as text (its pattern matches the three markers only); warned."""
+    with pytest.warns(UserWarning, match="is not a mask marker and is kept as plain text"):
+        prompt = parse_prompt(text, CharTokenizer())
+    assert prompt.context[:-1] == CharTokenizer().encode_prompt(text)
+
+
+def test_mixed_kinds_fill_one_kind_by_the_official_priority():
+    tok = CharTokenizer()
+    assert parse_prompt("a[MASK]b[gMASK]", tok).blank == "[MASK]"
+    with pytest.warns(UserWarning, match="never trained"):
+        assert parse_prompt("a[gMASK]b[sMASK]c", tok).blank == "[sMASK]"
+    assert parse_prompt("a[MASK]b[gMASK]", tok, two_d=True).blank == "[gMASK]"  # ChatGLM-6B's order
+    assert parse_prompt("a[MASK]b[gMASK]c", tok).filled(["XY"]) == "aXYb[gMASK]c"
 
 
 def test_smask_is_accepted_with_a_warning():

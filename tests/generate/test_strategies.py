@@ -1,7 +1,9 @@
 """Decoding strategies on synthetic logits: per-row top-k/top-p, sampling, beam search."""
 
+import importlib.util
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,16 +22,18 @@ from glm130b.generate.strategies import (
 
 
 def kept_by_hand(logits_row: list[float], top_k: int, top_p: float) -> set[int]:
-    """The definition, token by token: the k most likely, then the most likely of those until the
-    renormalised mass before the next one reaches top_p."""
+    """The official rule (SwissArmyTransformer 0.2.12 top_k_logits), token by token: top-k drops
+    every logit below the k-th largest (ties with it stay); top-p, on what is left, drops a token
+    once the renormalised mass before it exceeds top_p."""
     order = sorted(range(len(logits_row)), key=lambda i: -logits_row[i])
     if top_k > 0:
-        order = order[:top_k]
+        kth = logits_row[order[min(top_k, len(order)) - 1]]
+        order = [i for i in order if logits_row[i] >= kth]
     weights = [math.exp(logits_row[i]) for i in order]
     total = sum(weights)
     kept, mass = set(), 0.0
     for i, w in zip(order, weights):
-        if top_p < 1.0 and mass >= top_p:
+        if top_p < 1.0 and mass > top_p:
             break
         kept.add(i)
         mass += w / total
@@ -53,23 +57,61 @@ def test_top_k_top_p_keep_exactly_the_right_tokens_per_row():
     assert torch.equal(alone[0], filtered[3])
 
 
-def test_top_p_reaches_the_mass_with_the_fewest_tokens():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+def test_top_p_keeps_a_token_while_the_mass_before_it_is_at_most_top_p():
+    """The official rule at a tie: four equal tokens (probability exactly 0.25 each); a token stays
+    while the mass before it is <= top_p, so top_p 0.5 keeps three (the mass before the third is
+    exactly 0.5). Before issue #14 this asserted the opposite (< top_p: two tokens)."""
+    logits = torch.zeros(1, 4)
     keep = lambda p: (filter_logits(logits, torch.tensor([0]), torch.tensor([p])) > float("-inf")).sum().item()
-    assert keep(0.5) == 1   # 0.5 alone reaches 0.5
-    assert keep(0.51) == 2
-    assert keep(0.8) == 2
-    assert keep(0.81) == 3
-    assert keep(1.0) == 4
+    assert [keep(p) for p in (0.2, 0.25, 0.3, 0.5, 0.75, 1.0)] == [1, 2, 2, 3, 4, 4]
+    # a tie after top-k: two of four tokens left, 0.5 each; top_p 0.5 keeps both
+    two = torch.tensor([[0.0, 0.0, -1.0, -2.0]])
+    assert (filter_logits(two, torch.tensor([2]), torch.tensor([0.5])) > float("-inf")).tolist() == [
+        [True, True, False, False]]
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    kept = filter_logits(logits, torch.tensor([2, 1]), torch.tensor([1.0, 1.0])) > float("-inf")
+    assert kept.tolist() == [[True, True, True, False, True], [True] * 5]
+
+
+def _official_top_k_logits():
+    """SwissArmyTransformer 0.2.12's top_k_logits (the filter GLM-130B's BaseStrategy calls), loaded
+    from the installed package's file alone (the package itself imports deepspeed); None without it."""
+    spec = importlib.util.find_spec("SwissArmyTransformer")
+    if spec is None:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "generation" / "sampling_strategies" / "base_strategy.py"
+    module_spec = importlib.util.spec_from_file_location("sat_base_strategy", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.top_k_logits
+
+
+def test_filter_equals_the_official_function_row_by_row():
+    """Against the official function itself (at batch size 1, the only size its top-p supports), on
+    rows with many ties: coarse logits make ties at the k-th value and at the top-p boundary."""
+    official = _official_top_k_logits()
+    if official is None:
+        pytest.skip("SwissArmyTransformer 0.2.12 is not installed (`make install` installs it --no-deps)")
+    g = torch.Generator().manual_seed(5)
+    for trial in range(200):
+        row = torch.randint(-3, 3, (1, 12), generator=g).float()  # integer logits: ties everywhere
+        top_k = int(torch.randint(0, 6, (), generator=g))
+        top_p = [0.0, 0.3, 0.5, 0.7, 0.9][trial % 5]
+        theirs = official(row.clone(), top_k, top_p) > -65504  # they filter to -65504
+        ours = filter_logits(row, torch.tensor([top_k]), torch.tensor([top_p if top_p > 0 else 1.0]))
+        assert torch.equal(ours > float("-inf"), theirs), (row.tolist(), top_k, top_p)
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     n = 20000
     logits = torch.log(probs).repeat(n, 1)
-    chooser = TokenChooser(Sampling(top_p=0.8, seed=0), n, torch.device("cpu"))
+    chooser = TokenChooser(Sampling(top_p=0.7, seed=0), n, torch.device("cpu"))
     counts = torch.bincount(chooser(logits), minlength=4).float() / n
-    # top-p 0.8 keeps {0, 1}, renormalised to 0.625 / 0.375; 3 standard errors ~ 0.011
+    # top-p 0.7 keeps {0, 1} (mass before token 2: 0.8), renormalised to 0.625 / 0.375; 3 standard errors ~ 0.011
     assert counts[2:].sum() == 0
     assert abs(counts[0] - 0.625) < 0.02 and abs(counts[1] - 0.375) < 0.02
 
@@ -152,7 +194,8 @@ def test_beam_search_with_room_for_everything_equals_exhaustive_search(length_pe
     expected = exhaustive(prompt_length, horizon, length_penalty)
     # 3 non-end tokens, 2 end tokens: 2 + 6 + 18 + (54 + 81) = 161 hypotheses; 192 beams hold them all
     assert len(expected) == 161
-    state = run_beams(BeamSearch(num_beams=192, length_penalty=length_penalty), prompt_length, horizon)
+    state = run_beams(BeamSearch(num_beams=192, length_penalty=length_penalty, no_repeat_ngram_size=0),
+                      prompt_length, horizon)
     got = [(h.score, tuple(h.tokens)) for h in state.finished]
     assert [s for _, s in got] == [s for _, s in expected]
     for (a, _), (b, _) in zip(got, expected):
@@ -161,7 +204,7 @@ def test_beam_search_with_room_for_everything_equals_exhaustive_search(length_pe
 
 def test_beam_search_best_equals_exhaustive_with_fewer_beams_when_it_can():
     """With 4 beams the search may miss the optimum; it must never report a score it did not earn."""
-    state = run_beams(BeamSearch(num_beams=4), 6, 4)
+    state = run_beams(BeamSearch(num_beams=4, no_repeat_ngram_size=0), 6, 4)
     truth = dict((seq, s) for s, seq in exhaustive(6, 4, 1.0))
     for h in state.finished:
         assert truth[tuple(h.tokens)] == pytest.approx(h.score, abs=1e-5)
@@ -196,6 +239,24 @@ def test_first_step_expands_beam_zero_only():
     logits[1, 2] = 10.0  # would win if beam 1 were expanded
     parents, _ = state.step(logits)
     assert parents.tolist() == [0, 0, 0]
+
+
+def test_beam_scan_stops_once_num_beams_continue():
+    """The official scan (GLM-130B generation/strategies.py, BeamSearchStrategy.forward): candidates
+    best first; an end token finishes a hypothesis, another token continues a beam while fewer
+    than num_beams do, and the first other token after that stops the scan: end candidates ranked
+    below it are never kept."""
+    def finished_after_first_step(end_logits):
+        state = BeamState(BeamSearch(num_beams=2, no_repeat_ngram_size=0), 3, 5, ENDS, torch.device("cpu"))
+        logits = torch.zeros(2, V)
+        logits[0] = torch.tensor([5.0, 4.0, 1.0, *end_logits])  # tokens 3 and 4 end
+        parents, tokens = state.step(logits)
+        assert tokens.tolist() == [0, 1]
+        return sorted(h.tokens for h in state.finished)
+
+    assert finished_after_first_step([4.5, 3.0]) == [[3], [4]]  # both rank above token 2
+    assert finished_after_first_step([3.0, 0.0]) == [[3]]       # 0, 1, 3, then 2 stops the scan
+    assert finished_after_first_step([0.5, 0.0]) == []          # 0, 1, then 2 stops it
 
 
 def test_beam_options_are_checked():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from glm130b import GLM
-from tests.helpers import load_fixture, oracle_config, oracle_model, valid_lengths
+from tests.helpers import load_fixture, long_context_model, oracle_config, oracle_model, valid_lengths
 
 FP32_CASES = ["sat_basic_fp32", "sat_padded_fp32", "sat04_glm130b_2d_fp32", "chatglm6b_stock_fp32"]
 BACKENDS = ["reference", "sdpa"]
@@ -46,6 +46,65 @@ def test_fp16_rotary_tables_matter():
     with torch.no_grad():
         logits = model(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"])
     assert max_error_on_valid_positions(logits, fixture) > 1e-3
+
+
+# ------------------------------------------------------------------ the end of the context
+def official_generation_mask(input_ids: torch.Tensor, sop: int) -> torch.Tensor:
+    """GLM-130B generate.py's mask, per row: columns before <sop> visible to every row, the rest
+    causal; bool [B, 1, L, L], True = blocked."""
+    L = input_ids.shape[1]
+    masks = []
+    for row in input_ids.tolist():
+        visible = torch.ones(L, L).tril()
+        visible[:, :row.index(sop)] = 1
+        masks.append(visible < 0.5)
+    return torch.stack(masks).unsqueeze(1)
+
+
+def long_context_error(name: str, **overrides) -> float:
+    """Max |ours - official| over the fixture's stored rows (its first 4 positions and last 40)."""
+    fixture = load_fixture(name)
+    model = long_context_model(name, **{"attention_backend": "sdpa", **overrides})
+    ids, pos = fixture["input_ids"].long(), fixture["position_ids"].long()
+    with torch.no_grad():
+        logits = model(ids, pos, official_generation_mask(ids, fixture["special_tokens"]["sop"]))
+    return (logits[:, fixture["rows"]].float() - fixture["logits"].float()).abs().max().item()
+
+
+def test_long_context_fixtures_reach_position_2047():
+    for name in ("sat_long_context_fp32", "sat_long_context_fp16"):
+        fixture = load_fixture(name)
+        assert fixture["config"]["max_sequence_length"] == 2048
+        assert fixture["input_ids"].shape == (2, 2048)
+        assert int(fixture["position_ids"].max()) == 2047              # the [gMASK] sample counts on to 2047
+        assert fixture["position_ids"][1, -6:].tolist() == [2035] * 6   # the [MASK] sample's span sits at 2035
+        assert fixture["rows"][-40:].tolist() == list(range(2008, 2048))
+
+
+@pytest.fixture
+def one_thread():
+    """Two 2048-token forwards per test: one thread is the fastest on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# sdpa only: the rotary tables these fixtures pin are shared by both backends, and the reference
+# backend (checked on the short fixtures above; bit-exact here when measured) takes ~4 s per
+# 2048-token forward on CPU.
+def test_fp32_logits_match_reference_at_the_end_of_the_context(one_thread):
+    """[gMASK] with a 2036-token context, generated tokens at positions 2037..2047; [MASK] at 2035
+    with its span there and the context reaching 2040. The reference's fp16 rotary tables are
+    reproduced: 1.9e-5 measured; fp32 tables miss by ~0.1, so the rounding is what is pinned."""
+    assert long_context_error("sat_long_context_fp32") < 1e-4
+    assert long_context_error("sat_long_context_fp32", rotary_dtype="fp32") > 1e-2
+
+
+def test_fp16_logits_match_reference_at_the_end_of_the_context(one_thread):
+    """Within one fp16 step at the logits' magnitude (|logits| up to 71: steps of 2^-4 = 0.0625;
+    0.031 to 0.037 measured, by thread count)."""
+    assert long_context_error("sat_long_context_fp16") <= 0.0625
 
 
 def capture_layer_io(model):

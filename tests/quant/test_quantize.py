@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from glm130b.checkpoint.model_dir import load_model, save_model
 from glm130b.checkpoint.quantized import quantized_tensors
 from glm130b.checkpoint.sources import open_model_directory
 from glm130b.cli.main import main
+from glm130b.distributed.inference_plan import GIB, plan_inference
 from glm130b.interop.convert import convert
 from glm130b.quant.format import (
     QuantizationError,
@@ -73,6 +75,39 @@ def test_row_wise_quantization_is_the_official_arithmetic(bits):
         np.testing.assert_array_equal(packed.view(torch.uint8).numpy(), official_pack_bytes(official_q.numpy()))
     else:
         assert torch.equal(packed, official_q)
+
+
+def official_row_wise(w16: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official arithmetic on fp16 weights: scale = (max|W_row| / qmax).half(); q = round(W / scale)."""
+    scale = (w16.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
+    return torch.round(w16 / scale[:, None]).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_official_bytes_need_an_fp16_source(bits):
+    """docs/quantization.md: row-wise files hold the official bytes for fp16 sources only. From fp32
+    or bf16 the scale and W / scale are computed in the source's precision, so some scales and
+    values land one step away from the official result for the same weights cast to fp16."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    for source, exact in ((torch.float16, True), (torch.float32, False), (torch.bfloat16, False)):
+        weights = w.to(source)
+        official_q, official_scale = official_row_wise(weights.half(), bits)
+        packed, scale = quantize_weight(weights, QuantScheme(bits))
+        q = unpack_int4(packed) if bits == 4 else packed
+        assert torch.equal(scale, official_scale) == exact, source
+        assert torch.equal(q, official_q) == exact, source
+        assert (q.int() - official_q.int()).abs().max() <= 1  # never more than one step
+
+
+def test_the_documented_int4_memory_is_the_planners():
+    """docs/quantization.md states the planner's INT4 figure for one GPU, batch 1, context 2048."""
+    plan = plan_inference(GLMConfig.from_preset("glm-130b"), 1, bits=4)
+    terms = (plan.weights, plan.kv_cache, plan.activations, plan.workspace, plan.runtime, plan.total)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "quantization.md").read_text().splitlines()
+    header = doc.index("| weights | KV cache | activations | dequantization workspace | CUDA runtime | total |")
+    stated = [float(cell.removesuffix(" GiB")) for cell in doc[header + 2].strip("| ").split(" | ")]
+    assert stated == pytest.approx([x / GIB for x in terms], abs=0.05)  # as rounded in the text
+    assert f"**{plan.total / GIB:.1f} GiB ({plan.total / 1e9:.1f} GB) per GPU**" in "\n".join(doc)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)

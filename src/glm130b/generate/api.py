@@ -13,12 +13,11 @@ from glm130b.generate.decode import (
     banned_tokens,
     end_tokens,
     fill_blanks,
-    first_mask,
     generate_ids,
     iterate_tokens,
     room_to_generate,
 )
-from glm130b.generate.prompts import parse_prompt
+from glm130b.generate.prompts import marker_ids, parse_prompt
 from glm130b.generate.strategies import BeamSearch, Strategy, strategy_from_name
 from glm130b.model.glm import GLM
 
@@ -30,6 +29,10 @@ class GenerationResult:
     token_ids: list[int]     # the final sequence: context with every span in place
 
 
+def _two_d(model: GLM) -> bool:
+    return model.config.position_encoding == "2d"
+
+
 def _as_strategy(strategy: Strategy | str) -> Strategy:
     return strategy_from_name(strategy) if isinstance(strategy, str) else strategy
 
@@ -37,9 +40,10 @@ def _as_strategy(strategy: Strategy | str) -> Strategy:
 def generate(model: GLM, tokenizer, prompts: str | list[str], strategy: Strategy | str = DEFAULT_STRATEGY,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, compile: bool = False) -> list[GenerationResult]:
     """Generate for a batch of text prompts. Each prompt holds [MASK] blanks (filled left to right),
-    [gMASK] (continue; appended when no marker is written) or [sMASK] (warned: never trained)."""
+    [gMASK] (continue; appended when no marker is written) or [sMASK] (warned: never trained); with
+    several kinds, the official rule fills one: [MASK] before [sMASK] before [gMASK]."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    parsed = [parse_prompt(p, tokenizer) for p in prompts]
+    parsed = [parse_prompt(p, tokenizer, _two_d(model)) for p in prompts]
     banned = banned_tokens(tokenizer.specials, model.config.vocab_size, tokenizer.vocab_size)
     sequences, spans = fill_blanks(model, [p.context for p in parsed], tokenizer.specials, _as_strategy(strategy),
                                    max_new_tokens, banned=banned, compile=compile)
@@ -58,19 +62,24 @@ def generate_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str =
 
 def stream_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str = DEFAULT_STRATEGY,
                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, compile: bool = False) -> Iterator[str]:
-    """Yield the answer as it is produced: the prompt's text up to its first marker, the first
-    blank's text token by token, the text up to the next marker, and so on (a [gMASK] prompt: the
-    prompt, then its continuation). "".join(stream_text(...)) == generate_text(...) for the same
-    draws. Beam search yields each blank whole once its search ends."""
+    """Yield the answer as it is produced: the prompt's text up to its first blank, the blank's
+    text token by token, the text up to the next blank, and so on (a [gMASK] prompt: the prompt,
+    then its continuation; markers of a kind not filled come back as written).
+    "".join(stream_text(...)) == generate_text(...) for the same draws. Beam search yields each
+    blank whole once its search ends."""
     strategy = _as_strategy(strategy)
-    parsed = parse_prompt(prompt, tokenizer)
+    parsed = parse_prompt(prompt, tokenizer, _two_d(model))
     specials = tokenizer.specials
+    blank = marker_ids(specials)[parsed.blank]
     banned = banned_tokens(specials, model.config.vocab_size, tokenizer.vocab_size)
     ends = end_tokens(specials)
     sequence = list(parsed.context)
     yield parsed.pieces[0]
-    for piece in parsed.pieces[1:]:
-        at = first_mask(sequence, specials)
+    for marker, piece in zip(parsed.markers, parsed.pieces[1:]):
+        if marker != parsed.blank:  # a mask of another kind stays as written
+            yield marker + piece
+            continue
+        at = sequence.index(blank)
         context = sequence + [specials.sop]
         if isinstance(strategy, BeamSearch):
             span = generate_ids(model, [context], specials, strategy, max_new_tokens, banned=banned,

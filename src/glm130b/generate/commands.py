@@ -24,9 +24,18 @@ from glm130b.quant.linear import QuantizedLinear, quantize_model
 from glm130b.tokenizer.tokenizers import load_tokenizer
 
 
+def default_dtype(requested: str | None, device: torch.device) -> torch.dtype | None:
+    """--dtype, else the checkpoint's own on CUDA (None: load_model keeps the stored dtype; fp16 for
+    the GLM-130B release, the dtype it was trained and evaluated in), else fp32 on CPU (where fp16
+    and bf16 matmuls are slow)."""
+    if requested is not None:
+        return DTYPES[requested]
+    return None if device.type == "cuda" else torch.float32
+
+
 def _load_for_cli(args: argparse.Namespace):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = default_dtype(args.dtype, device)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise InputError(f"--checkpoint {checkpoint} is not a directory: give a model directory "
@@ -135,7 +144,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-repeat-ngram", type=int, default=3)
     p.add_argument("--min-length", type=int, default=0)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                   help="default: the checkpoint's on cuda (fp16 for the GLM-130B release), fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on the GPU)")
     p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of as it arrives")
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from glm130b.core.config_io import check_positive_int
 from glm130b.core.errors import InputError
-from glm130b.generate.inputs import build_generation_batch, sequence_positions
+from glm130b.generate.inputs import build_generation_batch, generation_mask, sequence_positions
 from glm130b.generate.strategies import BeamSearch, BeamState, Greedy, Sampling, Strategy, TokenChooser
 from glm130b.model.glm import GLM
 from glm130b.model.kv_cache import KVCache
@@ -268,9 +268,11 @@ def generate_ids(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
 
 
 # ---------------------------------------------------------------------------------- blanks
-def first_mask(sequence: list[int], specials: SpecialTokens) -> int | None:
-    """Index of the first mask token of the sequence, None when every blank is filled."""
-    return next((i for i, t in enumerate(sequence) if t in specials.mask_ids), None)
+def blank_kinds(contexts: list[list[int]], specials: SpecialTokens, two_d: bool = False) -> list[int | None]:
+    """The mask token each context's blanks are (glm130b.generate.inputs.generation_mask), decided
+    once from the prompt as the official code does: [MASK] before [sMASK] before [gMASK] (ChatGLM-6B,
+    2-D: [gMASK] first). Masks of another kind are left in place, unfilled."""
+    return [generation_mask(c, specials, two_d) for c in contexts]
 
 
 def _rows_of(strategy: Strategy, rows: list[int], total: int) -> Strategy:
@@ -292,23 +294,25 @@ def fill_blanks(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
                 strategy: Strategy = DEFAULT_STRATEGY, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
                 banned: Sequence[int] | None = None, compile: bool = False
                 ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Fill every mask of every context (ids without <sop>), left to right: one generation pass per
-    blank, the sequence rebuilt with the span in place of its mask before the next pass (the
-    official rule). Contexts still holding a blank are batched together in each pass.
+    """Fill every blank of every context (ids without <sop>), left to right: the blanks are the masks
+    of the kind `blank_kinds` picks; one generation pass per blank, the sequence rebuilt with the
+    span in place of its mask before the next pass (the official rule). Contexts still holding a
+    blank are batched together in each pass.
     Returns (filled sequences, the spans of each context in order)."""
     sequences = [list(c) for c in contexts]
     spans: list[list[list[int]]] = [[] for _ in contexts]
-    # One pass per mask written in the prompt (a span never holds a mask token: they are banned).
-    passes = max(sum(t in specials.mask_ids for t in c) for c in contexts) if contexts else 0
+    kinds = blank_kinds(sequences, specials, model.config.position_encoding == "2d")
+    # One pass per blank of the chosen kind (a span never holds a mask token: they are banned).
+    passes = max((c.count(k) for c, k in zip(sequences, kinds) if k is not None), default=0)
     for _ in range(passes):
-        rows = [i for i, s in enumerate(sequences) if first_mask(s, specials) is not None]
+        rows = [i for i, s in enumerate(sequences) if kinds[i] is not None and kinds[i] in s]
         if not rows:
             break
         pending = [sequences[i] + [specials.sop] for i in rows]
         outputs = generate_ids(model, pending, specials, _rows_of(strategy, rows, len(contexts)), max_new_tokens,
                                banned=banned, compile=compile)
         for i, span in zip(rows, outputs):
-            at = first_mask(sequences[i], specials)
+            at = sequences[i].index(kinds[i])
             sequences[i] = sequences[i][:at] + span + sequences[i][at + 1:]
             spans[i].append(span)
     return sequences, spans

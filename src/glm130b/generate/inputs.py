@@ -1,7 +1,7 @@
 """Generation inputs from token ids (SPEC.md section 5): the prompt rule, positions, attention masks.
 
-A generation sequence is `context + [<sop>] + generated`. The context holds one mask token
-([MASK], [sMASK] or [gMASK]; with several, the first is the one being filled) and sees itself
+A generation sequence is `context + [<sop>] + generated`. The context holds mask tokens; the one
+being filled is the first of the kind `generation_mask` picks, and the context sees itself
 bidirectionally; `<sop>` and generated tokens see the whole context and, causally, each other.
 Masks are bool with True = blocked.
 """
@@ -30,19 +30,32 @@ class ModelInputs:
                            self.attention_mask[:, :, start:end, :end], self.lengths)
 
 
-def mask_position(context: list[int], tokens: SpecialTokens) -> tuple[int, bool]:
-    """Index of the first mask token in the context and whether it is [gMASK]."""
-    for i, t in enumerate(context):
-        if t in tokens.mask_ids:
-            return i, t == tokens.gmask
-    raise InputError("context has no [MASK], [sMASK] or [gMASK] token: add [MASK] where a blank is "
-                     "to be filled, or end the text with [gMASK] to continue it")
+def mask_priority(tokens: SpecialTokens, two_d: bool = False) -> tuple[int, int, int]:
+    """Mask kinds, the one filled first. GLM-130B's generate.py fills [MASK] if the prompt has one,
+    else [sMASK], else [gMASK]; ChatGLM-6B's code (2-D positions) takes [gMASK] before [MASK]."""
+    return (tokens.gmask, tokens.mask, tokens.smask) if two_d else (tokens.mask, tokens.smask, tokens.gmask)
+
+
+def generation_mask(context: list[int], tokens: SpecialTokens, two_d: bool = False) -> int | None:
+    """The mask token a generation pass fills (by `mask_priority`), None when the context has none.
+    Masks of the other kinds stay in the context as ordinary tokens."""
+    return next((kind for kind in mask_priority(tokens, two_d) if kind in context), None)
+
+
+def mask_position(context: list[int], tokens: SpecialTokens, two_d: bool = False) -> tuple[int, bool]:
+    """Index of the first mask of the kind being filled, and whether that kind is [gMASK]."""
+    kind = generation_mask(context, tokens, two_d)
+    if kind is None:
+        raise InputError("context has no [MASK], [sMASK] or [gMASK] token: add [MASK] where a blank is "
+                         "to be filled, or end the text with [gMASK] to continue it")
+    return context.index(kind), kind == tokens.gmask
 
 
 def generation_context(context: list[int], tokens: SpecialTokens = GLM130B_TOKENS,
                        default_mask: int | None = None) -> list[int]:
-    """The official prompt rule: with no mask token, append `default_mask` (or refuse when None);
-    a context that does not end with its mask token gets eos; then <sop>."""
+    """The official prompt rule on ids: with no mask token, append `default_mask` (or refuse when
+    None); a context that does not end with a mask token gets eos; then <sop>. (On text the official
+    rule decides eos by the text itself: glm130b.generate.prompts.parse_prompt.)"""
     context = list(context)
     if not any(t in tokens.mask_ids for t in context):
         if default_mask is None:
@@ -59,7 +72,7 @@ def sequence_positions(sequence: list[int], tokens: SpecialTokens, two_d: bool) 
         raise InputError("sequence has no <sop>: build it as context + [<sop>] + generated tokens "
                          "(generation_context appends <sop>)")
     sop = sequence.index(tokens.sop)
-    mpos, is_gmask = mask_position(sequence[:sop], tokens)
+    mpos, is_gmask = mask_position(sequence[:sop], tokens, two_d)
     n = len(sequence)
     pos = torch.arange(n)
     if two_d:  # ChatGLM-6B: generated tokens all sit at the mask; row 1 counts within the span
@@ -88,6 +101,11 @@ def build_generation_batch(sequences: list[list[int]], tokens: SpecialTokens = G
         raise InputError("no sequences given")
     two_d = position_encoding == "2d"
     total = max(len(s) for s in sequences)
+    # Positions never exceed the length - 1, so checking the length bounds them too.
+    if max_sequence_length is not None and total > max_sequence_length:
+        longest = max(range(len(sequences)), key=lambda b: len(sequences[b]))
+        raise InputError(f"sequence {longest} has {total} tokens, more than max_sequence_length "
+                         f"{max_sequence_length}; shorten the context or generate fewer tokens")
     ids = torch.full((len(sequences), total), tokens.pad, dtype=torch.long)
     pos = torch.zeros((len(sequences), 2, total) if two_d else (len(sequences), total), dtype=torch.long)
     prefix = torch.empty(len(sequences), dtype=torch.long)
@@ -98,8 +116,5 @@ def build_generation_batch(sequences: list[list[int]], tokens: SpecialTokens = G
         ids[b, :len(seq)] = torch.tensor(seq)
         pos[b, ..., :len(seq)] = sequence_positions(seq, tokens, two_d)
         prefix[b] = seq.index(tokens.sop)
-    if max_sequence_length is not None and int(pos.max()) >= max_sequence_length:
-        raise InputError(f"position {int(pos.max())} exceeds max_sequence_length {max_sequence_length}; "
-                         "shorten the context or generate fewer tokens")
     lengths = torch.tensor([len(s) for s in sequences])
     return ModelInputs(ids, pos, prefix_lm_mask(prefix, lengths, total), lengths)

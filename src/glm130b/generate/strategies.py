@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from glm130b.core.config_io import check_field, check_positive_int
 from glm130b.core.errors import InputError
@@ -26,14 +27,16 @@ class Greedy:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Draw from softmax(logits / temperature) restricted to the top_k tokens and then to the
-    smallest set of them whose probability reaches top_p. top_k 0 and top_p 1.0 switch a filter
-    off; temperature 0 means greedy for that row. Each option may be one value or one per prompt.
-    `seed` makes the draws reproducible (same seed, same prompts, same tokens)."""
+    """Draw from softmax(logits / temperature) restricted to the top_k tokens (and those tied with
+    the k-th) and then to the most likely of them while the mass before each is <= top_p
+    (`filter_logits`). top_k 0 and top_p 1.0 switch a filter off; temperature 0 means greedy for
+    that row. Each option may be one value or one per prompt. `seed` makes the draws reproducible
+    (same seed, same prompts, same tokens). Defaults: the official scripts' (scripts/generate.sh:
+    temperature 1.0, top_k 0, top_p 0.7)."""
 
     temperature: float | Sequence[float] = 1.0
     top_k: int | Sequence[int] = 0
-    top_p: float | Sequence[float] = 1.0
+    top_p: float | Sequence[float] = 0.7
     seed: int | None = None
 
     def __post_init__(self):
@@ -51,11 +54,12 @@ class BeamSearch:
     score / ((5 + length) / 6) ** length_penalty, length counting the prompt as the reference does.
     No n-gram of no_repeat_ngram_size generated tokens occurs twice (0 = off); end tokens are
     banned before min_length tokens. draw_candidates=True draws the candidates at random, as the
-    reference does (deterministic top candidates otherwise)."""
+    reference does (deterministic top candidates otherwise). Defaults: the official scripts'
+    (scripts/generate.sh: 4 beams, length penalty 1.0, no-repeat-ngram 3, min length 0)."""
 
     num_beams: int = 4
     length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_size: int = 3
     min_length: int = 0
     draw_candidates: bool = False
     seed: int | None = None
@@ -93,20 +97,22 @@ def per_row(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] with the tokens outside each row's top-k / top-p set at -inf.
+    """logits [B, V] with the tokens outside each row's top-k / top-p set at -inf, by the official
+    rule (SwissArmyTransformer's top_k_logits), applied per row.
 
-    top_k [B] long (0 = no limit), top_p [B] float (1.0 = no limit). top-p acts on the distribution
-    left after top-k, and keeps the most likely tokens until their mass reaches top_p: token i (in
-    descending order) stays if the mass before it is below top_p, so the first always stays. Ties
-    are broken by sort order, so top_k keeps exactly k tokens.
+    top_k [B] long (0 = no limit): every token whose logit is at least the k-th largest stays, so
+    tokens tied with the k-th all stay. top_p [B] float (1.0 = no limit) acts on the distribution
+    left after top-k: in descending order, token i stays while the mass before it is <= top_p (the
+    first always stays; a token that brings the mass exactly to top_p is followed by one more).
     """
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
-    rank = torch.arange(logits.shape[-1], device=logits.device)  # [V]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1]).unsqueeze(-1)  # [B, 1]
-    keep = rank < k
+    V = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V).unsqueeze(-1)  # [B, 1]
+    keep = sorted_logits >= sorted_logits.gather(-1, k - 1)  # ties with the k-th value stay
     probs = torch.softmax(sorted_logits.masked_fill(~keep, NEG_INF), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep &= (mass_before < top_p.unsqueeze(-1)) | (top_p.unsqueeze(-1) >= 1.0)
+    # the mass before each token: the cumulative sum shifted right by one, as the reference does
+    mass_before = F.pad(torch.cumsum(probs, dim=-1)[:, :-1], (1, 0))
+    keep &= (mass_before <= top_p.unsqueeze(-1)) | (top_p.unsqueeze(-1) >= 1.0)
     keep_unsorted = torch.zeros_like(keep).scatter(-1, order, keep)
     return logits.masked_fill(~keep_unsorted, NEG_INF)
 
@@ -175,7 +181,9 @@ class BeamState:
 
     Running beams are rows of a batch of num_beams (the KV cache rows): the first step expands
     beam 0 only (all rows hold the same prompt). Candidates per step: (max(1, #end tokens) + 1) x
-    num_beams, the reference's count, so that enough non-ending candidates remain.
+    num_beams, the reference's count, so that enough non-ending candidates remain; they are scanned
+    best first, an end token finishing a hypothesis, another continuing a beam; once num_beams
+    continue, the next non-ending candidate ends the scan (as the reference does).
     """
 
     def __init__(self, strategy: BeamSearch, prompt_length: int, max_new_tokens: int,
@@ -231,6 +239,8 @@ class BeamState:
                 self.finished.append(Hypothesis(self._score(score, len(tokens)), tokens, score))
             elif len(parents_out) < self.k:
                 parents_out.append(parent), tokens_out.append(token), scores_out.append(score)
+            else:  # as the reference: K beams continue, so the next other candidate ends the scan
+                break  # and end candidates ranked below it are not kept
         self.finished.sort(key=lambda h: h.score, reverse=True)
         del self.finished[self.k:]
         if not parents_out:

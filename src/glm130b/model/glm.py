@@ -222,6 +222,9 @@ class GLM(nn.Module):
         B, S = input_ids.shape
         if S == 0:
             raise InputError("input_ids is empty: give at least one token")
+        if S > cfg.max_sequence_length:  # with a KV cache, cached + new is bounded by the cache's length
+            raise InputError(f"the input has {S} tokens, more than max_sequence_length {cfg.max_sequence_length}; "
+                             "shorten it or truncate the context on the left")
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= cfg.vocab_size:
             bad = low if low < 0 else high

@@ -92,7 +92,8 @@ class Tokenizer:
 
     def encode_prompt(self, text: str) -> list[int]:
         """SPEC 5: split at [MASK]/[sMASK]/[gMASK], encode each piece on its own, insert the mask ids.
-        Nothing is appended: glm130b.generate.inputs.generation_context adds [gMASK], eos and <sop>."""
+        Nothing is appended: glm130b.generate.prompts.parse_prompt adds [gMASK] and eos by the official
+        rule, which reads the text (eos unless it ends with "MASK]"); then <sop> starts the span."""
         pieces = MASK_MARKER.split(text)
         markers = MASK_MARKER.findall(text)
         ids: list[int] = []

@@ -7,9 +7,13 @@ this module only maps names onto them, parses, and turns a GLMError into one lin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from glm130b import demo
 from glm130b.core.errors import GLMError
@@ -75,14 +79,16 @@ GROUP_HELP = {"tokenizer": "train or use a tokenizer", "data": "prepare and insp
 
 
 def _add(subparsers, name: str, command: Command) -> None:
-    parser = subparsers.add_parser(name, help=command.help, description=command.description or command.help)
+    parser = subparsers.add_parser(name, help=command.help, description=command.description or command.help,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     command.add_arguments(parser)
     parser.set_defaults(func=command.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="glm130b", description="Train, quantize, convert and run GLM models (GLM-130B and smaller).")
+        prog="glm130b", description="Train, quantize, convert, serve and run GLM models (GLM-130B and smaller). "
+                                    "`glm130b COMMAND --help` explains each command.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, entry in COMMANDS.items():
         if isinstance(entry, Command):
@@ -95,10 +101,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as `glm130b: warning: ...`, not Python's file:line and source."""
+    return f"glm130b: warning: {message}\n"
+
+
+def check_device(args: argparse.Namespace) -> None:
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
+        raise GLMError(f"--device {device}, but this machine has no CUDA device (or torch is a CPU build); "
+                       "leave --device out or pass --device cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = one_line_warning
     try:
+        check_device(args)
         return args.func(args)
     except GLMError as err:
         print(f"glm130b: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("glm130b: interrupted; finished work is kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
+    except UnicodeDecodeError as err:
+        print(f"glm130b: a file is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8",
+              file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        print(f"glm130b: {err.filename}: {err.strerror}; check the path and its permissions", file=sys.stderr)
         return 2

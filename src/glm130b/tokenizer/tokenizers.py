@@ -221,9 +221,17 @@ class BilingualTokenizer(Tokenizer):
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Either tokenizer: a folder written by `save`, or an icetk ice_text.model (file or folder)."""
     path = Path(path)
+    if path.is_file():  # a model file: its kind comes from the folder's metadata, not the file's shape
+        if (path.parent / META_FILE).is_file():
+            return load_tokenizer(path.parent)
+        if path.name != ICE_MODEL_FILE:
+            raise TokenizerError(f"{path} is a model file without the {META_FILE} that says which tokenizer it "
+                                 f"is; pass the folder written by `glm130b tokenizer train`, or icetk's "
+                                 f"{ICE_MODEL_FILE}")
+        return IceTokenizer(path)
     meta_file = path / META_FILE
     if not meta_file.is_file():
-        if (path / ICE_MODEL_FILE).is_file() or path.is_file():
+        if (path / ICE_MODEL_FILE).is_file():
             return IceTokenizer(path)
         raise TokenizerError(f"{path} holds neither {META_FILE} (a saved tokenizer) nor {ICE_MODEL_FILE}; "
                              "train one with `glm130b tokenizer train` or pass the icetk model")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from glm130b.checkpoint.model_dir import save_model
-from glm130b.cli.main import main
+from glm130b.cli.commands import main
 from glm130b.tokenizer.tokenizers import train_tokenizer
 from tests.helpers import oracle_model
 
@@ -100,3 +100,23 @@ def test_warnings_print_as_one_line():
     assert run.returncode == 2
     warning = [line for line in run.stderr.splitlines() if "deprecated" in line]
     assert warning and warning[0].startswith("glm130b: warning: ") and ".py:" not in run.stderr
+
+
+def test_several_prompts_print_one_json_line_each(model_dir):
+    run = run_cli("generate", "--checkpoint", str(model_dir), "--max-new-tokens", "4", "--json",
+                  "the [MASK] fox", "lazy dog")
+    assert run.returncode == 0, run.stderr
+    lines = [__import__("json").loads(line) for line in run.stdout.splitlines()]
+    assert [line["prompt"] for line in lines] == ["the [MASK] fox", "lazy dog"]
+    assert all(len(line["blanks"]) == 1 and line["text"] for line in lines)
+
+
+def test_a_tokenizer_other_than_the_models_is_refused(model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    trained = tmp_path / "trained"
+    save_model(oracle_model("sat_basic_fp32"), trained)
+    weights = trained / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "glm130b", "tokenizer_fingerprint": "abc"})
+    other = run_cli("generate", "--checkpoint", str(trained), "--tokenizer", str(model_dir / "tokenizer"), "hi")
+    assert other.returncode == 2 and "is not the tokenizer" in other.stderr and "Traceback" not in other.stderr

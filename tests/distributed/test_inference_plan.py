@@ -85,7 +85,7 @@ def test_predicts_the_measured_peak_of_a_cpu_generation_within_10_percent(batch,
 
 
 def test_plan_command_answers_the_question_a_user_asks(capsys):
-    from glm130b.cli.main import main
+    from glm130b.cli.commands import main
 
     assert main(["plan", "--preset", "glm-130b", "--gpus", "4x24GB", "--bits", "4", "--context", "2048"]) == 0
     out = capsys.readouterr().out

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from glm130b.cli.main import main
+from glm130b.cli.commands import main
 from glm130b.core.errors import ConfigError
 from glm130b.distributed.memory_plan import Recipe, estimate, stage_parameter_counts
 from glm130b.distributed.parallelize import (

@@ -7,6 +7,7 @@ import torch
 
 from glm130b import cli
 from glm130b.checkpoint.model_dir import save_model
+from glm130b.cli import commands as cli_main
 from glm130b.generate import commands as generate_commands
 from tests.generate.helpers import LETTERS, CharTokenizer
 
@@ -50,6 +51,8 @@ def test_default_dtype_is_the_checkpoints_on_cuda(trained, tmp_path, monkeypatch
         return trained
 
     monkeypatch.setattr(generate_commands, "load_model", fake_load_model)
+    # no GPU here: skip the command line's refusal of --device cuda (tests/cli/test_cli.py checks it)
+    monkeypatch.setattr(cli_main, "check_device", lambda args: None)
     for extra in (["--device", "cuda"], ["--device", "cpu"], ["--device", "cuda", "--dtype", "bf16"]):
         assert cli.main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "2", *extra, "abc"]) == 0
     assert asked == [("cuda", None), ("cpu", torch.float32), ("cuda", torch.bfloat16)]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from glm130b.checkpoint.model_dir import load_model, save_model
-from glm130b.cli.main import main
+from glm130b.cli.commands import main
 from glm130b.core.errors import CheckpointError
 from glm130b.interop.convert import convert
 from tests.helpers import FIXTURES, oracle_model

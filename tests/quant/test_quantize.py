@@ -17,7 +17,7 @@ from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import load_model, save_model
 from glm130b.checkpoint.quantized import quantized_tensors
 from glm130b.checkpoint.sources import open_model_directory
-from glm130b.cli.main import main
+from glm130b.cli.commands import main
 from glm130b.distributed.inference_plan import GIB, plan_inference
 from glm130b.interop.convert import convert
 from glm130b.quant.format import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from glm130b.cli.main import main
+from glm130b.cli.commands import main
 from glm130b.core.errors import GLMError
 from glm130b.generate.inputs import generation_context
 from glm130b.tokenizer.tokenizers import (

@@ -48,6 +48,15 @@ def load_config(directory: str | Path) -> GLMConfig:
     return GLMConfig.load(path)
 
 
+def weights_metadata(directory: str | Path) -> dict[str, str]:
+    """The string metadata stored with a model directory's weights (scheme, tokenizer fingerprint, step)."""
+    files = safetensors_files(Path(directory))
+    if not files:
+        return {}
+    with safe_open(str(files[0]), "pt") as f:
+        return dict(f.metadata() or {})
+
+
 def load_model(directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GLM:
     """Build the model of `directory` on the meta device and assign its weights (on `device`); a
     quantized directory (the scheme is in the weights' metadata) gives the quantized model."""

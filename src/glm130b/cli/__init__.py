@@ -1,5 +1,5 @@
-"""The `glm130b` command line (cli.main holds the table of commands)."""
+"""The `glm130b` command line (cli.commands holds the table of commands)."""
 
-from glm130b.cli.main import main
+from glm130b.cli.commands import main
 
 __all__ = ["main"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from glm130b.cli.main import main
+from glm130b.cli.commands import main
 
 sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from glm130b.checkpoint.model_dir import load_model
+from glm130b.checkpoint.model_dir import load_model, weights_metadata
 from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import InputError
 from glm130b.distributed.parallelize import init_distributed
@@ -45,6 +46,10 @@ def _load_for_cli(args: argparse.Namespace):
         raise InputError(f"no tokenizer at {tokenizer_dir}: pass --tokenizer DIR (a folder written by "
                          "glm130b's tokenizer, or one holding ice_text.model)")
     tokenizer = load_tokenizer(tokenizer_dir)
+    trained_with = weights_metadata(checkpoint).get("tokenizer_fingerprint")
+    if trained_with is not None and trained_with != tokenizer.fingerprint():
+        raise InputError(f"{tokenizer_dir} is not the tokenizer {checkpoint} was trained with (its fingerprint "
+                         f"differs); pass the model's own tokenizer folder with --tokenizer")
     if args.tp > 1:
         return _load_tensor_parallel(args, checkpoint, dtype), tokenizer
     model = load_model(checkpoint, device=device, dtype=dtype)
@@ -100,9 +105,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     strategy = _strategy_from_args(args)
     model, tokenizer = _load_for_cli(args)
     if args.prompts:
-        if len(args.prompts) > 1:  # a batch: all prompts at once, printed in order
-            for result in generate(model, tokenizer, args.prompts, strategy, args.max_new_tokens, compile=args.compile):
-                print(result.text)
+        if len(args.prompts) > 1 or args.json:  # a batch: all prompts at once, printed in order
+            results = generate(model, tokenizer, args.prompts, strategy, args.max_new_tokens, compile=args.compile)
+            for prompt, result in zip(args.prompts, results, strict=True):
+                print(json.dumps({"prompt": prompt, "text": result.text, "blanks": result.blanks},
+                                 ensure_ascii=False) if args.json else result.text)
         else:
             _answer(model, tokenizer, args.prompts[0], args, strategy, sys.stdout)
         return 0
@@ -148,4 +155,6 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the checkpoint's on cuda (fp16 for the GLM-130B release), fp32 on cpu")
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on the GPU)")
     p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of as it arrives")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt: prompt, text and its blanks "
+                                                       "(answers that hold newlines stay separable)")
 

@@ -67,11 +67,15 @@ class PositionStub(torch.nn.Module):
         self.transformer.word_embeddings = torch.nn.Embedding(16, 8)
         self.tensor_parallel_degree = 1  # as GLM: every head on this process
 
-    def forward(self, input_ids, position_ids, attention_mask, kv_cache=None, check_inputs=True, cache_slots=None):
+    def forward(self, input_ids, position_ids, attention_mask, kv_cache=None, check_inputs=True, cache_slots=None,
+                logits_at=None):
         letter = 7 + position_ids % 8
         nxt = torch.where(input_ids == TOK.sop, letter,
                           torch.where(input_ids == letter, 7 + (position_ids + 1) % 8, TOK.eop))
-        return torch.nn.functional.one_hot(nxt, 16).float() * 10
+        logits = torch.nn.functional.one_hot(nxt, 16).float() * 10
+        if logits_at is not None:  # as GLM: only each row's position logits_at
+            logits = logits[torch.arange(logits.shape[0]), logits_at].unsqueeze(1)
+        return logits
 
 def letter(p):
     return LETTERS[p % 8]

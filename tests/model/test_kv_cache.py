@@ -6,7 +6,7 @@ import torch
 from glm130b import GLM, KVCache
 from glm130b.core.errors import InputError
 from glm130b.generate.inputs import build_generation_batch
-from tests.helpers import ORACLE_TOKENS, oracle_model
+from tests.helpers import ORACLE_TOKENS, load_fixture, oracle_model
 
 T = ORACLE_TOKENS
 GMASK_SEQ = [11, 12, 13, 14, 15, 16, T.gmask, T.sop, 21, 22, 23, 24, 25, 26, 27]
@@ -105,3 +105,14 @@ def test_cache_mask_must_cover_cached_keys(tiny_config):
     step = inputs.step(8, 9)
     with pytest.raises(InputError, match=r"\[batch, 1, new tokens, cached \+ new\]"):
         model(step.input_ids, step.position_ids, step.attention_mask[..., 8:], kv_cache=cache)
+
+
+def test_logits_at_gives_the_full_forwards_rows():
+    fixture = load_fixture("sat_padded_fp32")
+    model = oracle_model("sat_padded_fp32")
+    last = fixture["lengths"] - 1
+    with torch.no_grad():
+        full = model(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"])
+        picked = model(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"], logits_at=last)
+    assert picked.shape == (full.shape[0], 1, full.shape[2])
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(full.shape[0]), last], atol=1e-6, rtol=0)

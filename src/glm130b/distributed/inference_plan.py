@@ -88,14 +88,14 @@ def kv_cache_bytes(config: GLMConfig, tp: int, batch: int, context: int, dtype_b
 def activation_bytes(config: GLMConfig, tp: int, batch: int, context: int, dtype_bytes: int) -> float:
     """The largest transient of the prefill forward (no gradients kept): the residual stream and a
     layer's inputs, q/k/v, the fp32 attention scores and probabilities of the math attention path,
-    the FFN intermediate, and the logits of every position with their fp32 copy."""
+    the FFN intermediate, and the logits of each row's last prompt token with their fp32 copy."""
     h, f, v = config.hidden_size, config.inner_hidden_size, config.vocab_size
     branches = 2 if config.ffn == "geglu" else 1
     tokens = batch * context
     stream = 3 * tokens * h * dtype_bytes
     attention = tokens * 3 * h / tp * dtype_bytes + 2 * batch * (config.num_attention_heads / tp) * context ** 2 * 4
     ffn = tokens * (branches + 1) * f / tp * dtype_bytes
-    logits = tokens * v / tp * (dtype_bytes + 4)
+    logits = batch * v * (dtype_bytes + 4)  # prefill computes the last prompt token's only; + their fp32 copy
     return stream + max(attention, ffn, logits)
 
 

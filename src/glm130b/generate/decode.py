@@ -86,10 +86,10 @@ def prefill(model: GLM, cache: KVCache, contexts: list[list[int]], specials: Spe
     B, L = inputs.input_ids.shape
     mask = F.pad(inputs.attention_mask, (0, cache.max_length - L), value=True)  # [B, 1, L, T]
     slots = torch.arange(L, device=device)
-    logits = model(inputs.input_ids.to(device), inputs.position_ids.to(device), mask.to(device),
-                   kv_cache=cache, cache_slots=slots)  # [B, L, V]
     last = (inputs.lengths - 1).to(device)
-    return logits[torch.arange(B, device=device), last].float()
+    logits = model(inputs.input_ids.to(device), inputs.position_ids.to(device), mask.to(device),
+                   kv_cache=cache, cache_slots=slots, logits_at=last)  # [B, 1, V]
+    return logits[:, 0].float()
 
 
 def decode_one_token(model: GLM, cache: KVCache, tokens: torch.Tensor, step: torch.Tensor,

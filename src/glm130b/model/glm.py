@@ -191,7 +191,9 @@ class GLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 kv_cache: KVCache | None = None, check_inputs: bool = True,
-                cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+                cache_slots: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """logits_at [B]: one position per row whose logits are wanted (a prefill needs only each
+        row's last prompt token: [B, 1, vocab] instead of [B, S, vocab]); None = every position."""
         if check_inputs:  # reads values on the host: hot decode loops validate once and pass False
             self.validate_inputs(input_ids, position_ids, attention_mask, kv_cache, cache_slots)
         embeddings = self.transformer.word_embeddings
@@ -210,8 +212,10 @@ class GLM(nn.Module):
             kv_cache.length += input_ids.shape[1]
         if self.transformer.final_layernorm is None:  # a pipeline stage before the last
             return x  # [B, S, C]
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)  # [B, 1, C]
         x = self.transformer.final_layernorm(x)
-        return F.linear(x, self.output_weight)  # [B, S, vocab]
+        return F.linear(x, self.output_weight)  # [B, S, vocab] ([B, 1, vocab] with logits_at)
 
     def validate_inputs(self, input_ids, position_ids, attention_mask, kv_cache=None, cache_slots=None) -> None:
         cfg = self.config

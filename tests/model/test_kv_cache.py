@@ -115,4 +115,5 @@ def test_logits_at_gives_the_full_forwards_rows():
         full = model(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"])
         picked = model(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"], logits_at=last)
     assert picked.shape == (full.shape[0], 1, full.shape[2])
-    torch.testing.assert_close(picked[:, 0], full[torch.arange(full.shape[0]), last], atol=1e-6, rtol=0)
+    # one row through the head is a matrix-vector product: its sums round differently (|logits| ~65)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(full.shape[0]), last], atol=1e-4, rtol=0)

@@ -12,7 +12,7 @@ from glm130b.checkpoint.model_dir import load_model, save_model
 from glm130b.cli.commands import main
 from glm130b.core.errors import CheckpointError
 from glm130b.interop.convert import convert
-from tests.helpers import FIXTURES, oracle_model
+from tests.helpers import FIXTURES, load_fixture, oracle_model
 
 OFFICIAL = FIXTURES / "official_tp2_fp32"
 
@@ -139,3 +139,30 @@ def test_the_tokenizer_travels_with_the_weights(tmp_path):
     suppressed = set(json.loads((tmp_path / "hf" / "generation_config.json").read_text())["suppress_tokens"])
     assert {tokenizer.specials.gmask, tokenizer.specials.sop} <= suppressed
     assert set(range(tokenizer.vocab_size, 1000)) <= suppressed  # embedding rows no token maps to
+
+
+def test_official_compatible_scales_are_those_of_each_rank_quantized_after_splitting(tmp_path):
+    """The official runtime splits a checkpoint over its ranks and quantizes each rank row-wise: a
+    column-split linear then has one scale per row and rank. Written out here with the official
+    split (convert_tp_rule) and the row-wise formula per piece."""
+    from glm130b.quant.format import QuantScheme, quantize_weight
+
+    model = oracle_model("sat_padded_fp32").half()
+    save_model(model, tmp_path / "fp16")
+    assert main(["quantize", str(tmp_path / "fp16"), str(tmp_path / "q"), "--bits", "4", "--official-tp", "2"]) == 0
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    weights = {k: v for k, v in model.state_dict().items()}
+    for name in [n for n in weights if n.endswith(("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight",
+                                                   "dense_4h_to_h.weight"))]:
+        pieces = [quantize_weight(convert_tp_rule(name, weights[name], rank, 2), QuantScheme(4)) for rank in range(2)]
+        if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):  # split by input columns
+            expected_q = torch.cat([q for q, _ in pieces], dim=1)
+            expected_scale = torch.stack([s for _, s in pieces], dim=1)  # [out, ranks]
+        else:  # split by rows: each rank's rows keep their own row-wise scales
+            expected_q, expected_scale = quantize_weight(weights[name], QuantScheme(4))
+        assert torch.equal(state[name], expected_q) and torch.equal(state[name + "_scale"], expected_scale), name
+    quantized = load_model(tmp_path / "q", dtype=torch.float32)
+    fixture = load_fixture("sat_padded_fp32")
+    with torch.no_grad():
+        logits = quantized(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"])
+    assert torch.isfinite(logits).all()

@@ -24,15 +24,16 @@ def check_quantizable(source: TensorSource, scheme: QuantScheme) -> None:
             name = f"transformer.layers.{i}.{path}.weight"
             if name not in shapes:
                 raise QuantizationError(f"the source has no tensor {name}, which its config implies")
-            scheme.check_shape(*shapes[name], what=name)
+            scheme.for_linear(name.removesuffix(".weight"), shapes[name][1]).check_shape(*shapes[name], what=name)
 
 
 def quantized_specs(specs: list[TensorSpec], scheme: QuantScheme) -> list[TensorSpec]:
     out = []
     for spec in specs:
         if QUANTIZED_WEIGHT.fullmatch(spec.name):
-            out += [TensorSpec(spec.name, torch.int8, scheme.packed_shape(*spec.shape)),
-                    TensorSpec(spec.name + SCALE_SUFFIX, torch.float16, scheme.scale_shape(*spec.shape))]
+            layer = scheme.for_linear(spec.name.removesuffix(".weight"), spec.shape[1])
+            out += [TensorSpec(spec.name, torch.int8, layer.packed_shape(*spec.shape)),
+                    TensorSpec(spec.name + SCALE_SUFFIX, torch.float16, layer.scale_shape(*spec.shape))]
         else:
             out.append(spec)
     return out
@@ -47,13 +48,14 @@ def quantized_tensors(source: TensorSource, scheme: QuantScheme, dtype: torch.dt
             tensor = read_tensor(source, spec.name)
             yield spec.name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
             continue
-        packed = torch.empty(scheme.packed_shape(*spec.shape), dtype=torch.int8)
-        scale = torch.empty(scheme.scale_shape(*spec.shape), dtype=torch.float16)
+        layer = scheme.for_linear(spec.name.removesuffix(".weight"), spec.shape[1])
+        packed = torch.empty(layer.packed_shape(*spec.shape), dtype=torch.int8)
+        scale = torch.empty(layer.scale_shape(*spec.shape), dtype=torch.float16)
         start = 0
         for block in source.row_blocks(spec.name, block_bytes):
             block = block.to(dtype) if dtype is not None else block  # quantize what the model would hold
             stop = start + block.shape[0]
-            packed[start:stop], scale[start:stop] = quantize_weight(block, scheme, spec.name)
+            packed[start:stop], scale[start:stop] = quantize_weight(block, layer, spec.name)
             start = stop
         yield spec.name, packed
         yield spec.name + SCALE_SUFFIX, scale

@@ -11,7 +11,7 @@ from glm130b.quant.format import QuantScheme
 
 
 def _scheme(args: argparse.Namespace) -> QuantScheme | None:
-    return QuantScheme(args.bits, args.group_size) if args.bits else None
+    return QuantScheme(args.bits, args.group_size, args.official_tp) if args.bits else None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -33,6 +33,9 @@ def _add_quantization(parser: argparse.ArgumentParser, required: bool) -> None:
                         "4 or 8")
     parser.add_argument("--group-size", type=int, default=None,
                         help="32, 64 or 128 input columns per scale (default: one scale per row, as the paper)")
+    parser.add_argument("--official-tp", type=int, default=None, metavar="N",
+                        help="scales as the official runtime computes them after splitting the model over N "
+                             "tensor-parallel ranks (one per row and rank in dense and dense_4h_to_h)")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,8 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # The one quantization method this format knows; a checkpoint recording any other is refused.
 METHOD = "weight-only-absmax-symmetric"
 METADATA_KEY = "quantization"
+# Linears that tensor parallel splits by input columns (their partial products are summed over ranks).
+INPUT_SPLIT_LINEARS = ("attention.dense", "mlp.dense_4h_to_h")
 
 
 class QuantizationError(GLMError):
@@ -30,14 +32,23 @@ class QuantizationError(GLMError):
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """`bits` 8 or 4; `group_size` None for one scale per output row, else 32, 64 or 128."""
+    """`bits` 8 or 4; `group_size` None for one scale per output row, else 32, 64 or 128.
+
+    `shards` N reproduces the official runtime, which quantizes each of N tensor-parallel ranks after
+    loading: a linear split by input columns (INPUT_SPLIT_LINEARS) gets one scale per output row and
+    shard, i.e. groups of in / N columns (`for_linear` gives that layer's scheme); the others row-wise."""
 
     bits: int
     group_size: int | None = None
+    shards: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise QuantizationError(f"cannot quantize to {self.bits} bits; choose --bits 8 or --bits 4")
+        if self.shards is not None:
+            if not isinstance(self.shards, int) or self.shards < 1:
+                raise QuantizationError(f"--official-tp must be a positive number of ranks, got {self.shards!r}")
+            return  # the groups of a sharded scheme follow each layer's width (for_linear)
         if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
             raise QuantizationError(f"group size {self.group_size} is not supported; choose one of "
                                     f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))} or leave it out for row-wise scales")
@@ -49,7 +60,18 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
+        if self.shards is not None:
+            return f"int{self.bits}-row-official-tp{self.shards}"
         return f"int{self.bits}-" + ("row" if self.group_size is None else f"group{self.group_size}")
+
+    def for_linear(self, path: str, in_features: int) -> QuantScheme:
+        """The scheme of the linear at `path` (e.g. `transformer.layers.3.attention.dense`)."""
+        if self.shards is None or not path.endswith(INPUT_SPLIT_LINEARS):
+            return self if self.shards is None else QuantScheme(self.bits, None, self.shards)
+        if in_features % self.shards:
+            raise QuantizationError(f"{path} has {in_features} input columns, which {self.shards} tensor-parallel "
+                                    "ranks cannot split evenly; pick --official-tp dividing it")
+        return QuantScheme(self.bits, in_features // self.shards, self.shards)
 
     def check_shape(self, out_features: int, in_features: int, what: str = "weight") -> None:
         if self.bits == 4 and in_features % 2:
@@ -69,7 +91,10 @@ class QuantScheme:
 
     # ------------------------------------------------------------------ checkpoint metadata
     def to_metadata(self) -> dict[str, str]:
-        return {METADATA_KEY: json.dumps({"method": METHOD, "bits": self.bits, "group_size": self.group_size})}
+        record = {"method": METHOD, "bits": self.bits, "group_size": self.group_size}
+        if self.shards is not None:
+            record["shards"] = self.shards
+        return {METADATA_KEY: json.dumps(record)}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str] | None, source: str = "checkpoint") -> QuantScheme | None:
@@ -86,7 +111,7 @@ class QuantScheme:
             raise QuantizationError(f"{source} is quantized with unknown method {method!r}; this version reads only "
                                     f"{METHOD!r} (re-quantize the fp16 model with `glm130b quantize`)")
         try:
-            return cls(bits, group_size)
+            return cls(bits, group_size, record.get("shards"))
         except QuantizationError as err:
             raise QuantizationError(f"{source} records an unknown quantization scheme: {err}") from None
 

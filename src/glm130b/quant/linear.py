@@ -65,8 +65,9 @@ def replace_linears(model: GLM, scheme: QuantScheme) -> GLM:
     """Swap the quantized linears for empty QuantizedLinear modules (for loading; any device, meta too)."""
     for name, parent, child in _quantized_linears(model):
         linear = getattr(parent, child)
-        scheme.check_shape(linear.out_features, linear.in_features, name)
-        setattr(parent, child, QuantizedLinear(linear.in_features, linear.out_features, scheme,
+        layer_scheme = scheme.for_linear(name, linear.in_features)
+        layer_scheme.check_shape(linear.out_features, linear.in_features, name)
+        setattr(parent, child, QuantizedLinear(linear.in_features, linear.out_features, layer_scheme,
                                                linear.bias is not None, linear.weight.device, linear.weight.dtype))
     return model
 
@@ -75,5 +76,6 @@ def replace_linears(model: GLM, scheme: QuantScheme) -> GLM:
 def quantize_model(model: GLM, scheme: QuantScheme) -> GLM:
     """Quantize a loaded model in place (small models; large ones stream through `glm130b quantize` or `convert --bits`)."""
     for name, parent, child in _quantized_linears(model):
-        setattr(parent, child, QuantizedLinear.from_linear(getattr(parent, child), scheme, name))
+        linear = getattr(parent, child)
+        setattr(parent, child, QuantizedLinear.from_linear(linear, scheme.for_linear(name, linear.in_features), name))
     return model

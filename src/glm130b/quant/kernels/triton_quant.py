@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glm130b.quant.format import QuantizationError, QuantScheme
+from glm130b.quant.format import SUPPORTED_GROUP_SIZES, QuantizationError, QuantScheme
 
 # fp32 1.0 (0x3F800000) with mantissa bit 22 set: xor-ing a value field placed at the top of the
 # mantissa sets the exponent of 1.0 and flips the field's sign bit (two's complement -> offset binary).
@@ -179,8 +179,9 @@ def decode_split_k(out_features: int, in_features: int) -> int:
 
 
 def supports(scheme: QuantScheme, in_features: int) -> bool:
-    """Whether the kernels take this layer: its packed rows must be whole int32 words."""
-    return in_features % (32 // scheme.bits) == 0
+    """Whether the kernels take this layer: its packed rows must be whole int32 words, its groups (if
+    any) of the sizes they were tuned for (a sharded scheme's wide groups use the tile path)."""
+    return in_features % (32 // scheme.bits) == 0 and scheme.group_size in (None, *SUPPORTED_GROUP_SIZES)
 
 
 def triton_quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="model size in GB (fp16)")
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = synthetic_model(tmp / "dir", args.gb)
         total = (tmp / "dir" / "model.safetensors").stat().st_size

@@ -205,7 +205,6 @@ BAD_REQUESTS = [
     ("over-length prompt", {"prompt": "a" * 600}, 400, "more than this server's limit of 512 tokens"),
     ("too many tokens", {"prompt": "abc", "max_tokens": 600}, 400, "lower max_tokens"),
     ("unknown marker", {"prompt": "ab[XMASK]c"}, 400, "unknown mask marker [XMASK]"),
-    ("mixed markers", {"prompt": "a[MASK]b[gMASK]"}, 400, "use one kind of mask per prompt"),
     ("unsupported option", {"prompt": "abc", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
     ("beams with n", {"prompt": "abc", "num_beams": 2, "n": 2}, 400, "cannot be combined with beam search"),
     ("too many stops", {"prompt": "abc", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),

@@ -11,51 +11,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from glm130b.checkpoint.model_dir import load_model, weights_metadata
-from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import InputError
 from glm130b.distributed.parallelize import init_distributed
 from glm130b.distributed.sharded_inference import load_sharded_model
 from glm130b.generate.api import generate, generate_text, stream_text
 from glm130b.generate.decode import DEFAULT_MAX_NEW_TOKENS
+from glm130b.generate.loading import default_dtype, load_for_inference, load_tokenizer_for, resolve_device
 from glm130b.generate.strategies import BeamSearch, Greedy, Sampling, Strategy
 from glm130b.model.glm import GLM
-from glm130b.quant.format import QuantScheme
-from glm130b.quant.linear import QuantizedLinear, quantize_model
-from glm130b.tokenizer.tokenizers import load_tokenizer
-
-
-def default_dtype(requested: str | None, device: torch.device) -> torch.dtype | None:
-    """--dtype, else the checkpoint's own on CUDA (None: load_model keeps the stored dtype; fp16 for
-    the GLM-130B release, the dtype it was trained and evaluated in), else fp32 on CPU (where fp16
-    and bf16 matmuls are slow)."""
-    if requested is not None:
-        return DTYPES[requested]
-    return None if device.type == "cuda" else torch.float32
 
 
 def _load_for_cli(args: argparse.Namespace):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = default_dtype(args.dtype, device)
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():
-        raise InputError(f"--checkpoint {checkpoint} is not a directory: give a model directory "
-                         "(config.json + model.safetensors, as written by glm130b)")
-    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else checkpoint / "tokenizer"
-    if not tokenizer_dir.exists():
-        raise InputError(f"no tokenizer at {tokenizer_dir}: pass --tokenizer DIR (a folder written by "
-                         "glm130b's tokenizer, or one holding ice_text.model)")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    trained_with = weights_metadata(checkpoint).get("tokenizer_fingerprint")
-    if trained_with is not None and trained_with != tokenizer.fingerprint():
-        raise InputError(f"{tokenizer_dir} is not the tokenizer {checkpoint} was trained with (its fingerprint "
-                         f"differs); pass the model's own tokenizer folder with --tokenizer")
     if args.tp > 1:
-        return _load_tensor_parallel(args, checkpoint, dtype), tokenizer
-    model = load_model(checkpoint, device=device, dtype=dtype)
-    if args.quantized:
-        model = _quantize(model, args.bits, args.group_size)
-    return model.eval(), tokenizer
+        checkpoint = Path(args.checkpoint)
+        tokenizer = load_tokenizer_for(checkpoint, args.tokenizer)
+        return _load_tensor_parallel(args, checkpoint, default_dtype(args.dtype, resolve_device(args.device))), tokenizer
+    return load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype,
+                              args.bits if args.quantized else None, args.group_size)
 
 
 def _load_tensor_parallel(args: argparse.Namespace, checkpoint: Path, dtype: torch.dtype) -> GLM:
@@ -73,14 +45,6 @@ def _load_tensor_parallel(args: argparse.Namespace, checkpoint: Path, dtype: tor
     if rank != 0:  # every rank computes the same tokens; one prints them
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (kept open for the life of the process)
     return load_sharded_model(checkpoint, args.tp, rank, device=device, dtype=dtype)
-
-
-def _quantize(model: GLM, bits: int, group_size: int | None) -> GLM:
-    """Weight-only quantization of the loaded float model (a directory written by `glm130b quantize`
-    is already quantized: load_model sees that and needs no flag)."""
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        return model
-    return quantize_model(model, QuantScheme(bits, group_size))
 
 
 def _strategy_from_args(args: argparse.Namespace) -> Strategy:

@@ -8,14 +8,10 @@ from pathlib import Path
 
 import torch
 
-from glm130b.checkpoint.model_dir import load_model
-from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import InputError
-from glm130b.quant.format import QuantScheme
-from glm130b.quant.linear import QuantizedLinear, quantize_model
+from glm130b.generate.loading import load_for_inference
 from glm130b.serve import limits
 from glm130b.serve.engine import Engine
-from glm130b.tokenizer.tokenizers import load_tokenizer
 
 # The HTTP stack is the `serve` extra: without it every other command still works, and this one
 # says what to install.
@@ -34,24 +30,8 @@ QUANTIZED_BITS = {"int8": 8, "int4": 4}
 
 
 def load_for_serving(args: argparse.Namespace):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise InputError(f"--model {model_dir} is not a directory: give a model directory "
-                         "(config.json + model.safetensors, as written by glm130b)")
-    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else model_dir / "tokenizer"
-    if not tokenizer_dir.exists():
-        raise InputError(f"no tokenizer at {tokenizer_dir}: pass --tokenizer DIR (a folder written by "
-                         "glm130b's tokenizer, or one holding ice_text.model)")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = load_model(model_dir, device=device, dtype=dtype)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise InputError(f"the tokenizer at {tokenizer_dir} has {tokenizer.vocab_size} ids but the model only "
-                         f"{model.config.vocab_size} rows: they do not belong together; pass the model's --tokenizer")
-    if args.quantized and not any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        model = quantize_model(model, QuantScheme(QUANTIZED_BITS[args.quantized], args.group_size))
-    return model.eval(), tokenizer
+    bits = QUANTIZED_BITS[args.quantized] if args.quantized else None
+    return load_for_inference(args.model, args.tokenizer, args.device, args.dtype, bits, args.group_size)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -102,13 +102,17 @@ def summarize(grid: Grid, outcomes: list[RunOutcome], rule: SpikeRule) -> list[s
     effects = [_effect(axis, outcomes, stats) for axis, values in grid.axes.items() if len(values) > 1]
     paragraphs += [text for text, _ in effects]
     paragraphs += _identical(grid, outcomes)
-    quiet = (not any(s.diverged for s in stats) and not any(o.verdict.events for o in outcomes)
-             and not any(shown for _, shown in effects))
-    if quiet:
-        paragraphs.append("At this scale the grid shows nothing: no run diverged, no loss spiked, and no switch "
-                          "moved the loss beyond seed noise. That is no evidence against the paper's choices, whose "
-                          "failures appeared at 100 B parameters; --lr-multiplier, a shorter warmup or a larger model "
-                          "bring instability closer.")
+    if not any(s.diverged for s in stats) and not any(o.verdict.events for o in outcomes):
+        if any(shown for _, shown in effects):
+            quiet = "no run diverged and no loss spiked, so it shows nothing on stability itself"
+        elif seed_spread(stats) is None:
+            quiet = ("no run diverged and no loss spiked, and with one seed per setting no loss difference can be "
+                     "told from seed noise: it shows nothing")
+        else:
+            quiet = "it shows nothing: no run diverged, no loss spiked, no switch moved the loss beyond seed noise"
+        paragraphs.append(f"At this scale {quiet}. That is no evidence against the paper's choices, whose failures "
+                          "appeared at 100 B parameters; --lr-multiplier, a shorter warmup (--warmup-multiplier) or "
+                          "a larger model bring instability closer.")
     if len(outcomes) < len(grid.runs()):
         paragraphs.append(f"Only {len(outcomes)} of the {len(grid.runs())} runs have finished; run the same command "
                           "again to train the rest (finished runs are kept).")

@@ -41,22 +41,27 @@ def _what_ran(grid: Grid, rule: SpikeRule, command: str | None) -> str:
 
     switches = "\n".join(f"- `{axis}` ({SWITCHES[axis].field}: {SWITCHES[axis].meaning}): {', '.join(values)}"
                          for axis, values in grid.axes.items())
+    backend = "reference" if "softmax" in grid.axes else model.attention_backend
+    ramp = f"ramped from {base.rampup_start_batch_size}" if base.rampup_start_batch_size else "no ramp-up"
     return f"""
 {f"Command: `{command}`" if command else ""}
 
-{len(grid.settings())} settings x {grid.seeds} seeds = {len(grid.runs())} runs, each the base run with one value per switch:
+{len(grid.settings())} settings x {grid.seeds} seed(s) = {len(grid.runs())} runs, each the base run with one value per switch:
 
 {switches}
 
-Base run: {base.model_preset} shape ({model.num_layers} layers, hidden {model.hidden_size}, vocabulary {model.vocab_size}),
-layer norms {fixed("model.layernorm_order", model.layernorm_order)}, attention softmax
-{fixed("model.attention_softmax", model.attention_softmax)} ({"reference" if "softmax" in grid.axes else model.attention_backend}
-attention), precision {fixed("precision", base.precision)}, embedding gradient scale
-{fixed("embedding_grad_scale", base.embedding_grad_scale)}; {base.train_samples} samples of {base.sequence_length} tokens,
-global batch {base.global_batch_size} (ramped from {base.rampup_start_batch_size}), lr {base.lr:g} -> {base.min_lr:g}
-with warmup over {base.warmup_samples} samples, gradient clip {base.grad_clip:g}, dropout {model.hidden_dropout:g},
-spike guard {"on" if base.spike_guard.enabled else "off"}. Every run sees the same batches in the same order (data
-seed {base.sampler_seed}); seed i initialises every setting with the same weights (seed {base.seed} + i).
+The base run, the same for every run but the switches:
+
+- model: {base.model_preset} shape, {model.num_layers} layers, hidden {model.hidden_size}, vocabulary {model.vocab_size}
+- layer norms {fixed("model.layernorm_order", model.layernorm_order)}, attention softmax \
+{fixed("model.attention_softmax", model.attention_softmax)} ({backend} attention), dropout {model.hidden_dropout:g}
+- data: {base.train_samples} samples of {base.sequence_length} tokens, global batch {base.global_batch_size} ({ramp}); \
+every run sees the same batches in the same order (data seed {base.sampler_seed})
+- optimiser: lr {base.lr:g} -> {base.min_lr:g}, warmup over {base.warmup_samples} samples, gradient clip {base.grad_clip:g}
+- precision {fixed("precision", base.precision)}, embedding gradient scale \
+{fixed("embedding_grad_scale", base.embedding_grad_scale)}
+- seed i initialises every setting with the same weights (seed {base.seed} + i); spike guard \
+{"on" if base.spike_guard.enabled else "off"}
 
 Spike event: a loss above {rule.factor:g} x the median of the last {rule.window} healthy losses (tested from step
 {rule.min_history} on), until it is back under that line. Diverged: a non-finite loss, a loss still above the line

@@ -43,7 +43,7 @@ def score(outcome: RunOutcome) -> float:
 def score_name(outcomes: list[RunOutcome]) -> str:
     if any(o.valid_loss is not None for o in outcomes):
         return "final validation loss"
-    return "final training loss (mean of the last tenth of the steps; the grid has no validation data)"
+    return "final train loss (mean over the last tenth of the steps: the grid has no validation data)"
 
 
 def by_setting(grid: Grid, outcomes: list[RunOutcome]) -> list[SettingStats]:
@@ -111,8 +111,8 @@ def summarize(grid: Grid, outcomes: list[RunOutcome], rule: SpikeRule) -> list[s
         else:
             quiet = "it shows nothing: no run diverged, no loss spiked, no switch moved the loss beyond seed noise"
         paragraphs.append(f"At this scale {quiet}. That is no evidence against the paper's choices, whose failures "
-                          "appeared at 100 B parameters; --lr-multiplier, a shorter warmup (--warmup-multiplier) or "
-                          "a larger model bring instability closer.")
+                          "it reports at tens of billions of parameters and more; --lr-multiplier, a shorter warmup "
+                          "(--warmup-multiplier) or a larger model bring instability closer.")
     if len(outcomes) < len(grid.runs()):
         paragraphs.append(f"Only {len(outcomes)} of the {len(grid.runs())} runs have finished; run the same command "
                           "again to train the rest (finished runs are kept).")
@@ -123,7 +123,9 @@ def _scale(grid: Grid, outcomes: list[RunOutcome]) -> str:
     base = grid.base
     steps = max(o.result["steps"] for o in outcomes)
     tokens = base.train_samples * base.sequence_length
-    return (f"Scale: {outcomes[0].result['parameters']:,}-parameter models, up to {steps} steps of at most "
+    sizes = sorted({o.result["parameters"] for o in outcomes})  # sandwich adds two LayerNorms a layer
+    size = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
+    return (f"Scale: {size}-parameter models, up to {steps} steps of at most "
             f"{base.global_batch_size} sequences of {base.sequence_length} tokens ({tokens:,} token positions per "
             f"run), peak learning rate {base.lr:g} with warmup over {base.warmup_samples} samples.")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from glm130b.ablation.findings import by_setting, label, mean_range, mean_spread, score_name, summarize
+from glm130b.ablation.findings import by_setting, label, mean_range, mean_spread, summarize
 from glm130b.ablation.grid import RUNS_DIR, SWITCHES, Grid
 from glm130b.ablation.outcomes import RunOutcome, read_outcome
 from glm130b.ablation.spikes import SpikeRule
@@ -27,7 +27,7 @@ def write_grid_report(grid: Grid, rule: SpikeRule, command: str | None = None) -
                 ("Summary", "\n\n".join(summarize(grid, outcomes, rule))),
                 ("Curves", f"![loss and gradient norm of every run]({curves.name})" if curves else
                  "No figure: " + ("no run has finished yet." if not outcomes else "matplotlib is not installed.")),
-                ("Per setting (mean ± standard deviation over seeds)", setting_table(grid, outcomes)),
+                ("Per setting (mean ± standard deviation over seeds; diverged runs left out of the losses)", setting_table(grid, outcomes)),
                 ("Per run", run_table(grid, outcomes))]
     return write_report(grid.out_dir / REPORT_FILE, "Stability ablation", sections)
 
@@ -70,13 +70,15 @@ at the end after {rule.window} steps or more, or a run the spike guard gave up o
 
 
 def setting_table(grid: Grid, outcomes: list[RunOutcome]) -> str:
-    header = [*grid.axes, "seeds done", score_name(outcomes).split(" (")[0], "final train loss", "spike events",
+    header = [*grid.axes, "seeds done", "final validation loss", "final train loss", "spike events",
               "loss-scale skips", "guard rollbacks", "diverged"]
     rows = []
     for stats in by_setting(grid, outcomes):
         done = stats.outcomes
-        rows.append([*stats.setting.values(), f"{len(done)}/{grid.seeds}", mean_spread(stats.scores()),
-                     mean_spread([o.final_train_loss for o in done if not o.divergence]),
+        healthy = [o for o in done if not o.divergence]
+        rows.append([*stats.setting.values(), f"{len(done)}/{grid.seeds}",
+                     mean_spread([o.valid_loss for o in healthy if o.valid_loss is not None]),
+                     mean_spread([o.final_train_loss for o in healthy]),
                      mean_range([len(o.verdict.events) for o in done]), mean_range([o.loss_scale_skips for o in done]),
                      mean_range([o.interventions for o in done]), f"{len(stats.diverged)}/{len(done)}"])
     return markdown_table(header, rows)

@@ -3,12 +3,15 @@
 import dataclasses
 
 import pytest
+import torch
 
 from glm130b.ablation.grid import parse_grid, provoked, samples_for_steps
 from glm130b.cli.main import main
 from glm130b.core.errors import ConfigError
+from glm130b.train.data_setup import build_data
 from glm130b.train.optim import global_batch_size_at
 from tests.ablation.helpers import tiny_base, tiny_grid
+from tests.data.helpers import load_stub, make_stub, prepare, random_texts, write_jsonl
 
 
 def test_grid_switches_parse_in_order():
@@ -65,6 +68,13 @@ def trainer_steps(config, total):
     return steps
 
 
+def test_data_seed_defaults_to_seed_and_is_checked(tmp_path):
+    assert tiny_base(tmp_path, seed=5).sampler_seed == 5
+    assert tiny_base(tmp_path, seed=5, data_seed=9).sampler_seed == 9
+    with pytest.raises(ConfigError, match="data_seed must be an integer >= 0 or null, got -1"):
+        tiny_base(tmp_path, data_seed=-1)
+
+
 def test_provocation_scales_the_lr_schedule_and_the_warmup(tmp_path):
     base = tiny_base(tmp_path, lr=2e-3, min_lr=2e-4, warmup_fraction=0.2)
     hot = provoked(base, 30, lr_multiplier=4.0, warmup_multiplier=0.25)
@@ -88,3 +98,22 @@ def test_cli_reports_a_bad_grid_in_one_line(tmp_path, capsys):
     assert main(["ablate", "--config", str(path), "--grid", "layernorm=peri", "--steps", "5"]) == 2
     assert capsys.readouterr().err == ("glm130b: layernorm=peri is not a choice; layernorm takes deepnorm, post, pre, "
                                        "sandwich\n")
+
+
+def test_data_seed_fixes_the_batches_whatever_the_seed(tmp_path):
+    """build_data draws training and validation batches from data_seed when it is set, from seed otherwise."""
+    stub = make_stub(tmp_path / "stub", mode="bytes")
+    texts = write_jsonl(tmp_path / "en.jsonl", [{"text": t} for t in random_texts(400, seed=0)])
+    prepare([("en", texts, "en", 1)], stub, tmp_path / "corpus")
+    tokenizer = load_stub(str(stub))
+
+    def batches(**seeds):
+        config = tiny_base(tmp_path, corpus=str(tmp_path / "corpus"), valid_corpus=str(tmp_path / "corpus"),
+                           eval_batches=1, **seeds)
+        train, valid = build_data(config, tokenizer)
+        return train.micro_batch(3).input_ids, valid["en"][0].input_ids
+
+    for fixed, other in zip(batches(seed=1, data_seed=7), batches(seed=2, data_seed=7)):
+        assert torch.equal(fixed, other)
+    for own, other in zip(batches(seed=1), batches(seed=2)):
+        assert not torch.equal(own, other)

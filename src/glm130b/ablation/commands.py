@@ -17,7 +17,8 @@ from glm130b.train.config import TrainConfig
 def cmd_ablate(args: argparse.Namespace) -> int:
     base = provoked(TrainConfig.load(args.config, args.set), args.steps, args.lr_multiplier, args.warmup_multiplier)
     grid = Grid(base, parse_grid(args.grid), args.seeds, args.out)
-    rule = SpikeRule(args.spike_factor, args.spike_window, min(args.spike_window, SpikeRule.min_history)).validate()
+    rule = SpikeRule(factor=args.spike_factor, grad_factor=args.grad_spike_factor, window=args.spike_window,
+                     min_history=min(args.spike_window, SpikeRule.min_history)).validate()
     command = shlex.join(["glm130b", *sys.argv[1:]])
     total = len(grid.runs())
 
@@ -53,6 +54,8 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: the base config's device, runs one after another")
     parser.add_argument("--spike-factor", type=float, default=SpikeRule.factor,
                         help="a spike is a loss this many times the running median of recent healthy steps")
+    parser.add_argument("--grad-spike-factor", type=float, default=SpikeRule.grad_factor,
+                        help="a gradient-norm spike is a norm this many times its running median")
     parser.add_argument("--spike-window", type=int, default=SpikeRule.window,
                         help="healthy steps in the running median; a spike lasting this long to the end is divergence")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

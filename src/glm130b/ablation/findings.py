@@ -103,13 +103,15 @@ def summarize(grid: Grid, outcomes: list[RunOutcome], rule: SpikeRule) -> list[s
     paragraphs += [text for text, _ in effects]
     paragraphs += _identical(grid, outcomes)
     if not any(s.diverged for s in stats) and not any(o.verdict.events for o in outcomes):
+        calm = "no run diverged and no loss spiked"
+        if any(o.grad_spikes for o in outcomes):
+            calm += " (gradient norms spiked, as counted above, without the loss following)"
         if any(shown for _, shown in effects):
-            quiet = "no run diverged and no loss spiked, so it shows nothing on stability itself"
+            quiet = f"{calm}: on stability itself it shows nothing more"
         elif seed_spread(stats) is None:
-            quiet = ("no run diverged and no loss spiked, and with one seed per setting no loss difference can be "
-                     "told from seed noise: it shows nothing")
+            quiet = f"{calm}, and with one seed per setting no loss difference can be told from seed noise"
         else:
-            quiet = "it shows nothing: no run diverged, no loss spiked, no switch moved the loss beyond seed noise"
+            quiet = f"{calm}, and no switch moved the loss beyond seed noise: it shows nothing"
         paragraphs.append(f"At this scale {quiet}. That is no evidence against the paper's choices, whose failures "
                           "it reports at tens of billions of parameters and more; --lr-multiplier, a shorter warmup "
                           "(--warmup-multiplier) or a larger model bring instability closer.")
@@ -141,17 +143,22 @@ def _divergence(stats: list[SettingStats], finished: int) -> str:
 
 
 def _spikes(grid: Grid, outcomes: list[RunOutcome], rule: SpikeRule) -> str:
-    rule_text = (f"a loss above {rule.factor:g} x the median of the last {rule.window} healthy steps, "
-                 f"tested from step {rule.min_history} on")
-    total = sum(len(o.verdict.events) for o in outcomes)
+    return (_events("spike events", lambda o: o.verdict.events, grid, outcomes, rule.factor, rule)
+            + " " + _events("gradient-norm spikes", lambda o: o.grad_spikes, grid, outcomes, rule.grad_factor, rule))
+
+
+def _events(what: str, events, grid: Grid, outcomes: list[RunOutcome], factor: float, rule: SpikeRule) -> str:
+    """One sentence on the events of one curve: none, or their count per value of each switch."""
+    rule_text = f"above {factor:g} x the median of the last {rule.window} healthy steps"
+    total = sum(len(events(o)) for o in outcomes)
     if not total:
-        return f"No spike events ({rule_text}) in any run."
+        return f"No {what} ({rule_text}) in any run."
     parts = []
     for axis, values in grid.axes.items():
         if len(values) > 1:
-            counts = {v: sum(len(o.verdict.events) for o in outcomes if o.run.setting[axis] == v) for v in values}
-            parts.append(f"{axis}: " + ", ".join(f"{v} {n}" for v, n in counts.items()))
-    return f"{total} spike events ({rule_text}) in all" + (f"; by {'; '.join(parts)}." if parts else ".")
+            counts = {v: sum(len(events(o)) for o in outcomes if o.run.setting[axis] == v) for v in values}
+            parts.append(f"{axis} " + ", ".join(f"{v}: {n}" for v, n in counts.items()))
+    return f"{total} {what} ({rule_text}) in all" + (f"; by {'; '.join(parts)}." if parts else ".")
 
 
 def _effect(axis: str, outcomes: list[RunOutcome], stats: list[SettingStats]) -> tuple[str, bool]:

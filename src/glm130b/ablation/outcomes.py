@@ -3,13 +3,14 @@ loss-scale skips, spike-guard interventions, spike events, divergence, final los
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
 
 from glm130b.ablation.grid import GridRun
 from glm130b.ablation.runner import read_result, run_folder
-from glm130b.ablation.spikes import CurveVerdict, SpikeRule, find_spikes
+from glm130b.ablation.spikes import CurveVerdict, SpikeEvent, SpikeRule, find_spikes
 from glm130b.train.metrics import read_metrics
 from glm130b.train.report import last_per_step
 
@@ -27,7 +28,8 @@ class RunOutcome:
     grad_norms: list[float]
     loss_scale_skips: int        # fp16 steps whose update was skipped for an overflow
     interventions: int           # spike-guard rollbacks
-    verdict: CurveVerdict
+    verdict: CurveVerdict        # of the loss curve
+    grad_spikes: list[SpikeEvent]  # of the gradient-norm curve
 
     @property
     def divergence(self) -> str | None:
@@ -55,8 +57,12 @@ def read_outcome(run: GridRun, rule: SpikeRule) -> RunOutcome | None:
     metrics = run_folder(run) / "metrics"
     train = last_per_step(read_metrics(metrics, "train"))  # a step replayed after a rollback counts once
     steps, losses = [r["step"] for r in train], [float(r["loss"]) for r in train]
+    # fp16 overflow steps have an infinite norm by definition: the loss scaler's business, not a spike
+    norms = [(s, float(r["grad_norm"])) for s, r in zip(steps, train) if not r.get("skipped_update")]
     return RunOutcome(run=run, result=result, steps=steps, losses=losses,
                       grad_norms=[float(r["grad_norm"]) for r in train],
                       loss_scale_skips=sum(bool(r.get("skipped_update")) for r in train),
                       interventions=len(read_metrics(metrics, "intervention")),
-                      verdict=find_spikes(steps, losses, rule))
+                      verdict=find_spikes(steps, losses, rule),
+                      grad_spikes=find_spikes([s for s, _ in norms], [n for _, n in norms],
+                                              dataclasses.replace(rule, factor=rule.grad_factor)).events)

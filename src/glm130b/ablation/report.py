@@ -64,14 +64,15 @@ every run sees the same batches in the same order (data seed {base.sampler_seed}
 {"on" if base.spike_guard.enabled else "off"}
 
 Spike event: a loss above {rule.factor:g} x the median of the last {rule.window} healthy losses (tested from step
-{rule.min_history} on), until it is back under that line. Diverged: a non-finite loss, a loss still above the line
+{rule.min_history} on), until it is back under that line; a gradient-norm spike, the same with {rule.grad_factor:g} x
+on the gradient norm before clipping. Diverged: a non-finite loss, a loss still above the line
 at the end after {rule.window} steps or more, or a run the spike guard gave up on. Run folders: `{grid.out_dir / RUNS_DIR}`.
 """
 
 
 def setting_table(grid: Grid, outcomes: list[RunOutcome]) -> str:
     header = [*grid.axes, "seeds done", "final validation loss", "final train loss", "spike events",
-              "loss-scale skips", "guard rollbacks", "diverged"]
+              "grad-norm spikes", "loss-scale skips", "guard rollbacks", "diverged"]
     rows = []
     for stats in by_setting(grid, outcomes):
         done = stats.outcomes
@@ -79,7 +80,8 @@ def setting_table(grid: Grid, outcomes: list[RunOutcome]) -> str:
         rows.append([*stats.setting.values(), f"{len(done)}/{grid.seeds}",
                      mean_spread([o.valid_loss for o in healthy if o.valid_loss is not None]),
                      mean_spread([o.final_train_loss for o in healthy]),
-                     mean_range([len(o.verdict.events) for o in done]), mean_range([o.loss_scale_skips for o in done]),
+                     mean_range([len(o.verdict.events) for o in done]), mean_range([len(o.grad_spikes) for o in done]),
+                     mean_range([o.loss_scale_skips for o in done]),
                      mean_range([o.interventions for o in done]), f"{len(stats.diverged)}/{len(done)}"])
     return markdown_table(header, rows)
 
@@ -90,12 +92,13 @@ def run_table(grid: Grid, outcomes: list[RunOutcome]) -> str:
     for run in grid.runs():
         o = finished.get(run.name)
         if o is None:
-            rows.append([run.name, run.config.seed, "not run yet", "", "", "", "", "", ""])
+            rows.append([run.name, run.config.seed, "not run yet", "", "", "", "", "", "", ""])
             continue
         rows.append([run.name, run.config.seed, o.result["steps"], _number(o.valid_loss), _number(o.final_train_loss),
-                     len(o.verdict.events), o.loss_scale_skips, o.interventions, o.divergence or "no"])
+                     len(o.verdict.events), len(o.grad_spikes), o.loss_scale_skips, o.interventions,
+                     o.divergence or "no"])
     return markdown_table(["run", "seed", "steps", "final validation loss", "final train loss", "spike events",
-                           "loss-scale skips", "guard rollbacks", "diverged"], rows)
+                           "grad-norm spikes", "loss-scale skips", "guard rollbacks", "diverged"], rows)
 
 
 def _number(value: float | None) -> str:

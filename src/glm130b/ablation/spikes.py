@@ -6,6 +6,7 @@ step back at or below that threshold. Steps inside an event never enter the base
 that jumps to a higher level and stays there remains one open event. A run diverged when a loss is
 non-finite, or when it ends inside an event that has lasted `window` steps or more (never recovered).
 
+The same rule with grad_factor finds gradient-norm spikes (their divergence verdict is not used).
 Unlike glm130b.train.spike_guard, which decides online whether to roll back, this only reads curves.
 """
 
@@ -25,11 +26,15 @@ class SpikeRule:
     # 1.3: per-step losses of small runs wander by ~10 % around their trend (batch to batch); a
     # step 30 % above the median of its recent past is far outside that.
     factor: float = 1.3
+    # The same rule on the gradient norm (before clipping), whose spikes the paper saw come before
+    # loss spikes: healthy norms swing by several times, so 10 (the spike guard's default ratio).
+    grad_factor: float = 10.0
     window: int = 50        # healthy steps in the baseline median
     min_history: int = 20   # no test before this many healthy steps (the first losses fall fast)
 
     def validate(self) -> SpikeRule:
         check_field("spike factor", self.factor, float, lambda v: v > 1, "a number above 1")
+        check_field("gradient-norm spike factor", self.grad_factor, float, lambda v: v > 1, "a number above 1")
         check_positive_int("spike window", self.window)
         check_positive_int("spike min_history", self.min_history)
         if self.min_history > self.window:

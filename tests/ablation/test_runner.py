@@ -110,3 +110,9 @@ def test_one_worker_process_per_device(tmp_path):
     for run in grid.runs():
         result = json.loads((run_folder(run) / RESULT_FILE).read_text())
         assert (result["steps"], result["device"]) == (4, "cpu")
+
+
+def test_torchrun_is_refused_with_the_alternative(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(GLMError, match="pass --devices cuda:0,cuda:1,... to train one run per GPU"):
+        run_grid(tiny_grid(tmp_path, {"egs": ["1.0"]}), counting_data())

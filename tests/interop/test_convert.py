@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import load_model, save_model
 from glm130b.cli.commands import main
 from glm130b.core.errors import CheckpointError
@@ -166,3 +167,14 @@ def test_official_compatible_scales_are_those_of_each_rank_quantized_after_split
     with torch.no_grad():
         logits = quantized(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"])
     assert torch.isfinite(logits).all()
+
+
+def test_another_layernorm_order_round_trips_as_a_directory_but_not_as_official_shards(tmp_path, capsys):
+    config = oracle_model("sat_basic_fp32").config
+    model = GLM(GLMConfig.from_dict({**config.to_dict(), "layernorm_order": "sandwich"}))
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.layernorm_order == "sandwich"
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "tp1"), "--to", "official"]) == 2
+    assert "has layernorm_order 'sandwich'; the official format holds DeepNorm models only" in capsys.readouterr().err

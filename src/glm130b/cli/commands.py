@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from glm130b import demo
+from glm130b.ablation import commands as ablation_commands
 from glm130b.core.errors import GLMError
 from glm130b.data import commands as data_commands
 from glm130b.distributed import commands as distributed_commands
@@ -62,6 +63,9 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "pretrain": Command("pretrain a GLM with the GLM-130B recipe (one device, or many under "
                         "torchrun --nproc_per_node N -m glm130b.cli pretrain)",
                         train_commands.add_pretrain_arguments, train_commands.cmd_pretrain),
+    "ablate": Command("train a grid of the paper's stability switches (layer-norm order, softmax dtype, embedding "
+                      "gradient shrink, precision) over seeds and report what it shows",
+                      ablation_commands.add_ablate_arguments, ablation_commands.cmd_ablate),
     "plan": Command("validate a training recipe for a world size and print memory per GPU",
                     distributed_commands.add_plan_arguments, distributed_commands.cmd_plan),
     "quantize": Command("weight-only INT8/INT4 quantization of a model directory (streamed, no calibration)",

@@ -110,6 +110,9 @@ def convert(src: str | Path, dst: str | Path, to: str = "dir", tp: int = 1, dtyp
         raise CheckpointError("the destination is the source folder; write the converted model to a new folder")
     source = open_source(src, preset)
     check_against_config(source, src)
+    if to == "official" and source.config.layernorm_order != "deepnorm":
+        raise CheckpointError(f"{src} has layernorm_order {source.config.layernorm_order!r}; the official format "
+                              "holds DeepNorm models only: convert it to a model directory or a Hugging Face folder")
     if scheme is not None:
         check_quantizable(source, scheme)
     if to != "dir" and (scheme is not None or quantization_of(source) is not None):

@@ -18,6 +18,8 @@ POSITION_ENCODINGS = ("1d", "2d")
 ROTARY_DTYPES = ("fp16", "fp32")
 FFN_KINDS = ("geglu", "gelu")
 ATTENTION_BACKENDS = ("sdpa", "reference")
+LAYERNORM_ORDERS = ("deepnorm", "post", "pre", "sandwich")
+ATTENTION_SOFTMAX_DTYPES = ("fp32", "half")
 
 
 @dataclass
@@ -50,6 +52,13 @@ class GLMConfig(DictConfig):
     # "sdpa": torch scaled_dot_product_attention with the bool mask (fast, within 1e-5 of the
     # reference in fp32); "reference": the official arithmetic step by step.
     attention_backend: str = "sdpa"
+    # Where the LayerNorms sit in a block (glm.GLMBlock; SwissArmyTransformer's layernorm_order):
+    # "deepnorm" (GLM-130B) post-LN with residual alpha; "post" the same with alpha 1; "pre";
+    # "sandwich" pre-LN plus a LayerNorm on each branch output. The others exist for ablations.
+    layernorm_order: str = "deepnorm"
+    # The reference backend's softmax: "fp32" (GLM-130B's fix) or "half", in the compute dtype
+    # (fp16/bf16 under autocast), as before the fix. SDPA always accumulates in fp32.
+    attention_softmax: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.inner_hidden_size is None:
@@ -83,9 +92,13 @@ class GLMConfig(DictConfig):
                 f"dims per {'half ' if self.position_encoding == '2d' else ''}head "
                 f"({'a multiple of 4 for 2-D rotary' if self.position_encoding == '2d' else 'an even head dim'})")
         for name, allowed in (("position_encoding", POSITION_ENCODINGS), ("rotary_dtype", ROTARY_DTYPES),
-                              ("ffn", FFN_KINDS), ("attention_backend", ATTENTION_BACKENDS)):
+                              ("ffn", FFN_KINDS), ("attention_backend", ATTENTION_BACKENDS),
+                              ("layernorm_order", LAYERNORM_ORDERS), ("attention_softmax", ATTENTION_SOFTMAX_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.attention_softmax != "fp32" and self.attention_backend != "reference":
+            raise ConfigError(f"attention_softmax {self.attention_softmax!r} needs attention_backend 'reference': "
+                              f"the {self.attention_backend} backend always takes the softmax in fp32")
         for name in ("hidden_dropout", "attention_dropout"):
             check_field(name, getattr(self, name), float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
         check_field("layernorm_epsilon", self.layernorm_epsilon, float, lambda v: v > 0, "positive")

@@ -101,11 +101,15 @@ class SelfAttention(nn.Module):
     def _reference_attention(self, q, k, v, mask):
         """The official arithmetic: q is divided by sqrt(D) * l so fp16 scores stay in range, blocked
         scores are filled with -10000, then the scores are multiplied back by l and the softmax is
-        taken in fp32 (the change that made GLM-130B training converge)."""
+        taken in fp32 (the change that made GLM-130B training converge). attention_softmax "half"
+        keeps both in the compute dtype instead, as before that change."""
         coeff = float(self.layer_number)
         scores = torch.matmul(q / (math.sqrt(q.shape[-1]) * coeff), k.transpose(-1, -2))  # [B, H, S, T]
-        scores = scores.masked_fill(mask, REFERENCE_MASK_FILL).float() * coeff
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        scores = scores.masked_fill(mask, REFERENCE_MASK_FILL)
+        if self.config.attention_softmax == "fp32":
+            scores = scores.float()
+        # dtype given: CUDA autocast would otherwise run a half softmax in fp32
+        probs = torch.softmax(scores * coeff, dim=-1, dtype=scores.dtype).to(v.dtype)
         probs = F.dropout(probs, self.config.attention_dropout, self.training)
         return torch.matmul(probs, v)
 
@@ -130,21 +134,40 @@ class FeedForward(nn.Module):
 
 
 class GLMBlock(nn.Module):
-    """Post-LN DeepNorm: the residual adds the NORMALISED input, scaled by alpha = sqrt(2N)."""
+    """Post-LN DeepNorm: the residual adds the NORMALISED input, scaled by alpha = sqrt(2N).
+
+    config.layernorm_order picks another arrangement for ablations (SwissArmyTransformer's names):
+    "post" is DeepNorm with alpha 1; "pre" adds each branch to the raw residual stream,
+    x + Attn(LN_in(x)), then h + FFN(LN_post(h)); "sandwich" is "pre" with the branch outputs
+    normalised again (third_layernorm, fourth_layernorm) before they are added.
+    """
 
     def __init__(self, config: GLMConfig, layer_number: int):
         super().__init__()
-        self.alpha = config.deepnorm_alpha
+        self.order = config.layernorm_order
+        self.alpha = config.deepnorm_alpha if self.order == "deepnorm" else 1.0
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = SelfAttention(config, layer_number)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = FeedForward(config)
+        if self.order == "sandwich":
+            self.third_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+            self.fourth_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
     def forward(self, x, rotary, mask, kv_cache, layer, cache_slots=None):
         a = self.input_layernorm(x)
-        h = a * self.alpha + self.attention(a, rotary, mask, kv_cache, layer, cache_slots)
-        m = self.post_attention_layernorm(h)
-        return m * self.alpha + self.mlp(m)
+        attended = self.attention(a, rotary, mask, kv_cache, layer, cache_slots)
+        if self.order in ("deepnorm", "post"):
+            h = a * self.alpha + attended
+            m = self.post_attention_layernorm(h)
+            return m * self.alpha + self.mlp(m)
+        if self.order == "sandwich":
+            attended = self.third_layernorm(attended)
+        h = x + attended
+        out = self.mlp(self.post_attention_layernorm(h))
+        if self.order == "sandwich":
+            out = self.fourth_layernorm(out)
+        return h + out
 
 
 class Transformer(nn.Module):

@@ -92,7 +92,10 @@ class TrainConfig(DictConfig):
     # Peak FLOP/s of one device for MFU. None = look the device up (A100, H100, H200); MFU is
     # printed only when known.
     peak_flops: float | None = None
-    seed: int = 1234
+    seed: int = 1234                # the init, dropout and, unless data_seed is set, the data order
+    # The seed of the training and validation samplers; null = seed. Runs that share it see the
+    # same batches in the same order whatever their seed (glm130b ablate varies only the init).
+    data_seed: int | None = None
     # Degrees of parallelism under torchrun (tp, pp, dp, ...; glm130b.distributed.parallelize). A
     # plain one-process launch reads only parallel.activation_checkpointing from it.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -128,6 +131,10 @@ class TrainConfig(DictConfig):
         return GLMConfig.from_preset(self.model_preset, **{**self.model, **overrides})
 
     @property
+    def sampler_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def warmup_samples(self) -> int:
         return int(self.warmup_fraction * self.train_samples)
 
@@ -159,6 +166,8 @@ class TrainConfig(DictConfig):
         check_field("embedding_grad_scale", self.embedding_grad_scale, float, lambda v: 0 < v <= 1, "in (0, 1]")
         for name in ("embedding_grad_scale_ramp_start", "embedding_grad_scale_ramp_steps", "seed"):
             check_field(name, getattr(self, name), int, lambda v: v >= 0, "an integer >= 0")
+        if self.data_seed is not None:
+            check_field("data_seed", self.data_seed, int, lambda v: v >= 0, "an integer >= 0 or null")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr {self.min_lr} is above lr {self.lr}; the cosine decays from lr down to min_lr")
         if self.warmup_fraction > self.decay_fraction:

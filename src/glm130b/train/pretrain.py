@@ -14,10 +14,10 @@ from glm130b.core.errors import GLMError
 from glm130b.distributed.parallelize import full_state_dict
 from glm130b.model.glm import GLM
 from glm130b.objective.batch import TrainingBatch
-from glm130b.tokenizer.tokenizers import load_tokenizer
+from glm130b.tokenizer.tokenizers import Tokenizer, load_tokenizer
 from glm130b.train.builders import build_model_and_optimizer
 from glm130b.train.config import TrainConfig
-from glm130b.train.data_setup import build_data
+from glm130b.train.data_setup import BatchSource, build_data
 from glm130b.train.report import plot_loss_curve
 from glm130b.train.trainer import Trainer
 
@@ -31,8 +31,8 @@ class PretrainResult:
     loss_curve: Path | None
 
 
-def run_pretraining(config: TrainConfig, show_progress: bool = True) -> PretrainResult:
-    """Everything `glm130b pretrain` does: data, model, training, export, loss curve."""
+def load_run_data(config: TrainConfig) -> tuple[Tokenizer, BatchSource, dict[str, list[TrainingBatch]]]:
+    """The tokenizer of `config`, checked against the model's vocabulary, and its data (build_data)."""
     if not config.corpus or not config.tokenizer:
         raise GLMError("set corpus (a prepared corpus directory) and tokenizer (its tokenizer directory), "
                        "in the config file or as --corpus DIR --tokenizer DIR")
@@ -41,8 +41,13 @@ def run_pretraining(config: TrainConfig, show_progress: bool = True) -> Pretrain
     if tokenizer.vocab_size > model_config.vocab_size:
         raise GLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size} "
                        f"rows; set model.vocab_size to at least {tokenizer.vocab_size}")
-    train_source, valid_batches = build_data(config, tokenizer)
-    built = build_model_and_optimizer(config, model_config)
+    return (tokenizer, *build_data(config, tokenizer))
+
+
+def run_pretraining(config: TrainConfig, show_progress: bool = True) -> PretrainResult:
+    """Everything `glm130b pretrain` does: data, model, training, export, loss curve."""
+    tokenizer, train_source, valid_batches = load_run_data(config)
+    built = build_model_and_optimizer(config)
     trainer = Trainer(config, built, train_source, valid_batches, show_progress=show_progress)
     valid = trainer.train()
     model_dir, metrics_dir = Path(config.out_dir) / "model", Path(config.out_dir) / "metrics"

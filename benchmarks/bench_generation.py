@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from suite_summary import figure, write_summary
 
 from glm130b import GLM, GLMConfig
 from glm130b.generate.decode import banned_tokens, end_tokens, generate_ids, new_cache, prefill
@@ -171,7 +172,6 @@ def bench_hf(batch: int, new_tokens: int, repeats: int, device, small: bool) -> 
         run()
         total = statistics.median(timed(run, device, repeats))
     n = sum(p.numel() for p in model.parameters())
-    del model
     return {"batch": batch, "new_tokens": new_tokens, "seconds": total, "tokens_per_s": batch * new_tokens / total,
             "parameters": n}
 
@@ -247,6 +247,25 @@ def commit() -> str:
         return "unknown"
 
 
+def suite_figures(rows: list[tuple[str, dict]], small: bool) -> list[dict]:
+    """The suite's headline figures (benchmarks/gpu_suite.sh): GLM-130B INT4 decode at batch 1
+    (goal 40 tokens/s; no baseline runs in the same process: ANCHORS.md puts the official path at
+    ~4.5), and the 1.2B bf16/fp32 model at batch 1 against transformers' generate (goal 1000)."""
+    size = " (small: toy sizes)" if small else ""
+    found = {(name.split(" (")[0], r["batch"]): r for name, r in rows}
+    out = []
+    r = found.get(("GLM-130B arch, INT4 row-wise", 1))
+    if r:
+        out.append(figure(f"GLM-130B INT4 decode, batch 1{size}", r["decode_tokens_per_s"], "tokens/s", 40.0))
+    glm = next((r for (name, b), r in found.items() if name.startswith("GLM 1.2B") and "INT4" not in name and b == 1), None)
+    hf = found.get(("Llama 1.24B bf16, transformers generate()", 1))
+    if glm:
+        out.append(figure(f"GLM 1.2B generate, batch 1, {glm['new_tokens']} new tokens{size}", glm["tokens_per_s"],
+                          "tokens/s", 1000.0,
+                          "transformers generate, Llama 1.24B", hf["tokens_per_s"] if hf else None))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -256,6 +275,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--skip-130b", action="store_true")
     parser.add_argument("--skip-1b", action="store_true")
+    parser.add_argument("--skip-1b-int4", action="store_true", help="the 1.2B model in bf16 only")
+    parser.add_argument("--batches", default="1,8", help="batch sizes of the 1.2B rows and their baseline")
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -280,14 +301,16 @@ def main() -> None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         cfg = glm_1b_config(args.small)
         float_name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
-        for label, build in ((float_name, lambda: random_float_glm(cfg, device, dtype)),
-                             ("INT4 row-wise", lambda: random_int4_glm(cfg, device, dtype))):
+        batches = [int(b) for b in args.batches.split(",")]
+        builds = [(float_name, lambda: random_float_glm(cfg, device, dtype)),
+                  ("INT4 row-wise", lambda: random_int4_glm(cfg, device, dtype))][:1 if args.skip_1b_int4 else 2]
+        for label, build in builds:
             model = build()
-            for batch in (1, 8):
+            for batch in batches:
                 rows.append((f"GLM 1.2B {label} (glm130b)", bench_glm(model, batch, new_tokens, args.repeats, compile)))
                 print(rows[-1], flush=True)
             del model
-        for batch in (1, 8):
+        for batch in batches:
             result = bench_hf(batch, new_tokens, args.repeats, device, args.small)
             if result is None:
                 print("transformers is not installed: the Hugging Face baseline is skipped", flush=True)
@@ -313,6 +336,7 @@ def main() -> None:
         Path(out, "bench_generation.json").write_text(json.dumps(
             {"device": device_name(device), "torch": torch.__version__, "commit": commit(),
              "rows": [{"name": n, **r} for n, r in rows]}, indent=2))
+    write_summary("generation", suite_figures(rows, args.small))
     if args.append:
         results = Path(__file__).parent / "RESULTS.md"
         text = results.read_text() if results.exists() else "# Benchmark results\n"

@@ -153,7 +153,7 @@ def main() -> None:
     commit = git("rev-parse", "--short", "HEAD").strip()
     if git("--no-optional-locks", "status", "--porcelain", "--", "src", "benchmarks"):  # read-only
         commit += " + uncommitted changes"
-    lines = [f"## Objective: sample-building throughput (benchmarks/bench_objective.py)", "",
+    lines = ["## Objective: sample-building throughput (benchmarks/bench_objective.py)", "",
              f"Machine: {cpu_name()}, CPU, 2 cores (shared), {torch.get_num_threads()} torch threads, "
              f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, commit {commit}; "
              f"load average {os.getloadavg()[0]:.1f} at the end (other jobs share the cores); "

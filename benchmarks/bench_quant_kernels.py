@@ -46,6 +46,7 @@ if ARGS.device == "cpu":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from suite_summary import figure, write_summary  # noqa: E402
 
 from glm130b.quant.format import QuantScheme, dequantize_weight, quantize_weight  # noqa: E402
 from glm130b.quant.kernels.triton_quant import triton_quantized_linear  # noqa: E402
@@ -123,14 +124,16 @@ def main() -> None:
         w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
         quantized = {s.name: quantize_weight(w, s) for s in OUR_SCHEMES}
         tiny = tinygemm_weights(n, k, device)
-        paths = {"fp16 cuBLAS F.linear": (lambda x: F.linear(x, w), 2 * n * k)}
+        paths = {"fp16 cuBLAS F.linear": (lambda x, w=w: F.linear(x, w), 2 * n * k)}
         p4, s4 = quantized["int4-row"]
-        paths["official INT4 dequantize + GEMM"] = (lambda x: F.linear(x, dequant(p4, s4).to(x.dtype)), n * k // 2)
+        paths["official INT4 dequantize + GEMM"] = (lambda x, p4=p4, s4=s4: F.linear(x, dequant(p4, s4).to(x.dtype)),
+                                                    n * k // 2)
         p8, s8 = quantized["int8-row"][0], quantized["int8-row"][1].to(dtype)
-        paths["gpt-fast INT8 compiled"] = (lambda x: gpt_fast(x, p8, s8), n * k)
+        paths["gpt-fast INT8 compiled"] = (lambda x, p8=p8, s8=s8: gpt_fast(x, p8, s8), n * k)
         if tiny is not None:
             paths["tinygemm INT4 group-128"] = (
-                lambda x: torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), tiny[0], TINYGEMM_GROUP, tiny[1]),
+                lambda x, tiny=tiny: torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), tiny[0], TINYGEMM_GROUP,
+                                                                         tiny[1]),
                 n * k // 2)
         for scheme in OUR_SCHEMES:
             packed, scale = quantized[scheme.name]
@@ -151,7 +154,7 @@ def main() -> None:
                     raise SystemExit(f"{scheme.name} on {name} is wrong: relative error {err:.2e}")
                 del ref
             for path, (fn, _) in paths.items():
-                times[path, rows] = times.get((path, rows), 0.0) + bench(lambda: fn(x), device)
+                times[path, rows] = times.get((path, rows), 0.0) + bench(lambda fn=fn, x=x: fn(x), device)
 
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -171,6 +174,13 @@ def main() -> None:
         record = {"card": card, "torch": torch.__version__, "commit": commit, "copy_ceiling_gbs": ceiling,
                   "checks": checks, "times_s": {f"{p} | batch {r}": t for (p, r), t in times.items()}, "bytes": nbytes}
         Path(os.environ["OUT"], "bench_quant_kernels.json").write_text(json.dumps(record, indent=2))
+    if 1 in rows_list:  # the suite's headline figures (benchmarks/gpu_suite.sh): batch 1, goal 3000 GB/s
+        def gbs(path):
+            return nbytes[path] / times[path, 1] / 1e9
+        write_summary("quant_kernels", [
+            figure(f"glm130b {name} linear, batch 1, one GLM-130B layer{' (small shapes)' if ARGS.small else ''}",
+                   gbs(f"glm130b {name}"), "GB/s", 3000.0, baseline, gbs(baseline))
+            for name, baseline in (("int4-row", "official INT4 dequantize + GEMM"), ("int8-row", "gpt-fast INT8 compiled"))])
     if ARGS.append:
         with RESULTS.open("a") as f:
             f.write("\n" + table + "\n")

@@ -42,7 +42,7 @@ def assert_equal_on_valid(inputs, full, incremental):
         torch.testing.assert_close(incremental[b, :n], full[b, :n], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("backend", ["sdpa", "reference", "auto"])  # auto: a dense mask runs sdpa
 @pytest.mark.parametrize("step", [1, 3])
 @pytest.mark.parametrize("sequence", [GMASK_SEQ, MASK_SEQ], ids=["gmask", "mask"])
 def test_cache_equals_full_forward(sequence, step, backend):

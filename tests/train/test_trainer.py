@@ -12,11 +12,11 @@ import yaml
 from glm130b import GLM, GLMConfig, cli
 from glm130b.checkpoint.model_dir import load_model
 from glm130b.core.errors import ConfigError, GLMError
-from glm130b.model.flops import training_flops_per_token
+from glm130b.model.flops import training_flops
 from glm130b.train.config import TrainConfig, add_config_arguments, apply_overrides, overrides_from_args
-from glm130b.train.metrics import read_metrics
+from glm130b.train.metrics import batch_work, read_metrics, throughput
 from glm130b.train.run_checkpoint import latest_checkpoint, list_checkpoints
-from tests.train.helpers import CountingSource, last_loss_per_step, make_trainer, tiny_run_config
+from tests.train.helpers import LENGTH, CountingSource, last_loss_per_step, make_trainer, tiny_run_config
 
 
 def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path):
@@ -103,15 +103,35 @@ def test_fp16_overflow_skips_the_update_and_halves_the_scale(tmp_path):
     assert applied[0]["loss_scale"] < 2.0 ** 40
 
 
-def test_flops_per_token_counts_every_matmul_weight_and_attention():
+def test_training_flops_count_every_matmul_weight_and_the_visible_pairs():
     config = GLMConfig.from_preset("glm-tiny")
     model = GLM(config)
     # independent count: every 2-D weight except the embedding lookup, plus the tied head (V x C)
-    matrices = sum(p.numel() for name, p in model.named_parameters()
-                   if p.dim() == 2 and "word_embeddings" not in name)
+    blocks = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "word_embeddings" not in name)
     head = config.vocab_size * config.hidden_size
-    attention = 2 * 2 * 3 * config.num_layers * config.hidden_size * 128  # QK^T and PV, fwd + 2 bwd
-    assert training_flops_per_token(config, 128) == 6 * (matrices + head) + attention
+    tokens, pairs = 100, 3000
+    attention = 2 * 2 * 3 * config.num_layers * config.hidden_size * pairs  # QK^T and PV, fwd + 2 bwd, per pair
+    assert training_flops(config, tokens, pairs) == 6 * (blocks + head) * tokens + attention
+    # HFU: the recomputed forward of every block (not of the head) comes on top
+    assert training_flops(config, tokens, pairs, recompute=True) == (
+        training_flops(config, tokens, pairs) + 2 * blocks * tokens + attention / 3)
+
+
+def test_throughput_counts_real_tokens_and_visible_pairs(tmp_path):
+    """A step's record: tokens/s over the non-pad tokens, MFU over the FLOPs of those tokens and
+    the pairs the mask lets them see; HFU adds the recomputation."""
+    batch = CountingSource().micro_batch(0)
+    batch.segment_ids[:, LENGTH // 2:] = 0  # the second half of every row is padding (its prefix is the first quarter)
+    work = batch_work([batch])
+    n, p = LENGTH // 2, LENGTH // 4  # real tokens per row, prefix
+    pairs = p * p + (n - p) * p + (n - p) * (n - p + 1) // 2
+    assert work.tolist() == [4 * n, 4 * pairs]
+    config = GLMConfig.from_preset("glm-tiny")
+    record = throughput(config, work, seconds=2.0, peak_flops=1e12, devices=2, recompute=True)
+    assert record["tokens_per_s"] == 4 * n / 2.0
+    assert record["mfu"] == pytest.approx(training_flops(config, 4 * n, 4 * pairs) / 2.0 / 1e12 / 2)
+    assert record["hfu"] == pytest.approx(training_flops(config, 4 * n, 4 * pairs, recompute=True) / 2.0 / 1e12 / 2)
+    assert throughput(config, work, 2.0, None, 1, False)["mfu"] is None  # unknown peak (a CPU): no MFU
 
 
 @pytest.mark.parametrize("fields, message", [

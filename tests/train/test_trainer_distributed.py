@@ -4,6 +4,9 @@ pipeline parallel reproduce the single-process losses, and a checkpoint written 
 Each worker takes the launch path of `glm130b pretrain` under torchrun (RANK etc. in the
 environment, then train.builders.build_model_and_optimizer) and trains on the counting language of
 tests/train/test_trainer.py. The reference is the plain single-process Trainer on the same micro-batches.
+Without dropout, `pretrain`'s attention_backend auto is the prefix-LM kernel on the compact mask
+(the SDPA loop on a CPU), so every layout here runs it; the single process also runs once on the
+dense SDPA path, which it must match.
 """
 
 import os
@@ -16,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from glm130b.checkpoint.model_dir import load_model
+from glm130b.model.attention import describe_backend
 from glm130b.train.builders import build_model_and_optimizer
 from glm130b.train.metrics import read_metrics
 from glm130b.train.pretrain import export_model
@@ -72,7 +76,10 @@ def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("distributed")
     torch.set_num_threads(1)
     reference = make_trainer(run_config(tmp_path, "single"))
+    assert describe_backend(reference.model.config, reference.device).startswith("prefix-LM kernel loop")
     reference.train()
+    dense = dict(vocab_size=64, max_sequence_length=32, hidden_dropout=0.0, attention_dropout=0.0, attention_backend="sdpa")
+    make_trainer(run_config(tmp_path, "single_sdpa", model=dense)).train()
     export_model(reference, tmp_path / "single" / "model", metadata={})
     make_trainer(run_config(tmp_path, "single_spike", **SPIKE), CountingSource(bad=BAD)).train()
     _launch(2, tmp_path, [dict(name="dp", parallel=dict(dp=2)), dict(name="tp", parallel=dict(tp=2, dp=1)),
@@ -93,6 +100,13 @@ def runs(tmp_path_factory):
 def losses(out_dir, steps) -> torch.Tensor:
     per_step = last_loss_per_step(out_dir)
     return torch.tensor([per_step[s] for s in steps])
+
+
+def test_prefix_attention_run_matches_the_dense_sdpa_run(runs):
+    tmp_path, _ = runs
+    steps = list(range(1, STEPS + 1))
+    torch.testing.assert_close(losses(tmp_path / "single", steps), losses(tmp_path / "single_sdpa", steps),
+                               rtol=RTOL, atol=ATOL)
 
 
 def test_data_parallel_reproduces_single_process_losses(runs):

@@ -1,9 +1,9 @@
 """Scaling past one device: a DeviceMesh from a validated dataclass of degrees, and `parallelize`.
 
 The model code (glm130b.model) knows nothing of parallelism. `parallelize(model, mesh, pcfg)`
-applies, in this order (torchtitan's): tensor parallel (a DTensor plan), activation checkpointing,
-torch.compile, FSDP2. Checkpoints go through torch.distributed.checkpoint (DCP), so the parallel
-layout is a load-time property. Why the TP plan splits the GeGLU input into two parameters and
+applies, in this order: tensor parallel (a DTensor plan), torch.compile, activation checkpointing,
+FSDP2 (torchtitan's, with compile inside the recomputed region: see apply_compile). Checkpoints go
+through torch.distributed.checkpoint (DCP), so the parallel layout is a load-time property. Why the TP plan splits the GeGLU input into two parameters and
 leaves the embedding replicated: docs/distributed.md, parallelize.
 """
 
@@ -49,7 +49,7 @@ class ParallelConfig(DictConfig):
     # the backward (ZeRO-2: more memory, one all-gather per step instead of two).
     reshard_after_forward: bool = True
     # Recompute every transformer block in the backward (the GLM-130B recipe recomputed every layer).
-    # The one switch for it: a plain one-process `glm130b pretrain` applies it too.
+    # The one switch for it: a plain one-process `glm130b pretrain` applies it too (and compile).
     activation_checkpointing: bool = False
     # torch.compile each transformer block (per block keeps compile time flat in depth).
     compile: bool = False
@@ -249,6 +249,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
+    """torch.compile every transformer block, before activation checkpointing wraps it: the
+    prefix-LM attention is a graph break (glm130b.model.prefix_attention.attend_prefix_lm), which
+    dynamo cannot hold inside a checkpointed region; it would run the whole block eagerly."""
     for layers in _layer_lists(model):
         for block in layers.children():
             block.compile()  # in place: parameter names do not change
@@ -270,7 +273,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, pcfg: ParallelConfig) -> None:
 
 
 def parallelize(model: nn.Module, mesh, pcfg: ParallelConfig) -> nn.Module:
-    """Apply TP, activation checkpointing, compile and FSDP2 (in that order) in place; returns model.
+    """Apply TP, compile, activation checkpointing and FSDP2 (in that order) in place; returns model.
 
     FSDP2 applies when dp > 1 or tp > 1 (see the comment at that step).
     `mesh` is build_mesh's [pp, dp, tp] mesh, or None for one process (then only the GeGLU split,
@@ -283,10 +286,10 @@ def parallelize(model: nn.Module, mesh, pcfg: ParallelConfig) -> nn.Module:
         pcfg = pcfg.resolve(mesh.size())
         if pcfg.tp > 1:
             apply_tensor_parallel(model, mesh["tp"])
-    if pcfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
     if pcfg.compile:
         apply_compile(model)
+    if pcfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
     if mesh is not None and (pcfg.dp > 1 or pcfg.tp > 1):
         # With dp = 1 (TP only) FSDP2 shards nothing, but it turns the replicated parameters into
         # DTensors too: fused/foreach AdamW refuse a mix of plain tensors and DTensors.

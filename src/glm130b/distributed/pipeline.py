@@ -137,14 +137,17 @@ class PipelineRunner:
         return summed / self._count * self.pcfg.dp
 
     def step(self, batch: TrainingBatch) -> float:
-        """Forward and backward of `batch` (this dp rank's share of the global batch) through the
-        schedule; returns the loss of the global batch (the mean over its scored tokens) on every rank."""
+        """Forward and backward of `batch` (this dp rank's share of the global batch, on the host or
+        the device) through the schedule; returns the loss of the global batch (the mean over its
+        scored tokens) on every rank."""
+        mask = batch.compact_mask()  # before the move: a prefix-LM plan reads it on the host
+        batch = batch.to(self.device)
         count = batch.loss_mask.sum().float().reshape(())
         if self.pcfg.dp > 1:
             dist.all_reduce(count, group=self.mesh["dp"].get_group())
         self._count = count.clamp(min=1.0)
-        kwargs: dict[str, Any] = dict(position_ids=batch.position_ids, attention_mask=batch.attention_mask(),
-                                      check_inputs=False)  # a later stage's input is hidden states, not ids
+        # a later stage's input is hidden states, not ids; the schedule splits the CompactMask's tensors
+        kwargs: dict[str, Any] = dict(position_ids=batch.position_ids, attention_mask=mask, check_inputs=False)
         inputs = (batch.input_ids,) if self.is_first else ()
         losses: list[torch.Tensor] = []
         if self.is_last:
@@ -171,13 +174,14 @@ class PipelineRunner:
         stage.eval()
         loss_sum, count = 0.0, 0
         for batch in batches:
+            mask = batch.compact_mask()
             batch = batch.to(self.device)
             if self.is_first:
                 x = batch.input_ids
             else:
                 x = torch.empty(*batch.input_ids.shape, stage.config.hidden_size, device=self.device)
                 dist.recv(x, group=group, group_src=pp_rank - 1)
-            out = stage(x, batch.position_ids, batch.attention_mask(), check_inputs=False)
+            out = stage(x, batch.position_ids, mask, check_inputs=False)
             if self.is_last:
                 loss_sum += masked_lm_loss_sum(out, batch.targets, batch.loss_mask).item()
                 count += batch.num_target_tokens

@@ -10,7 +10,8 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/glm130b
 # In dependency order: each module only uses names of the modules before it.
 BUNDLED_MODULES = ("core/errors.py", "core/atomic.py", "core/config_io.py", "model/config.py", "model/kv_cache.py",
-                   "model/masks.py", "model/glm.py", "tokenizer/specials.py", "generate/inputs.py",
+                   "model/masks.py", "model/block_mask.py", "model/prefix_attention.py", "model/attention.py",
+                   "model/glm.py", "tokenizer/specials.py", "generate/inputs.py",
                    "interop/modeling_hf.py")
 CODE_FILE = "modeling_glm130b.py"
 OWN_IMPORT = re.compile(r"^(from glm130b[\w.]* import (\([^)]*\)|[^\n]*)|import glm130b[^\n]*)\n", re.M)

@@ -17,9 +17,10 @@ from glm130b.core.errors import ConfigError
 POSITION_ENCODINGS = ("1d", "2d")
 ROTARY_DTYPES = ("fp16", "fp32")
 FFN_KINDS = ("geglu", "gelu")
-ATTENTION_BACKENDS = ("sdpa", "reference")
+ATTENTION_BACKENDS = ("sdpa", "reference", "prefix", "auto")
 LAYERNORM_ORDERS = ("deepnorm", "post", "pre", "sandwich")
 ATTENTION_SOFTMAX_DTYPES = ("fp32", "half")
+PREFIX_KERNELS = ("auto", "varlen", "varlen_packed", "flex", "loop")
 
 
 @dataclass
@@ -49,8 +50,10 @@ class GLMConfig(DictConfig):
     deepnorm_num_layers: int | None = None
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    # "sdpa": torch scaled_dot_product_attention with the bool mask (fast, within 1e-5 of the
-    # reference in fp32); "reference": the official arithmetic step by step.
+    # "sdpa": torch scaled_dot_product_attention with the bool mask (within 1e-5 of the reference
+    # in fp32); "reference": the official arithmetic step by step; "prefix": the prefix-LM kernels
+    # on the compact mask (no attention dropout); "auto": prefix unless attention dropout is on,
+    # then sdpa. A dense mask (decoding, KV cache) always runs sdpa or reference. docs/attention.md.
     attention_backend: str = "sdpa"
     # Where the LayerNorms sit in a block (glm.GLMBlock; SwissArmyTransformer's layernorm_order):
     # "deepnorm" (GLM-130B) post-LN with residual alpha; "post" the same with alpha 1; "pre";
@@ -59,6 +62,9 @@ class GLMConfig(DictConfig):
     # The reference backend's softmax: "fp32" (GLM-130B's fix) or "half", in the compute dtype
     # (fp16/bf16 under autocast), as before the fix. SDPA always accumulates in fp32.
     attention_softmax: str = "fp32"
+    # The prefix-LM kernel: "auto" = flash varlen on CUDA when torch has it, else FlexAttention on
+    # CUDA, the SDPA loop elsewhere; or one of varlen, varlen_packed, flex, loop.
+    prefix_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.inner_hidden_size is None:
@@ -93,7 +99,8 @@ class GLMConfig(DictConfig):
                 f"({'a multiple of 4 for 2-D rotary' if self.position_encoding == '2d' else 'an even head dim'})")
         for name, allowed in (("position_encoding", POSITION_ENCODINGS), ("rotary_dtype", ROTARY_DTYPES),
                               ("ffn", FFN_KINDS), ("attention_backend", ATTENTION_BACKENDS),
-                              ("layernorm_order", LAYERNORM_ORDERS), ("attention_softmax", ATTENTION_SOFTMAX_DTYPES)):
+                              ("layernorm_order", LAYERNORM_ORDERS), ("attention_softmax", ATTENTION_SOFTMAX_DTYPES),
+                              ("prefix_kernel", PREFIX_KERNELS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.attention_softmax != "fp32" and self.attention_backend != "reference":
@@ -101,6 +108,10 @@ class GLMConfig(DictConfig):
                               f"the {self.attention_backend} backend always takes the softmax in fp32")
         for name in ("hidden_dropout", "attention_dropout"):
             check_field(name, getattr(self, name), float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        if self.attention_backend == "prefix" and self.attention_dropout > 0:
+            raise ConfigError(f"attention_backend prefix has no attention dropout (flash varlen and FlexAttention "
+                              f"have none) but attention_dropout is {self.attention_dropout}; set attention_dropout "
+                              "0, or use attention_backend sdpa (or auto, which picks sdpa when dropout is on)")
         check_field("layernorm_epsilon", self.layernorm_epsilon, float, lambda v: v > 0, "positive")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")

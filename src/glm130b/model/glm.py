@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm130b.core.errors import InputError
+from glm130b.model.attention import prepare_mask
 from glm130b.model.config import GLMConfig
 from glm130b.model.kv_cache import KVCache
+from glm130b.model.masks import CompactMask
+from glm130b.model.prefix_attention import PrefixLMPlan, attend_prefix_lm
 
 ROTARY_BASE = 10000.0
 # The reference fills blocked scores with -10000, not -inf: exp(-10000) is already 0 in fp32, and a
@@ -79,7 +82,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.output_dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryAngles, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, rotary: RotaryAngles, mask: torch.Tensor | PrefixLMPlan,
                 kv_cache: KVCache | None, layer: int, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         D = self.config.head_dim
@@ -90,11 +93,13 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if kv_cache is not None:
             k, v = kv_cache.store(layer, k, v, cache_slots)  # [B, H, T, D]
-        if self.config.attention_backend == "sdpa":
+        if isinstance(mask, PrefixLMPlan):  # the prefix-LM kernels (GLM.forward built the plan)
+            context = attend_prefix_lm(mask, q, k, v)
+        elif self.config.attention_backend == "reference":
+            context = self._reference_attention(q, k, v, mask)
+        else:  # sdpa, and the dense mask of any other backend (decoding)
             dropout = self.config.attention_dropout if self.training else 0.0
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask, dropout_p=dropout)
-        else:
-            context = self._reference_attention(q, k, v, mask)
         context = context.transpose(1, 2).reshape(B, S, -1)  # [B, S, H * D]: heads concatenated in head order
         return self.output_dropout(self.dense(context))
 
@@ -183,7 +188,8 @@ class GLM(nn.Module):
 
     input_ids [B, S] long; position_ids [B, S] (1-D) or [B, 2, S] (2-D); attention_mask bool
     [B, 1, S, T], True = blocked, where T = S for a full forward, cached + S with a KV cache, and
-    the cache's max_length with `cache_slots` (the static-shape decode path, see KVCache).
+    the cache's max_length with `cache_slots` (the static-shape decode path, see KVCache); or, for a
+    full forward, a CompactMask, which config.attention_backend runs (glm130b.model.attention).
 
     A pipeline stage (glm130b.distributed.pipeline) is this model with the modules it lacks set to
     None, which the forward skips: a stage after the first takes the previous stage's hidden states
@@ -212,7 +218,7 @@ class GLM(nn.Module):
             return shrink_gradient(self.transformer.word_embeddings.weight, self.embedding_grad_scale)
         return self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | CompactMask,
                 kv_cache: KVCache | None = None, check_inputs: bool = True,
                 cache_slots: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """logits_at [B]: one position per row whose logits are wanted (a prefill needs only each
@@ -228,6 +234,7 @@ class GLM(nn.Module):
         else:
             x = input_ids  # [B, S, C]
         rotary = RotaryAngles.build(position_ids, self.config)
+        attention_mask = prepare_mask(attention_mask, self.config, x, self.training, kv_cache is not None)
         for i, layer in enumerate(self.transformer.layers):
             if layer is not None:  # None: a layer of another pipeline stage (the index stays global)
                 x = layer(x, rotary, attention_mask, kv_cache, i, cache_slots)
@@ -267,6 +274,9 @@ class GLM(nn.Module):
             raise InputError(f"position {int(position_ids.max())} exceeds max_sequence_length "
                              f"{cfg.max_sequence_length} (positions 0..{cfg.max_sequence_length - 1}); "
                              "shorten the input or truncate the context on the left")
+        if isinstance(attention_mask, CompactMask):
+            _check_compact_mask(attention_mask, B, S)
+            return
         if attention_mask.dtype != torch.bool:
             raise InputError(f"attention_mask must be bool (True = blocked), got {attention_mask.dtype}")
         if cache_slots is not None:
@@ -290,6 +300,15 @@ class GLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_compact_mask(mask: CompactMask, B: int, S: int) -> None:
+    for name, value in zip(mask._fields, mask):
+        if tuple(value.shape) != (B, S):
+            raise InputError(f"attention_mask.{name} must have shape {(B, S)} (one per token), got {tuple(value.shape)}")
+    if mask.in_prefix.dtype != torch.bool or mask.segment_ids.is_floating_point():
+        raise InputError(f"a CompactMask holds integer segment_ids and bool in_prefix, got {mask.segment_ids.dtype} "
+                         f"and {mask.in_prefix.dtype}")
 
 
 def shrink_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -7,7 +7,22 @@ Query i may see key j  <=>  segment_ids[i] == segment_ids[j] != 0  and  (in_pref
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class CompactMask(NamedTuple):
+    """The attention mask of a full forward in compact form: segment_ids [B, L] integer (0 = pad),
+    in_prefix [B, L] bool. `GLM.forward` takes it in place of the dense mask; a NamedTuple, so
+    pipeline schedules split it into microbatches like the other inputs."""
+
+    segment_ids: torch.Tensor
+    in_prefix: torch.Tensor
+
+    def dense(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The dense bool mask [B, 1, L, L] (True = blocked), built on `device`."""
+        return dense_attention_mask(self.segment_ids.to(device), self.in_prefix.to(device))
 
 
 def visibility(segment_ids: torch.Tensor, in_prefix: torch.Tensor, q_idx, kv_idx) -> torch.Tensor:
@@ -24,3 +39,15 @@ def dense_attention_mask(segment_ids: torch.Tensor, in_prefix: torch.Tensor) -> 
     visible = visibility(segment_ids, in_prefix, idx.view(L, 1), idx.view(1, L))  # [B, L, L]
     visible |= torch.eye(L, dtype=torch.bool, device=segment_ids.device) & (segment_ids == 0).unsqueeze(-1)
     return ~visible.unsqueeze(1)
+
+
+def visible_pairs(segment_ids: torch.Tensor, in_prefix: torch.Tensor) -> int:
+    """The (query, key) pairs the rule allows, pad rows left out: the unit of attention work.
+    Counted per query without an [L, L] tensor: its segment's prefix keys plus its segment's
+    non-prefix keys up to itself."""
+    seg = segment_ids.long().cpu()
+    own = torch.nn.functional.one_hot(seg, int(seg.max()) + 1)[..., 1:]  # [B, L, segments]; pad has none
+    prefix = in_prefix.cpu().unsqueeze(-1)
+    prefix_keys = (own * prefix).sum(1, keepdim=True)  # [B, 1, segments]
+    causal_keys = (own * ~prefix).cumsum(1)            # [B, L, segments]: non-prefix keys at or before i
+    return int(((prefix_keys + causal_keys) * own).sum())

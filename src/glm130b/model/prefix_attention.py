@@ -1,28 +1,27 @@
-"""Prefix-LM attention fed by the compact mask form (segment_ids + in_prefix, glm130b.model.masks).
+"""Prefix-LM attention kernels fed by the compact mask form (glm130b.model.masks.CompactMask).
 
 One GLM segment's attention is exactly two dense-kernel problems with no masked work: prefix rows
 over prefix keys (bidirectional) and suffix rows over all keys (causal, bottom-right aligned).
-`PrefixLMPlan` turns a batch's compact form into those problems once per batch; its backends
-(varlen, varlen_packed, loop, flex, dense) are described in docs/attention.md. None of them has
-attention dropout: use them with attention_dropout = 0.
+`PrefixLMPlan` turns a batch's compact form into those problems once per forward, shared by every
+layer; its kernels (varlen, varlen_packed, flex, loop) are described in docs/attention.md. None of
+them has attention dropout (GLMConfig refuses the combination).
 """
 
 from __future__ import annotations
 
 import inspect
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from glm130b.core.errors import InputError
 from glm130b.model.block_mask import flex_block_mask
-from glm130b.model.glm import SelfAttention
-from glm130b.model.masks import dense_attention_mask
 
-BACKENDS = ("varlen", "varlen_packed", "loop", "flex", "dense")
+KERNELS = ("varlen", "varlen_packed", "flex", "loop")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _bottom_right_causal(lq: int, lk: int, device) -> torch.Tensor:
@@ -48,7 +47,7 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> torch.T
 
 def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> torch.Tensor:
     """torch.nn.attention.varlen.varlen_attn (flash, CUDA), causal bottom-right aligned."""
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # deferred: absent before torch 2.9
 
     params = inspect.signature(varlen_attn).parameters
     if "window_size" in params:  # torch >= 2.10: causal is the window (-1, 0)
@@ -59,6 +58,7 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> torch.Tenso
 
 
 def varlen_available(device: torch.device) -> bool:
+    """Whether torch has flash varlen attention for `device` (CUDA, torch >= 2.9)."""
     if device.type != "cuda":
         return False
     try:
@@ -70,14 +70,15 @@ def varlen_available(device: torch.device) -> bool:
 
 @dataclass
 class PrefixLMPlan:
-    """The attention problems of one batch: built once from the compact form, used by every layer."""
+    """The attention problems of one batch: built once per forward from the compact form, used by
+    every layer."""
 
     batch: int
     length: int
     segments: list[tuple[int, int, int, int]]  # (row, start s, prefix end p, end e), in row order
     segment_ids: torch.Tensor
     in_prefix: torch.Tensor
-    backend: str = "varlen"
+    kernel: str = "varlen"
     # "varlen": the two calls' sequences tiling all B*L rows, (cu_q, cu_k, max_q, max_k) each,
     # and a [B*L] 0/1 flag of the pad rows
     tiled_prefix: tuple = ()
@@ -86,19 +87,19 @@ class PrefixLMPlan:
     # "varlen_packed": flat row indices (into B*L) gathered per call, and where each row's output
     # sits in cat(prefix outputs, suffix outputs, pad rows)
     packed: dict | None = None
+    # "loop": the runs of rows (kind, length) tiling all B*L rows
+    runs: list | None = None
     _block_mask: object = None
 
     @classmethod
-    def build(cls, segment_ids: torch.Tensor, in_prefix: torch.Tensor, backend: str = "auto",
-              device: torch.device | str | None = None) -> PrefixLMPlan:
+    def build(cls, segment_ids: torch.Tensor, in_prefix: torch.Tensor, kernel: str = "auto",
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16) -> PrefixLMPlan:
         """segment_ids [B, L] (0 = pad), in_prefix [B, L] bool. Each segment must be one contiguous
-        run whose prefix is a run at its start (every GLM objective is); `device`: where the
-        attention runs (default: where segment_ids is). Cost: a loop over the segments on the host."""
+        run whose prefix is a run at its start (every GLM objective is); `device` and `dtype`: where
+        the attention runs and on what (default: where segment_ids is, bf16). Cost: a loop over the
+        segments on the host (pass the compact form on the host to spare a device sync)."""
         device = torch.device(device) if device is not None else segment_ids.device
-        if backend == "auto":
-            backend = "varlen" if varlen_available(device) else "loop"
-        if backend not in BACKENDS:
-            raise InputError(f"attention backend must be one of {', '.join(BACKENDS)} or auto, got {backend!r}")
+        kernel = resolve_kernel(kernel, device, dtype)
         seg, pre = segment_ids.cpu(), in_prefix.cpu()
         B, L = seg.shape
         prefix_count = torch.nn.functional.pad(pre.long().cumsum(1), (1, 0)).tolist()  # [B, L+1]
@@ -110,45 +111,43 @@ class PrefixLMPlan:
                 e = s + n
                 if sid != 0:
                     if sid in seen:
-                        raise InputError(f"segment {sid} of row {b} is not contiguous; the kernel needs each "
-                                         "segment as one run of tokens (use backend 'flex' or 'dense')")
+                        raise InputError(f"segment {sid} of row {b} is not contiguous; the prefix-LM kernels need "
+                                         "each segment as one run of tokens (use attention_backend sdpa)")
                     seen.add(sid)
                     p = s + prefix_count[b][e] - prefix_count[b][s]
                     if prefix_count[b][p] - prefix_count[b][s] != p - s:
                         raise InputError(f"the prefix of segment {sid} in row {b} is not at the start of the "
-                                         "segment; the kernel needs [prefix | causal part] (use backend 'flex' or 'dense')")
+                                         "segment; the prefix-LM kernels need [prefix | causal part] "
+                                         "(use attention_backend sdpa)")
                     segments.append((b, s, p, e))
                 s = e
-        plan = cls(B, L, segments, segment_ids.to(device), in_prefix.to(device), backend)
-        if backend == "varlen":
+        plan = cls(B, L, segments, segment_ids.to(device), in_prefix.to(device), kernel)
+        if kernel == "varlen":
             tiled = []
             for cu_q, cu_k in _tiled_sequences(segments, B, L):
                 tiled.append((_int32(cu_q, device), _int32(cu_k, device), _widest(cu_q), _widest(cu_k)))
             plan.tiled_prefix, plan.tiled_suffix = tiled
             plan.pad_flags = (plan.segment_ids == 0).flatten().float()
-        elif backend == "varlen_packed":
+        elif kernel == "varlen_packed":
             plan.packed = _packed_indices(segments, seg, device)
+        elif kernel == "flex":
+            plan._block_mask = flex_block_mask(plan.segment_ids, plan.in_prefix)
+        else:
+            plan.runs = _loop_runs(segments, B, L)
         return plan
 
     # ------------------------------------------------------------------ attention
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                varlen_fn: Callable | None = None) -> torch.Tensor:
-        """q, k, v [B, H, L, D] -> [B, H, L, D], softmax scale 1/sqrt(D)."""
-        if self.backend == "varlen":
+        """q, k, v [B, H, L, D] -> [B, H, L, D], softmax scale 1/sqrt(D). varlen_fn: the flash varlen
+        call (default torch's; tests pass varlen_reference)."""
+        if self.kernel == "varlen":
             return self._tiled(q, k, v, varlen_fn or torch_varlen)
-        if self.backend == "varlen_packed":
+        if self.kernel == "varlen_packed":
             return self._packed(q, k, v, varlen_fn or torch_varlen)
-        if self.backend == "loop":
-            return self._loop(q, k, v)
-        if self.backend == "flex":
-            return _compiled_flex()(q, k, v, block_mask=self.block_mask())
-        mask = dense_attention_mask(self.segment_ids, self.in_prefix)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)
-
-    def block_mask(self):
-        if self._block_mask is None:
-            self._block_mask = flex_block_mask(self.segment_ids, self.in_prefix)
-        return self._block_mask
+        if self.kernel == "flex":
+            return _compiled_flex()(q, k, v, block_mask=self._block_mask)
+        return self._loop(q, k, v)
 
     def _tiled(self, q, k, v, varlen_fn) -> torch.Tensor:
         B, H, L, D = q.shape
@@ -177,35 +176,45 @@ class PrefixLMPlan:
 
     def _loop(self, q, k, v) -> torch.Tensor:
         B, H, L, D = q.shape
-        out_rows = {}
-        for b, s, p, e in self.segments:
-            if p > s:
-                out_rows[(b, s)] = F.scaled_dot_product_attention(q[b:b + 1, :, s:p], k[b:b + 1, :, s:p], v[b:b + 1, :, s:p])
-            if e > p:
-                mask = _bottom_right_causal(e - p, e - s, q.device)
-                out_rows[(b, p)] = F.scaled_dot_product_attention(q[b:b + 1, :, p:e], k[b:b + 1, :, s:e],
-                                                                  v[b:b + 1, :, s:e], attn_mask=mask)
-        rows = []
-        for b in range(B):
-            pieces, pos = [], 0
-            for start in sorted(x for (bb, x) in out_rows if bb == b):
-                if start > pos:  # pad rows before this piece
-                    pieces.append(v[b:b + 1, :, pos:start])
-                piece = out_rows[(b, start)]
-                pieces.append(piece)
-                pos = start + piece.shape[2]
-            if pos < L:
-                pieces.append(v[b:b + 1, :, pos:L])
-            rows.append(torch.cat(pieces, dim=2))
-        return torch.cat(rows)
+        # One split per tensor into runs of rows (its backward is one cat), not a slice per problem:
+        # each slice's backward would write a whole-size gradient.
+        kinds, lengths = zip(*self.runs)
+        qs, ks, vs = (t.transpose(1, 2).reshape(B * L, H, D).split(lengths) for t in (q, k, v))  # [n, H, D] each
+        out = []
+        for i, kind in enumerate(kinds):
+            if kind == "pad":  # a pad row sees only itself: its output is its value
+                out.append(vs[i])
+            elif kind == "prefix":
+                out.append(_sdpa_rows(qs[i], ks[i], vs[i]))
+            else:  # "suffix" over its segment's prefix run (the run before, if any) and itself
+                keys, values = (torch.cat((t[i - 1], t[i])) if kind == "suffix after prefix" else t[i] for t in (ks, vs))
+                mask = _bottom_right_causal(lengths[i], keys.shape[0], q.device)
+                out.append(_sdpa_rows(qs[i], keys, values, mask))
+        return torch.cat(out).view(B, L, H, D).transpose(1, 2)
 
-    # ------------------------------------------------------------------ accounting
-    def visible_pairs(self) -> int:
-        """(query, key) pairs that are visible (pad rows excluded): the FLOPs' unit of work."""
-        n = 0
-        for _, s, p, e in self.segments:
-            n += (p - s) ** 2 + (e - p) * (p - s) + (e - p) * (e - p + 1) // 2
-        return n
+
+def _sdpa_rows(q, k, v, mask=None) -> torch.Tensor:
+    """SDPA over rows [n, H, D] (one sequence) -> [n, H, D]."""
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, n, D]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).squeeze(0).transpose(0, 1)
+
+
+def _loop_runs(segments, B: int, L: int) -> list[tuple[str, int]]:
+    """The "loop" kernel's runs of rows over all B*L, in order: (kind, length), kind "pad",
+    "prefix", "suffix" (a segment without prefix) or "suffix after prefix"."""
+    runs, cursor = [], 0
+    for b, s, p, e in segments:
+        s, p, e = b * L + s, b * L + p, b * L + e
+        if s > cursor:
+            runs.append(("pad", s - cursor))
+        if p > s:
+            runs.append(("prefix", p - s))
+        if e > p:
+            runs.append(("suffix after prefix" if p > s else "suffix", e - p))
+        cursor = e
+    if B * L > cursor:
+        runs.append(("pad", B * L - cursor))
+    return runs
 
 
 def _int32(values: list[int], device) -> torch.Tensor:
@@ -284,54 +293,33 @@ def _tiled_sequences(segments, B: int, L: int) -> list[tuple[list[int], list[int
     return [(prefix_q, prefix_k), (suffix_q, suffix_k)]
 
 
-_FLEX = None
+_FLEX = None  # flex_attention compiled once per process (eager FlexAttention materialises the scores)
 
 
 def _compiled_flex():
     global _FLEX
     if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 
 
-# ---------------------------------------------------------------------------------- model hook
-def _kernel_attention_forward(self, x, rotary, mask, kv_cache, layer, *args, **kwargs):
-    """SelfAttention.forward with a PrefixLMPlan in place of the dense mask (no KV cache)."""
-
-    if not isinstance(mask, PrefixLMPlan):
-        return SelfAttention.forward(self, x, rotary, mask, kv_cache, layer, *args, **kwargs)
-    if kv_cache is not None:
-        raise InputError("a PrefixLMPlan mask is for training forwards; decode with the dense mask")
-    B, S, _ = x.shape
-    H, D = self.config.num_attention_heads, self.config.head_dim
-    q, k, v = self.query_key_value(x).view(B, S, H, 3 * D).chunk(3, dim=-1)  # per-head [q_h; k_h; v_h]
-    q, k = rotary.apply(q), rotary.apply(k)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
-    context = _attend(mask, q, k, v)
-    context = context.transpose(1, 2).reshape(B, S, H * D)
-    return self.output_dropout(self.dense(context))
+def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The kernel `auto` stands for on `device` for q/k/v of `dtype` (flash varlen, which takes fp16
+    and bf16 only; else FlexAttention on CUDA; else the SDPA loop); an explicit kernel that cannot
+    run there is an error naming the fix."""
+    flash = varlen_available(device) and dtype in FLASH_DTYPES
+    if kernel == "auto":
+        return "varlen" if flash else "flex" if device.type == "cuda" else "loop"
+    if kernel not in KERNELS:
+        raise InputError(f"prefix_kernel must be one of {', '.join(KERNELS)} or auto, got {kernel!r}")
+    if kernel.startswith("varlen") and not flash:
+        raise InputError(f"prefix_kernel {kernel} needs flash varlen attention (CUDA, torch >= 2.9, fp16 or bf16), "
+                         f"not available on {device} for {dtype}; use prefix_kernel auto, flex or loop")
+    return kernel
 
 
 @torch.compiler.disable
-def _attend(plan: PrefixLMPlan, q, k, v):
-    # Outside the compiled graph: the plan's sizes change every batch (no recompiles); the
-    # kernels themselves are already fused.
+def attend_prefix_lm(plan: PrefixLMPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """plan.attend outside any compiled graph: the plan's sizes change every batch (no recompiles),
+    and the kernels are fused already (FlexAttention compiles its own)."""
     return plan.attend(q, k, v)
-
-
-def use_plan_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Let `model(ids, pos, plan, check_inputs=False)` take a PrefixLMPlan as its attention mask.
-    A dense bool mask still works as before. (A stand-in for a model hook: see docs/distributed.md.)"""
-
-    for module in model.modules():
-        if isinstance(module, SelfAttention):
-            module.forward = types.MethodType(_kernel_attention_forward, module)
-    return model
-
-
-def attention_flops(plan: PrefixLMPlan, heads: int, head_dim: int, backward: bool = True) -> float:
-    """FLOPs of the visible pairs: forward 4 * pairs * D (QK^T and PV, 2 per multiply-add), backward
-    2.5x the forward (5 matmuls against 2), the flash-attention convention."""
-    fwd = 4.0 * plan.visible_pairs() * heads * head_dim
-    return fwd * (3.5 if backward else 1.0)

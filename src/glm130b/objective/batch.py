@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from glm130b.model.masks import dense_attention_mask
+from glm130b.model.masks import CompactMask, dense_attention_mask
 
 
 @dataclass
@@ -20,7 +20,13 @@ class TrainingBatch:
     in_prefix: torch.Tensor     # [B, L] bool
 
     def attention_mask(self) -> torch.Tensor:
+        """The dense bool mask [B, 1, L, L], True = blocked."""
         return dense_attention_mask(self.segment_ids, self.in_prefix)
+
+    def compact_mask(self) -> CompactMask:
+        """The mask as the model takes it in training: no [L, L] tensor (GLMConfig.attention_backend
+        decides what the model builds from it)."""
+        return CompactMask(self.segment_ids, self.in_prefix)
 
     def to(self, device: torch.device | str) -> TrainingBatch:
         return TrainingBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

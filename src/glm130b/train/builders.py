@@ -1,6 +1,6 @@
 """The model and optimizer of a training launch, built one way for every launch: the GLM on its
-device with the seeded GLM-130B init, then what the launch needs (recomputation in one process;
-under torchrun the parallelized model or this rank's pipeline stage), then AdamW."""
+device with the seeded GLM-130B init, then what the launch needs (compile and recomputation in one
+process; under torchrun the parallelized model or this rank's pipeline stage), then AdamW."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 from glm130b.distributed.parallelize import (
     ParallelConfig,
     apply_activation_checkpointing,
+    apply_compile,
     build_mesh,
     init_distributed,
     parallelize,
@@ -61,7 +62,9 @@ def build_model_and_optimizer(config: TrainConfig, model_config: GLMConfig | Non
         model = GLM(model_config)
     initialize_glm(model, seed=config.seed)
     runner = None
-    if mesh is None:
+    if mesh is None:  # parallelize's order: compile, then recomputation around the compiled blocks
+        if pcfg.compile:
+            apply_compile(model)
         if pcfg.activation_checkpointing:
             apply_activation_checkpointing(model)
     elif pcfg.pp > 1:

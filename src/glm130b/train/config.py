@@ -39,6 +39,7 @@ class TrainConfig(DictConfig):
     # ---------------------------------------------------------------- model
     model_preset: str = "glm-130b"
     # GLMConfig fields that replace the preset's (e.g. vocab_size from the tokenizer, dropout).
+    # attention_backend defaults to auto here (the fastest correct kernel: docs/attention.md).
     # Recomputation in the backward is parallel.activation_checkpointing (below).
     model: dict[str, Any] = field(default_factory=dict)
 
@@ -128,7 +129,7 @@ class TrainConfig(DictConfig):
 
     # ------------------------------------------------------------------ derived values
     def model_config(self, **overrides: Any) -> GLMConfig:
-        return GLMConfig.from_preset(self.model_preset, **{**self.model, **overrides})
+        return GLMConfig.from_preset(self.model_preset, **{"attention_backend": "auto", **self.model, **overrides})
 
     @property
     def sampler_seed(self) -> int:

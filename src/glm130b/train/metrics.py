@@ -1,5 +1,5 @@
 """Training metrics: one file per kind of record (train, valid, intervention), read back the same way,
-the console line of a step, and the device peak that MFU divides by."""
+the console line of a step, and a step's throughput (real tokens/s, MFU, HFU against the device peak)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import json
 from pathlib import Path
 
 import torch
+
+from glm130b.model.config import GLMConfig
+from glm130b.model.flops import training_flops
+from glm130b.model.masks import visible_pairs
+from glm130b.objective.batch import TrainingBatch
 
 # Dense bf16/fp16 tensor-core peak of one device (datasheet, SXM parts), for MFU.
 PEAK_FLOPS_BY_DEVICE = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -23,6 +28,25 @@ def device_peak_flops(device: torch.device, configured: float | None) -> float |
             if key in name:
                 return peak
     return None  # CPU and unknown GPUs: MFU not printed
+
+
+def batch_work(batches: list[TrainingBatch]) -> torch.Tensor:
+    """float64 [real (non-pad) tokens, visible (query, key) pairs] of `batches`: what MFU counts."""
+    tokens = sum(int((b.segment_ids != 0).sum()) for b in batches)
+    pairs = sum(visible_pairs(b.segment_ids, b.in_prefix) for b in batches)
+    return torch.tensor([tokens, pairs], dtype=torch.float64)
+
+
+def throughput(config: GLMConfig, work: torch.Tensor, seconds: float, peak_flops: float | None, devices: int,
+               recompute: bool) -> dict:
+    """tokens/s (real tokens), and with a known peak MFU (model FLOPs: real tokens, visible pairs)
+    and HFU (the same plus the blocks' recomputed forward when `recompute`), per device."""
+    tokens, pairs = (int(x) for x in work.tolist())
+    record = {"tokens_per_s": tokens / seconds, "mfu": None, "hfu": None}
+    if peak_flops:
+        for key, again in (("mfu", False), ("hfu", recompute)):
+            record[key] = training_flops(config, tokens, pairs, recompute=again) / seconds / peak_flops / devices
+    return record
 
 
 class MetricsLog:
@@ -94,5 +118,5 @@ def format_record(record: dict) -> str:
             f"grad norm {record['grad_norm']:.3f} | loss scale {record['loss_scale']:g} | "
             f"{record['tokens_per_s']:,.0f} tokens/s")
     if record["mfu"] is not None:
-        text += f" | MFU {100 * record['mfu']:.1f} %"
+        text += f" | MFU {100 * record['mfu']:.1f} % | HFU {100 * record['hfu']:.1f} %"
     return text

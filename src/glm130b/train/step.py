@@ -28,9 +28,10 @@ def autocast(precision: str, device: torch.device):
 def _forward(model: torch.nn.Module, batch: TrainingBatch, precision: str) -> tuple[torch.Tensor, TrainingBatch]:
     """Logits [B, S, vocab] of one micro-batch under the run's precision, and the batch on the model's device."""
     device = next(model.parameters()).device
+    mask = batch.compact_mask()  # taken on the host: a prefix-LM plan reads it there without a device sync
     batch = batch.to(device)
     with autocast(precision, device):
-        return model(batch.input_ids, batch.position_ids, batch.attention_mask(), check_inputs=False), batch
+        return model(batch.input_ids, batch.position_ids, mask, check_inputs=False), batch
 
 
 def batch_loss(model: torch.nn.Module, batch: TrainingBatch, precision: str) -> torch.Tensor:
@@ -61,7 +62,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[TrainingBatch],
     dp_size = 1
     if dp_group is not None:
         dp_size = dist.get_world_size(dp_group)
-        counts = _all_reduce_sum(counts, dp_group)
+        counts = all_reduce_sum(counts, dp_group)
     total_targets = counts.item() or 1
     loss_sum = 0.0
     for batch in micro_batches:
@@ -69,11 +70,11 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[TrainingBatch],
         (summed * (dp_size * loss_scale / total_targets)).backward()
         loss_sum += summed.item()
     if dp_group is not None:
-        loss_sum = _all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64), dp_group).item()
+        loss_sum = all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64), dp_group).item()
     return loss_sum / total_targets
 
 
-def _all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
+def all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
     """Sum over `group`; on the rank's CUDA device for nccl, which reduces only CUDA tensors."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     values = values.to(device)
@@ -102,9 +103,8 @@ def pipeline_forward_backward(runner: PipelineRunner, micro_batches: list[Traini
     """forward_backward through the pipeline schedule: this dp rank's share as one batch, which the
     schedule cuts into parallel.pp_microbatches pieces (the loss normalised by the global count of
     scored tokens, as in forward_backward); returns the global batch loss on every rank."""
-    batch = concatenate(micro_batches).to(runner.device)
     with autocast(precision, runner.device):
-        return runner.step(batch)
+        return runner.step(concatenate(micro_batches))  # the runner moves it to its device
 
 
 def pipeline_evaluate(runner: PipelineRunner, batches: list[TrainingBatch], precision: str) -> float:

@@ -15,18 +15,25 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import ConfigError, GLMError
 from glm130b.distributed.parallelize import clip_grad_norm_
-from glm130b.model.flops import training_flops_per_token
+from glm130b.model.attention import describe_backend
 from glm130b.objective.batch import TrainingBatch
 from glm130b.train.builders import TrainingModel
 from glm130b.train.config import TrainConfig
 from glm130b.train.data_setup import BatchSource
-from glm130b.train.metrics import MetricsLog, device_peak_flops, format_record
+from glm130b.train.metrics import MetricsLog, batch_work, device_peak_flops, format_record, throughput
 from glm130b.train.optim import DynamicLossScaler, embedding_grad_scale, global_batch_size_at, learning_rate
 from glm130b.train.run_checkpoint import RunCheckpoints, RunState
 from glm130b.train.spike_guard import SpikeGuard
-from glm130b.train.step import evaluate, forward_backward, pipeline_evaluate, pipeline_forward_backward
+from glm130b.train.step import (
+    all_reduce_sum,
+    evaluate,
+    forward_backward,
+    pipeline_evaluate,
+    pipeline_forward_backward,
+)
 
 
 class TrainingDiverged(GLMError):
@@ -70,7 +77,6 @@ class Trainer:
         self.scaler = DynamicLossScaler.from_config(config)
         self.guard = SpikeGuard(config.spike_guard)
         self.show_progress = show_progress and self.is_main
-        self.flops_per_token = training_flops_per_token(self.model.config, config.sequence_length)
         self.peak_flops = device_peak_flops(self.device, config.peak_flops)
         self.metrics = MetricsLog(self.out_dir / "metrics", config.metrics_format, config.tensorboard,
                                   enabled=self.is_main)
@@ -98,6 +104,8 @@ class Trainer:
         elif cfg.spike_guard.enabled:
             self.save_checkpoint()  # a rollback target before the first step
         self.model.train()
+        if self.show_progress:
+            tqdm.write(f"attention: {describe_backend(self.model.config, self.device, DTYPES[cfg.precision])}")
         with tqdm(total=cfg.train_samples, initial=min(self.state.samples, cfg.train_samples), unit="sample",
                   disable=not self.show_progress, dynamic_ncols=True) as progress:
             while self.state.samples < cfg.train_samples:
@@ -173,14 +181,15 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        # The whole global batch (every dp share is the same shape); MFU per device of the run.
-        tokens = sum(b.input_ids.numel() for b in micro_batches) * self.dp_size
-        devices = dist.get_world_size() if self.mesh is not None else 1
+        work = batch_work(micro_batches)  # this rank's share; summed over dp: the whole global batch
+        if self.dp_group is not None:
+            work = all_reduce_sum(work, self.dp_group)
+        devices = dist.get_world_size() if self.mesh is not None else 1  # MFU per device of the run
         record = {"step": state.step, "samples": state.samples, "loss": loss, "lr": lr,
                   "grad_norm": grad_norm, "loss_scale": scale, "batch_size": size,
-                  "embedding_grad_scale": grad_scale, "tokens_per_s": tokens / seconds,
-                  "mfu": (self.flops_per_token * tokens / seconds / self.peak_flops / devices)
-                  if self.peak_flops else None,
+                  "embedding_grad_scale": grad_scale,
+                  **throughput(self.model.config, work, seconds, self.peak_flops, devices,
+                               cfg.parallel.activation_checkpointing),
                   "skipped_update": overflow}
         self.metrics.write("train", record)
         return record

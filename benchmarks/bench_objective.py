@@ -82,11 +82,17 @@ def naive_mask_sequence(raw: np.ndarray, rng: np.random.Generator, config: Objec
                 context.append(chunk[i])
                 i += 1
         for p, token in enumerate(context):
-            ids.append(token); targets.append(token); positions.append(p); loss.append(0)
+            ids.append(token)
+            targets.append(token)
+            positions.append(p)
+            loss.append(0)
         for j in rng.permutation(len(spans)):
             mask_pos, span = spans[j]
             for token_in, token_out in zip([SPECIALS.sop] + span, span + [SPECIALS.eop]):
-                ids.append(token_in); targets.append(token_out); positions.append(mask_pos); loss.append(1)
+                ids.append(token_in)
+                targets.append(token_out)
+                positions.append(mask_pos)
+                loss.append(1)
         end = len(ids)
         blocked[seg_start:end, seg_start:end] = ~np.tril(np.ones((end - seg_start,) * 2, dtype=bool))
         blocked[seg_start:end, seg_start:seg_start + len(context)] = False
@@ -112,6 +118,40 @@ def best_rate(fn, count: int, repeats: int = 3) -> float:
     return count / best
 
 
+def length_rows(length: int, n: int) -> list[tuple]:
+    """The benchmark's rows for one sequence length (closures bound to this length's data)."""
+    rows = []
+    config = ObjectiveConfig.for_sequence_length(length)
+    raw = np.arange(config.mask_window_length, dtype=np.int64) + 20_000
+
+    def baseline():
+        rng = np.random.default_rng(0)
+        for _ in range(n):
+            naive_mask_sequence(raw, rng, config)
+
+    def compact():
+        rng = np.random.default_rng(0)
+        for _ in range(n):
+            mask_sample(raw, rng, config, SPECIALS)
+
+    def compact_then_dense():
+        rng = np.random.default_rng(0)
+        for _ in range(0, n, DENSE_MICRO_BATCH):
+            samples = [mask_sample(raw, rng, config, SPECIALS) for _ in range(DENSE_MICRO_BATCH)]
+            collate(samples, length, SPECIALS.pad).attention_mask()
+
+    pairs = [MIPPair(np.arange(100) + 20_000, np.arange(30) + 30_000)]
+    sampler = GLMBatchSampler(ArangeCorpus(), config, SPECIALS, batch_size=n, seed=0, mip_pairs=pairs)
+    base = best_rate(baseline, n)
+    for name, fn in (("[MASK] sequence, baseline: per-token Python + dense mask", baseline),
+                     ("[MASK] sequence, mask_sample (compact form)", compact),
+                     ("[MASK] sequence, mask_sample + collate + dense mask", compact_then_dense),
+                     ("full mix, GLMBatchSampler.micro_batch (TrainingBatch)", lambda: sampler.micro_batch(0))):
+        rate = base if fn is baseline else best_rate(fn, n)
+        rows.append((length, name, f"{rate:,.0f}", f"{rate * length / 1e6:.2f}", f"{rate / base:.1f}x"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -120,34 +160,7 @@ def main() -> None:
     n = args.samples
     rows = []
     for length in (2048, 512):
-        config = ObjectiveConfig.for_sequence_length(length)
-        raw = np.arange(config.mask_window_length, dtype=np.int64) + 20_000
-
-        def baseline():
-            rng = np.random.default_rng(0)
-            for _ in range(n):
-                naive_mask_sequence(raw, rng, config)
-
-        def compact():
-            rng = np.random.default_rng(0)
-            for _ in range(n):
-                mask_sample(raw, rng, config, SPECIALS)
-
-        def compact_then_dense():
-            rng = np.random.default_rng(0)
-            for _ in range(0, n, DENSE_MICRO_BATCH):
-                samples = [mask_sample(raw, rng, config, SPECIALS) for _ in range(DENSE_MICRO_BATCH)]
-                collate(samples, length, SPECIALS.pad).attention_mask()
-
-        pairs = [MIPPair(np.arange(100) + 20_000, np.arange(30) + 30_000)]
-        sampler = GLMBatchSampler(ArangeCorpus(), config, SPECIALS, batch_size=n, seed=0, mip_pairs=pairs)
-        base = best_rate(baseline, n)
-        for name, fn in (("[MASK] sequence, baseline: per-token Python + dense mask", baseline),
-                         ("[MASK] sequence, mask_sample (compact form)", compact),
-                         ("[MASK] sequence, mask_sample + collate + dense mask", compact_then_dense),
-                         ("full mix, GLMBatchSampler.micro_batch (TrainingBatch)", lambda: sampler.micro_batch(0))):
-            rate = base if fn is baseline else best_rate(fn, n)
-            rows.append((length, name, f"{rate:,.0f}", f"{rate * length / 1e6:.2f}", f"{rate / base:.1f}x"))
+        rows += length_rows(length, n)
 
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
     commit = git("rev-parse", "--short", "HEAD").strip()

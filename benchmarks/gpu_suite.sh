@@ -39,7 +39,8 @@ BENCHMARKS=(
     "quant_kernels|bench_quant_kernels.py|--rows 1|--rows 1|90"
     "generation|bench_generation.py|--repeats 2 --batches 1 --skip-1b-int4|--no-compile --repeats 1 --new-tokens 4 --batches 1 --skip-1b-int4|180"
     "prefix_attention|bench_prefix_attention.py|||90"
-    "train_mfu|bench_train_mfu.py|--backends sdpa,auto --steps 10|--backends sdpa,auto|170"
+    "train_mfu|bench_train_mfu.py|--backends sdpa,auto --steps 10|--backends sdpa,auto|150"
+    "inference_memory|bench_inference_memory.py|||20"
 )
 # ------------------------------------------------------------------------------------ end of the list
 

@@ -15,6 +15,7 @@ from glm130b import demo
 from glm130b.core.errors import GLMError
 from glm130b.data import commands as data_commands
 from glm130b.distributed import commands as distributed_commands
+from glm130b.evaluate import commands as evaluate_commands
 from glm130b.generate import commands as generate_commands
 from glm130b.interop import commands as interop_commands
 from glm130b.model import commands as model_commands
@@ -64,6 +65,9 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "generate": Command("generate text, continue [gMASK] or fill [MASK] blanks",
                         generate_commands.add_generate_arguments, generate_commands.cmd_generate,
                         "Generate from a model directory. With no prompt: interactive."),
+    "evaluate": Command("score a model on benchmark tasks (official GLM-130B task configs, the paper's suite), "
+                        "compare two runs, check contamination",
+                        evaluate_commands.add_evaluate_arguments, evaluate_commands.cmd_evaluate),
     "demo": Command("fetch a bilingual corpus, train a tokenizer and a small GLM, write runs/demo/REPORT.md",
                     demo.add_demo_arguments, demo.cmd_demo),
 }

@@ -52,3 +52,16 @@ def gen_records(seed: int, n: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"inputs_pretokenized": random_words(rng, rng.randint(3, 10)),
              "targets_pretokenized": [random_words(rng, 1), random_words(rng, 2)]} for _ in range(n)]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 8..263 (any text, Chinese included), the specials at 0..6."""
+
+    specials = TOK
+    vocab_size = 8 + 256
+
+    def encode(self, text: str) -> list[int]:
+        return [8 + b for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 8 for i in ids if i >= 8).decode("utf-8", errors="replace")

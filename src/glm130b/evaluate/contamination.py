@@ -66,7 +66,7 @@ def unit_texts(config: TaskConfig, data_root: str | Path, result: dict, tokenize
     base = Path(data_root) / config.path
     texts = {}
     for name, entry in result["files"].items():
-        task_file = read_task_file(base / name, config.type, tokenizer)
+        task_file = read_task_file(base / name, config.type, tokenizer, result["limit"] and entry["units"])
         if config.type == "lm":
             seqs = windows(task_file.tokens, result["context_length"], config.generation_length, tokenizer.specials,
                            max_windows=entry["units"])

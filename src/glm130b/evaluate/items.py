@@ -83,13 +83,15 @@ def _ids_or_text(record: dict, key: str, where: str, many: bool):
     return None, value
 
 
-def read_items(path: Path, task_type: str, tokenizer) -> TaskFile:
-    """Items of one mul or gen JSON-lines file."""
-    lines = _read_text(path).splitlines()
+def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) -> TaskFile:
+    """Items of one mul or gen JSON-lines file (the first `limit` of them)."""
+    lines = _read_text(path).split("\n")  # not splitlines(): JSON strings may hold U+2028 and the like
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        if limit is not None and len(records) == limit:
+            break
         where = f"{path}:{number}"
         try:
             record = json.loads(line)
@@ -139,5 +141,6 @@ def read_lm_file(path: Path, tokenizer) -> TaskFile:
     return TaskFile(path, file_sha256(path), [], text=text, tokens=encode_texts(tokenizer, [text])[0])
 
 
-def read_task_file(path: Path, task_type: str, tokenizer) -> TaskFile:
-    return read_lm_file(path, tokenizer) if task_type == "lm" else read_items(path, task_type, tokenizer)
+def read_task_file(path: Path, task_type: str, tokenizer, limit: int | None = None) -> TaskFile:
+    """`limit`: read only the first items of a mul or gen file (an lm file is always read whole)."""
+    return read_lm_file(path, tokenizer) if task_type == "lm" else read_items(path, task_type, tokenizer, limit)

@@ -21,17 +21,11 @@ EVALUATORS = {"mul": multiple_choice.evaluate_file, "gen": generation.evaluate_f
 OVERALL_GROUP = "Overall"
 
 
-def _limited(task_file: TaskFile, quota: int | None) -> TaskFile:
-    if quota is not None:
-        task_file.items = task_file.items[:quota]
-    return task_file
-
-
 def score_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor,
                quota: int | None = None) -> FileOutcome:
     if config.type == "lm":
         return language_model.evaluate_file(task_file, config, model, tokenizer, executor, max_windows=quota)
-    return EVALUATORS[config.type](_limited(task_file, quota), config, model, tokenizer, executor)
+    return EVALUATORS[config.type](task_file, config, model, tokenizer, executor)
 
 
 def summarize(scores: list[dict[str, UnitScores]], metrics: list[str]) -> dict:
@@ -53,7 +47,7 @@ def evaluate_task(config: TaskConfig, data_root: str | Path, model, tokenizer, e
     quota = None if limit is None else max(1, math.ceil(limit / len(all_files)))
     outcomes, files = {}, {}
     for path in all_files:
-        task_file = read_task_file(path, config.type, tokenizer)
+        task_file = read_task_file(path, config.type, tokenizer, quota)
         outcome = score_file(task_file, config, model, tokenizer, executor, quota)
         name = path.relative_to(base).as_posix()
         outcomes[name] = outcome

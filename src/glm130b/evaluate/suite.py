@@ -55,7 +55,7 @@ def _need(path: Path) -> Path:
 
 
 def _json_lines(path: Path) -> Iterator[dict]:
-    for line in _need(path).read_text(encoding="utf-8").splitlines():
+    for line in _need(path).read_text(encoding="utf-8").split("\n"):
         if line.strip():
             yield json.loads(line)
 

@@ -86,6 +86,11 @@ def markdown_report(run: dict, tasks: list[dict]) -> str:
     for task in tasks:
         for metric, entry in task["metrics"].items():
             rows.append([task["name"], "all", metric, _interval(entry), sum(f["units"] for f in task["files"].values())])
+        report = task.get("contamination")
+        if report and report["clean"]:
+            for metric, entry in report["clean"].items():
+                rows.append([task["name"], f"clean ({report['contaminated']} of {report['units']} contaminated, "
+                             f"{report['ngram']}-grams)", metric, _interval(entry), report["units"] - report["contaminated"]])
         if len(task["groups"]) > 1:
             for group, g in task["groups"].items():
                 for metric, stats in g["statistics"].items():

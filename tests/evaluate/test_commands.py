@@ -11,7 +11,7 @@ import pytest
 
 from glm130b import cli
 from glm130b.checkpoint.model_dir import save_model
-from glm130b.evaluate import commands as evaluate_commands
+from glm130b.evaluate import loading
 from tests.evaluate.helpers import CharTokenizer, gen_records, mul_records, random_words, tiny_glm, write_jsonl
 
 MUL_YAML = """name: "toy-mul"
@@ -43,7 +43,7 @@ metrics: [PPL, BPB]
 def workspace(tmp_path, monkeypatch):
     model_dir = save_model(tiny_glm(), tmp_path / "model")
     (model_dir / "tokenizer").mkdir()
-    monkeypatch.setattr(evaluate_commands, "load_tokenizer", lambda path: CharTokenizer())
+    monkeypatch.setattr(loading, "load_tokenizer", lambda path: CharTokenizer())
     data, tasks = tmp_path / "data", tmp_path / "tasks"
     write_jsonl(data / "toy/mul/a/validation.jsonl", mul_records(1, 7))
     write_jsonl(data / "toy/mul/a/test.jsonl", mul_records(2, 5, single_token=True))

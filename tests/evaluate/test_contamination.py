@@ -9,7 +9,7 @@ import pytest
 from glm130b import cli
 from glm130b.checkpoint.model_dir import save_model
 from glm130b.data.prepare import prepare_corpus
-from glm130b.evaluate import commands as evaluate_commands
+from glm130b.evaluate import loading
 from glm130b.evaluate.contamination import item_grams, normalized_words
 from tests.evaluate.helpers import ByteTokenizer, load_byte_tokenizer, tiny_glm, write_jsonl
 
@@ -47,7 +47,7 @@ def setup(tmp_path, monkeypatch):
                    loader=load_byte_tokenizer)
     model_dir = save_model(tiny_glm(vocab=264), tmp_path / "model")
     (model_dir / "tokenizer").mkdir()
-    monkeypatch.setattr(evaluate_commands, "load_tokenizer", lambda path: ByteTokenizer())
+    monkeypatch.setattr(loading, "load_tokenizer", lambda path: ByteTokenizer())
     return tmp_path, model_dir
 
 

@@ -9,6 +9,7 @@ import pytest
 from glm130b import cli
 from glm130b.checkpoint.model_dir import save_model
 from glm130b.evaluate import commands as evaluate_commands
+from glm130b.evaluate import loading
 from glm130b.evaluate.config import load_task
 from glm130b.evaluate.suite import MMLU_GROUP, convert_all, suite_task_files
 from tests.evaluate.helpers import ByteTokenizer, tiny_glm
@@ -80,7 +81,7 @@ def test_lambada_hellaswag_and_fewclue_items(converted):
 def test_suite_paper_runs_every_task(converted, tmp_path, monkeypatch, capsys):
     model_dir = save_model(tiny_glm(vocab=264, max_len=512), tmp_path / "model")
     (model_dir / "tokenizer").mkdir()
-    monkeypatch.setattr(evaluate_commands, "load_tokenizer", lambda path: ByteTokenizer())
+    monkeypatch.setattr(loading, "load_tokenizer", lambda path: ByteTokenizer())
     charts = []  # drawing 15 charts takes longer than scoring; test_commands checks a real one
     monkeypatch.setattr(evaluate_commands, "plot_groups", lambda task, path: charts.append(path))
     assert cli.main(["evaluate", "--model", str(model_dir), "--suite", "paper", "--data-root", str(converted),

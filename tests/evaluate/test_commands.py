@@ -56,6 +56,11 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path, model_dir, data, tasks
 
 
+def only_mul(tasks):
+    (tasks / "gen.yaml").unlink()
+    (tasks / "lm.yaml").unlink()
+
+
 def run(model_dir, data, tasks, out, *extra):
     return cli.main(["evaluate", "--model", str(model_dir), "--tasks", str(tasks), "--data-root", str(data),
                      "--out", str(out), "--no-progress", *extra])
@@ -99,8 +104,7 @@ def test_evaluate_writes_results_with_intervals_and_record(workspace, capsys):
 
 def test_limit_quantized_and_compare(workspace, capsys):
     root, model_dir, data, tasks = workspace
-    (tasks / "gen.yaml").unlink()
-    (tasks / "lm.yaml").unlink()
+    only_mul(tasks)
     assert run(model_dir, data, tasks, root / "a", "--limit", "6") == 0
     assert run(model_dir, data, tasks, root / "b", "--limit", "6", "--quantized", "int4") == 0
     b = json.loads((root / "b/results.json").read_text())
@@ -123,6 +127,7 @@ def test_limit_quantized_and_compare(workspace, capsys):
 ])
 def test_bad_task_config_is_one_line_naming_the_file(workspace, capsys, case, expected):
     root, model_dir, data, tasks = workspace
+    only_mul(tasks)
     key = case.split(":")[0]
     text = "".join(line + "\n" for line in MUL_YAML.splitlines() if not line.startswith(key + ":")) + case + "\n"
     (tasks / "mul.yaml").write_text(text)
@@ -133,6 +138,7 @@ def test_bad_task_config_is_one_line_naming_the_file(workspace, capsys, case, ex
 
 def test_bad_data_is_one_line_naming_the_file_and_line(workspace, capsys):
     root, model_dir, data, tasks = workspace
+    only_mul(tasks)
     bad = data / "toy/mul/a/test.jsonl"
     bad.write_text(bad.read_text() + '{"inputs_pretokenized": "x", "choices_pretokenized": ["a"], "label": 3}\n')
     assert run(model_dir, data, tasks, root / "out") == 2
@@ -145,6 +151,7 @@ def test_bad_data_is_one_line_naming_the_file_and_line(workspace, capsys):
 
 def test_a_choice_longer_than_the_context_window(workspace, capsys):
     root, model_dir, data, tasks = workspace
+    only_mul(tasks)
     (tasks / "mul.yaml").write_text(MUL_YAML + "max_seq_length: 16\n")
     write_jsonl(data / "toy/mul/a/test.jsonl", [{"inputs_pretokenized": "abc", "label": 0,
                                                   "choices_pretokenized": ["a" * 10, "b" * 8]}])

@@ -1,7 +1,7 @@
 """Makes tests/fixtures/official_eval.pt: the official GLM-130B evaluation code (THUDM/GLM-130B
 `evaluation/`, `generation/` and `tasks/lambada/`, unmodified) run on CPU over SwissArmyTransformer
-0.2.12's GLM130B with a tiny random model, for one `mul`, two `gen` (plain greedy; LAMBADA's beam
-search) and one `lm` task. tests/evaluate/test_official_oracle.py checks glm130b against it.
+0.2.12's GLM130B with a tiny random model, for one `mul` (with [MASK] and [gMASK]), three `gen`
+(plain greedy; LAMBADA's beam search with a bidirectional and a causal context) and one `lm` task. tests/evaluate/test_official_oracle.py checks glm130b against it.
 
     bash shared/oracle/setup_sat_venv.sh /tmp/sat-venv && /tmp/sat-venv/bin/pip install "dataclass-wizard<0.30" scipy
     git -C <GLM-130B clone> archive HEAD evaluation generation tasks | tar -x -C /tmp/glm130b-official
@@ -48,6 +48,10 @@ TASKS = {
     "lambada": {"name": "oracle-lambada", "type": "gen", "module": "tasks.lambada.task.LAMBADA", "path": "lambada",
                 "sampling_strategy": "BeamSearchStrategy", "num_beams": 16, "max_gen_length": 5,
                 "use_task_mask": True, "max_seq_length": 40},
+    "lambada-unidirectional": {"name": "oracle-lambada-unidirectional", "type": "gen",
+                               "module": "tasks.lambada.task.LAMBADA", "path": "lambada",
+                               "sampling_strategy": "BeamSearchStrategy", "num_beams": 16, "max_gen_length": 5,
+                               "use_task_mask": True, "unidirectional": True, "max_seq_length": 40},
     "lm": {"name": "oracle-lm", "type": "lm", "path": "lm", "file-pattern": "*.txt", "max_seq_length": 64,
            "generation-length": 16, "use_task_mask": True},
 }

@@ -2,7 +2,8 @@
 tests/evaluate/official_oracle.py over SwissArmyTransformer 0.2.12) and glm130b agree on the same
 weights, items and task configs: per-item predictions and every metric, for multiple choice with
 [MASK] (single-token and multi-token files) and [gMASK], plain greedy generation (EM / F1),
-LAMBADA's beam-search protocol, and language modelling over sliding windows."""
+LAMBADA's beam-search protocol with a bidirectional and with a causal (unidirectional) context, and
+language modelling over sliding windows."""
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_multiple_choice_matches_the_official_code(key, model, data_root):
         assert mine["metrics"]["Accuracy"] == pytest.approx(official["metrics"]["Accuracy"])
 
 
-@pytest.mark.parametrize("key", ["gen", "lambada"])
+@pytest.mark.parametrize("key", ["gen", "lambada", "lambada-unidirectional"])
 def test_generation_matches_the_official_code(key, model, data_root):
     result = ours(key, model, data_root)
     for name, official in ORACLE["results"][key].items():

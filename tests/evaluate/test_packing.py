@@ -69,3 +69,20 @@ def test_lm_window_equals_plain_forward():
     [[span]] = score_batch(model, [pack_window(prompt, text, TOK)], TOK.pad)
     expected, _ = plain_log_probs(model, prompt + [TOK.gmask], text)
     assert span.log_prob == pytest.approx(expected, abs=1e-4) and span.tokens == len(text)
+
+
+def test_causal_context_equals_a_plain_causal_forward():
+    """unidirectional: context and [gMASK] read causally; each choice then sees them and itself,
+    which for one choice is an ordinary left-to-right forward with positions 0, 1, 2, ..."""
+    model = tiny_glm()
+    context, choices = [9, 10, 11, 12, 13], [[14, 15, 16], [17, 18]]
+    packed = score_batch(model, [pack_choices(context, choices, TOK, gmask=True, single_token=False,
+                                              causal_context=True)], TOK.pad)[0]
+    for choice, span in zip(choices, packed):
+        tokens = torch.tensor([context + [TOK.gmask, TOK.sop] + choice[:-1]])
+        n = tokens.shape[1]
+        causal = ~torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(tokens, torch.arange(n).view(1, n), causal)[0], -1)
+        rows = range(len(context) + 1, len(context) + 1 + len(choice))
+        assert span.log_prob == pytest.approx(sum(float(log_probs[r, t]) for r, t in zip(rows, choice)), abs=1e-4)

@@ -45,6 +45,7 @@ BYTE_OFFSET = 8  # ids 0..7: GLM specials; bytes at 8..263
 SPECIALS = SpecialTokens(mask=1, gmask=2, smask=3, sop=4, eop=5, eos=6, pad=0)
 VOCAB = BYTE_OFFSET + 256
 BATCH = 8
+REPEATS = 3
 SIZES = {  # (layers, hidden, heads, GeGLU/SwiGLU inner, context, MMLU items, HellaSwag items)
     "small": (2, 128, 4, 344, 1024, 24, 48),
     "cpu": (4, 256, 8, 688, 2048, 40, 80),
@@ -95,9 +96,10 @@ def models(size: str, device: torch.device, dtype: torch.dtype):
 
     layers, hidden, heads, inner, context, _, _ = SIZES[size]
     torch.manual_seed(0)
+    # fp32 rotary tables, as Llama's: half-precision elementwise work is slow on a CPU (same values on a GPU).
     glm = GLM(GLMConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, vocab_size=VOCAB,
                         inner_hidden_size=inner, max_sequence_length=context, hidden_dropout=0.0,
-                        attention_dropout=0.0)).to(device, dtype).eval()
+                        attention_dropout=0.0, rotary_dtype="fp32")).to(device, dtype).eval()
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inner,
                                          num_hidden_layers=layers, num_attention_heads=heads,
                                          max_position_embeddings=context, tie_word_embeddings=True,
@@ -130,16 +132,33 @@ def requests_of(items):
     return out
 
 
-def timed(fn, repeats: int = 2) -> float:
-    best = float("inf")
+class TokenCounter:
+    """Counts the token positions (padding included) a model is run on."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.count = 0
+        module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.count += (args[0] if args else kwargs["input_ids"]).numel()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_times(paths: dict, device: torch.device, repeats: int = REPEATS) -> dict[str, float]:
+    """Best wall time of each path over `repeats` rounds, the paths interleaved within a round so
+    that a busy moment of a shared machine does not fall on one path only."""
+    best = dict.fromkeys(paths, float("inf"))
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in paths.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -154,6 +173,7 @@ def run(size: str, device: torch.device, source: Path) -> tuple[list[list], dict
     hf = HFLM(pretrained=llama, tokenizer=hf_tokenizer, batch_size=BATCH, device=str(device),
               max_length=SIZES[size][4])
     ours_via_harness = GLMHarnessLM(loaded=(glm, ByteTokenizer()), batch_size=BATCH)
+    hf_counter, glm_counter = TokenCounter(llama), TokenCounter(glm)
     rows, details = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, count in (("MMLU", SIZES[size][5]), ("HellaSwag", SIZES[size][6])):
@@ -170,14 +190,21 @@ def run(size: str, device: torch.device, source: Path) -> tuple[list[list], dict
                 "glm130b toolkit (packed)":
                     lambda f=task_file, c=config, e=executor: evaluate_file(f, c, glm, ByteTokenizer(), e),
             }
+            counters = {"lm-eval HFLM, Llama (baseline)": hf_counter}
             with torch.no_grad():
                 hf.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
-                times = {path: timed(fn) for path, fn in paths.items()}
+                tokens = {}
+                for path, fn in paths.items():  # one counted run each
+                    counter = counters.get(path, glm_counter)
+                    counter.count = 0
+                    fn()
+                    tokens[path] = counter.count
+                times = best_times(paths, device)
             base = len(items) / times["lm-eval HFLM, Llama (baseline)"]
             for path, seconds in times.items():
                 rate = len(items) / seconds
-                rows.append([name, path, f"{rate:,.1f}", f"{rate / base:.2f}x"])
-            details[name] = {"items": len(items), "requests": len(requests), "seconds": times}
+                rows.append([name, path, f"{rate:,.1f}", f"{rate / base:.2f}x", f"{tokens[path] / len(items):,.0f}"])
+            details[name] = {"items": len(items), "requests": len(requests), "seconds": times, "tokens": tokens}
     return rows, details
 
 
@@ -209,8 +236,9 @@ def main() -> None:
              f"{card}, torch {torch.__version__}, lm-eval {lm_eval.__version__}, transformers {transformers.__version__}, "
              f"commit {git_commit()}. Shape ({size}): {layers} layers, hidden {hidden}, {heads} heads, inner {inner}, "
              f"byte vocabulary, context {context}, {'bf16' if device.type == 'cuda' else 'fp32'}, batch {BATCH}; "
-             f"{n_mmlu} MMLU 5-shot items (spread over the subjects), {n_hs} HellaSwag items; best of 2.", "",
-             "| task | path | items/s | vs baseline |", "|---|---|---:|---:|"]
+             f"{n_mmlu} MMLU 5-shot items (spread over the subjects), {n_hs} HellaSwag items; best of {REPEATS} "
+             "interleaved rounds. Positions: token positions run through the model per item, padding included.", "",
+             "| task | path | items/s | vs baseline | positions per item |", "|---|---|---:|---:|---:|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     table = "\n".join(lines) + "\n"
     print(table)

@@ -82,18 +82,22 @@ def pack_window(prompt: list[int], text: list[int], specials: SpecialTokens, *, 
 
 
 def attention_masks(sequences: list[ScoredSequence], total: int) -> torch.Tensor:
-    """Bool [B, 1, L, L], True = blocked. A pad row sees only itself (see glm130b.model.masks)."""
-    visible = torch.zeros(len(sequences), total, total, dtype=torch.bool)
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    """Bool [B, 1, L, L], True = blocked. Each token is labelled 0 (context), k (block k) or -1 (pad);
+    a row sees the context (causally if `causal_context`) and, causally, its own block. A pad row
+    sees only itself (see glm130b.model.masks)."""
+    label = torch.full((len(sequences), total), -1, dtype=torch.long)
+    causal_context = torch.tensor([s.causal_context for s in sequences]).view(-1, 1, 1)
     for b, seq in enumerate(sequences):
-        d = seq.division
-        visible[b, :d, :d] = causal[:d, :d] if seq.causal_context else True
-        visible[b, d:len(seq.tokens), :d] = True
-        for start, length in seq.blocks:
-            visible[b, start:start + length, start:start + length] = causal[:length, :length]
-        pads = torch.arange(len(seq.tokens), total)
-        visible[b, pads, pads] = True
-    return ~visible.unsqueeze(1)
+        label[b, :seq.division] = 0
+        for k, (start, length) in enumerate(seq.blocks, 1):
+            label[b, start:start + length] = k
+    idx = torch.arange(total)
+    earlier = idx.view(1, total) <= idx.view(total, 1)  # [L, L]: key j <= query i
+    query, key = label.unsqueeze(2), label.unsqueeze(1)  # [B, L, 1], [B, 1, L]
+    sees_context = (key == 0) & (query >= 0) & (earlier | (query > 0) | ~causal_context)
+    sees_own_block = (key > 0) & (query == key) & earlier
+    pad_self = (query < 0) & torch.eye(total, dtype=torch.bool)
+    return ~(sees_context | sees_own_block | pad_self).unsqueeze(1)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ MODULES = {
     "evaluation.MultiChoiceTask": None, "evaluation.GenerationTask": None, "evaluation.LanguageModelTask": None,
     "tasks.lambada.task.LAMBADA": "lambada",
     "tasks.mmlu.task.MMLU": "mmlu",
+    "tasks.language-modeling.pile.Pile": "pile",
     "lambada": "lambada", "mmlu": "mmlu", "lambada_loglikelihood": "lambada_loglikelihood",
 }
 SAMPLING_STRATEGIES = ("BaseStrategy", "BeamSearchStrategy")
@@ -67,6 +68,8 @@ class TaskConfig:
     def metric_names(self) -> list[str]:
         if self.metrics:
             return list(self.metrics)
+        if self.protocol == "pile":
+            return ["BPB"]
         return ["Accuracy"] if self.protocol in ("lambada", "lambada_loglikelihood") else DEFAULT_METRICS[self.type]
 
     def validate(self) -> None:

@@ -66,7 +66,14 @@ def unit_texts(config: TaskConfig, data_root: str | Path, result: dict, tokenize
     base = Path(data_root) / config.path
     texts = {}
     for name, entry in result["files"].items():
-        task_file = read_task_file(base / name, config.type, tokenizer, result["limit"] and entry["units"])
+        task_file = read_task_file(base / name, config.type, tokenizer, None, config.protocol)
+        if config.protocol == "pile":
+            windows_of = [(item, seq) for item in task_file.items
+                          for seq in windows(item.context, result["context_length"], config.generation_length,
+                                             tokenizer.specials)]
+            for u, (_, seq) in enumerate(windows_of[:entry["units"]]):
+                texts[(config.name, name, u)] = tokenizer.decode(seq.spans[0][1])
+            continue
         if config.type == "lm":
             seqs = windows(task_file.tokens, result["context_length"], config.generation_length, tokenizer.specials,
                            max_windows=entry["units"])

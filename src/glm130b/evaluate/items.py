@@ -3,7 +3,8 @@
 mul and gen files are JSON lines: `inputs_pretokenized` with `choices_pretokenized` and `label`, or
 with `targets_pretokenized`; the official id forms `inputs` / `choices` / `targets` are taken as
 they are. Every text is encoded on its own, as the official code does. An lm file is raw text,
-encoded in one piece. A bad line is one error naming the file, the line and the fix.
+encoded in one piece; a Pile file JSON lines of documents (`text` ids or `text_pretokenized`, and
+`meta.pile_set_name`). A bad line is one error naming the file, the line and the fix.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def _ids_or_text(record: dict, key: str, where: str, many: bool):
     return None, value
 
 
-def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) -> TaskFile:
-    """Items of one mul or gen JSON-lines file (the first `limit` of them)."""
+def _json_records(path: Path, limit: int | None, expected: str) -> list[tuple[str, dict]]:
+    """(where, object) of each non-empty line, the first `limit` of them."""
     lines = _read_text(path).split("\n")  # not splitlines(): JSON strings may hold U+2028 and the like
     records = []
     for number, line in enumerate(lines, 1):
@@ -98,12 +99,17 @@ def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) 
         except json.JSONDecodeError as err:
             raise TaskDataError(f"{where} is not JSON ({err.msg}); each line must be one JSON object") from None
         if not isinstance(record, dict):
-            raise TaskDataError(f"{where} must be a JSON object with inputs_pretokenized and "
-                                f"{'choices_pretokenized' if task_type == 'mul' else 'targets_pretokenized'}")
+            raise TaskDataError(f"{where} must be a JSON object with {expected}")
         records.append((where, record))
     if not records:
         raise TaskDataError(f"{path} holds no items; write one JSON object per line")
+    return records
+
+
+def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) -> TaskFile:
+    """Items of one mul or gen JSON-lines file (the first `limit` of them)."""
     second = "choices" if task_type == "mul" else "targets"
+    records = _json_records(path, limit, f"inputs_pretokenized and {second}_pretokenized")
     parsed = [(where, record, _ids_or_text(record, "inputs", where, False), _ids_or_text(record, second, where, True))
               for where, record in records]
     texts = [text for _, _, (_, text), _ in parsed if text is not None]
@@ -141,6 +147,26 @@ def read_lm_file(path: Path, tokenizer) -> TaskFile:
     return TaskFile(path, file_sha256(path), [], text=text, tokens=encode_texts(tokenizer, [text])[0])
 
 
-def read_task_file(path: Path, task_type: str, tokenizer, limit: int | None = None) -> TaskFile:
-    """`limit`: read only the first items of a mul or gen file (an lm file is always read whole)."""
+def read_documents(path: Path, tokenizer, limit: int | None = None) -> TaskFile:
+    """A Pile-style file: one document an item (`context` its ids, `text` its text, `meta.subset`);
+    empty documents are skipped, as the official code skips them."""
+    items = []
+    for where, record in _json_records(path, limit, "text_pretokenized (or text ids) and meta.pile_set_name"):
+        ids, text = _ids_or_text(record, "text", where, False)
+        if text is None:
+            text = record.get("text_pretokenized")
+            if not isinstance(text, str):
+                raise TaskDataError(f"{where}: give text_pretokenized with the text ids (its bytes are the BPB "
+                                    "denominator)")
+        subset = (record.get("meta") or {}).get("pile_set_name", "all")
+        items.append(Item(len(items), ids if ids is not None else encode_texts(tokenizer, [text])[0], text,
+                          meta={"subset": subset}))
+    return TaskFile(path, file_sha256(path), [item for item in items if item.context])
+
+
+def read_task_file(path: Path, task_type: str, tokenizer, limit: int | None = None, protocol: str | None = None
+                   ) -> TaskFile:
+    """`limit`: read only the first items (documents) of a file (a plain lm file is always read whole)."""
+    if protocol == "pile":
+        return read_documents(path, tokenizer, limit)
     return read_lm_file(path, tokenizer) if task_type == "lm" else read_items(path, task_type, tokenizer, limit)

@@ -4,7 +4,8 @@ Window i starts at `i * generation_length` and holds up to `max_seq_length - 1` 
 scores all of them, a later one uses its first `max_seq_length - 1 - generation_length` tokens
 as an unscored bidirectional prompt and scores the rest, so every token is scored once
 (`unidirectional`: the prompt is read causally). Each window's NLL is a unit of the bootstrap,
-the file's words and bytes shared out to windows by their scored tokens.
+the file's words and bytes shared out to windows by their scored tokens. The Pile protocol does
+this per document and reports bits per byte per subset (`meta.pile_set_name`) and pooled.
 """
 
 from __future__ import annotations
@@ -54,3 +55,28 @@ def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, exe
     scores = {"PPL": UnitScores("ppl", nll, [words * n / total for n in scored]),
               "BPB": UnitScores("bpb", nll, [n_bytes * n / total for n in scored])}
     return FileOutcome(records, {m: scores[m] for m in config.metric_names})
+
+
+def evaluate_documents(task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor) -> FileOutcome:
+    """The Pile: every document windowed on its own; BPB pooled and per subset."""
+    specials = tokenizer.specials
+    limit = min(config.max_seq_length, model.config.max_sequence_length)
+    sequences, owners = [], []
+    for d, item in enumerate(task_file.items):
+        for seq in windows(item.context, limit, config.generation_length, specials, config.use_task_mask,
+                           config.unidirectional):
+            sequences.append(seq)
+            owners.append(d)
+    spans = executor.map(sequences, lambda batch: score_batch(model, batch, specials.pad), config.micro_batch_size,
+                         length=lambda s: len(s.tokens), desc=f"{config.name} {task_file.path.name}")
+    records, by_subset = [], {}
+    for d, [span] in zip(owners, spans):
+        item = task_file.items[d]
+        n_bytes = len(item.text.encode("utf-8")) * span.tokens / len(item.context)
+        records.append({"document": item.index, "subset": item.meta["subset"], "nll": -span.log_prob,
+                        "tokens": span.tokens, "bytes": n_bytes})
+        by_subset.setdefault(item.meta["subset"], []).append(records[-1])
+    scores = {"BPB": UnitScores("bpb", [r["nll"] for r in records], [r["bytes"] for r in records])}
+    breakdown = {name: UnitScores("bpb", [r["nll"] for r in rs], [r["bytes"] for r in rs])
+                 for name, rs in sorted(by_subset.items())}
+    return FileOutcome(records, scores, breakdown)

@@ -23,6 +23,8 @@ OVERALL_GROUP = "Overall"
 
 def score_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor,
                quota: int | None = None) -> FileOutcome:
+    if config.protocol == "pile":
+        return language_model.evaluate_documents(task_file, config, model, tokenizer, executor)
     if config.type == "lm":
         return language_model.evaluate_file(task_file, config, model, tokenizer, executor, max_windows=quota)
     return EVALUATORS[config.type](task_file, config, model, tokenizer, executor)
@@ -47,7 +49,7 @@ def evaluate_task(config: TaskConfig, data_root: str | Path, model, tokenizer, e
     quota = None if limit is None else max(1, math.ceil(limit / len(all_files)))
     outcomes, files = {}, {}
     for path in all_files:
-        task_file = read_task_file(path, config.type, tokenizer, quota)
+        task_file = read_task_file(path, config.type, tokenizer, quota, config.protocol)
         outcome = score_file(task_file, config, model, tokenizer, executor, quota)
         name = path.relative_to(base).as_posix()
         outcomes[name] = outcome
@@ -56,6 +58,9 @@ def evaluate_task(config: TaskConfig, data_root: str | Path, model, tokenizer, e
                        "metrics": {m: s.value() for m, s in outcome.scores.items()},
                        "few_shot_ids": few_shot, "records": outcome.records,
                        "scores": {m: s.to_dict() for m, s in outcome.scores.items()}}
+        if outcome.breakdown:  # the Pile's BPB per subset
+            files[name]["breakdown"] = {k: {"value": s.value(), "interval": list(bootstrap_interval(s))}
+                                        for k, s in outcome.breakdown.items()}
     metrics = config.metric_names
     group_sets = {g: [f.relative_to(base).as_posix() for f in fs] for g, fs in groups.items()}
     if config.protocol == "mmlu":

@@ -5,7 +5,7 @@ paired comparison are all computed from (glm130b.evaluate.significance)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -50,3 +50,4 @@ class UnitScores:
 class FileOutcome:
     records: list[dict]             # one per item (or lm window), saved in the results
     scores: dict[str, UnitScores]   # per metric
+    breakdown: dict[str, UnitScores] = field(default_factory=dict)  # e.g. BPB per Pile subset

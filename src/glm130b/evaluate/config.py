@@ -80,6 +80,8 @@ class TaskConfig:
             raise ConfigError(f"{where}: module {self.module!r} is not built in; use one of "
                               f"{', '.join(m for m in MODULES)} or remove the field")
         for metric in self.metric_names:
+            if self.protocol == "pile" and metric != "BPB":
+                raise ConfigError(f"{where}: the Pile task reports BPB only; drop {metric!r} from metrics")
             if metric not in KNOWN_METRICS[self.type]:
                 raise ConfigError(f"{where}: metric {metric!r} is not defined for type {self.type}; use "
                                   f"{', '.join(KNOWN_METRICS[self.type])}")

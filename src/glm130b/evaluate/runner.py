@@ -73,7 +73,7 @@ def evaluate_task(config: TaskConfig, data_root: str | Path, model, tokenizer, e
             "statistics": {m: group_statistics([files[n]["metrics"][m] for n in names], weights) for m in metrics},
             "pooled": summarize([outcomes[n].scores for n in names], metrics)}
     return {"name": config.name, "type": config.type, "protocol": config.protocol,
-            "config": {k: v for k, v in vars(config).items()}, "prompt_template": config.prompt_template,
+            "config": dict(vars(config)), "prompt_template": config.prompt_template,
             "limit": limit, "context_length": min(config.max_seq_length, model.config.max_sequence_length),
             "metrics": summarize([o.scores for o in outcomes.values()], metrics),
             "groups": group_results, "files": files}

@@ -15,17 +15,21 @@ from glm130b.evaluate.scores import UnitScores, transform
 RESAMPLES = 1000   # enough for a 95 % interval to ~0.1 point on a few hundred items
 CONFIDENCE = 0.95
 SEED = 0           # fixed: the same results give the same interval
+CHUNK = 100
 
 
 def _resampled_ratios(scores: list[UnitScores], resamples: int, seed: int) -> list[np.ndarray]:
-    """The ratio of each score set on the same `resamples` draws of unit indices [resamples] each."""
+    """The ratio of each score set on the same `resamples` draws of unit indices [resamples] each,
+    drawn CHUNK resamples at a time so memory stays ~CHUNK x units (MMLU: 14k units)."""
     n = len(scores[0].num)
-    index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    out = []
-    for s in scores:
-        num, den = np.asarray(s.num, dtype=np.float64), np.asarray(s.den, dtype=np.float64)
-        out.append(num[index].sum(1) / den[index].sum(1))
-    return out
+    rng = np.random.default_rng(seed)
+    arrays = [(np.asarray(s.num, dtype=np.float64), np.asarray(s.den, dtype=np.float64)) for s in scores]
+    out = [[] for _ in scores]
+    for start in range(0, resamples, CHUNK):
+        index = rng.integers(0, n, size=(min(CHUNK, resamples - start), n))
+        for parts, (num, den) in zip(out, arrays):
+            parts.append(num[index].sum(1) / den[index].sum(1))
+    return [np.concatenate(parts) for parts in out]
 
 
 def bootstrap_interval(scores: UnitScores, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,

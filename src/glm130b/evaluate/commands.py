@@ -69,7 +69,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", help="task YAML files (official format) or folders of them")
     p.add_argument("--suite", choices=tuple(SUITES), help="the built-in tasks of the paper's headline numbers")
     p.add_argument("--data-root", help="folder the tasks' `path` fields are relative to")
-    p.add_argument("--limit", type=int, help="score at most N items (lm: windows) per task, shared among its files")
+    p.add_argument("--limit", type=int, help="score about N items (lm: windows) per task: the first ceil(N / files) of each file")
     p.add_argument("--batch-size", type=int, help="sequences per forward (default: each task's micro-batch-size)")
     p.add_argument("--out", default="eval-results", help="folder for results.json, results.md and a PNG per task")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")

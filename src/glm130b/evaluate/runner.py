@@ -41,8 +41,8 @@ def summarize(scores: list[dict[str, UnitScores]], metrics: list[str]) -> dict:
 
 def evaluate_task(config: TaskConfig, data_root: str | Path, model, tokenizer, executor: Executor,
                   limit: int | None = None) -> dict:
-    """The result of one task as a JSON-ready dict. `limit` caps the task at that many items (lm:
-    windows), shared evenly among its files."""
+    """The result of one task as a JSON-ready dict. `limit`: about that many items (lm: windows, the
+    Pile: documents), the first ceil(limit / files) of each file."""
     groups = config.file_groups(data_root)
     base = Path(data_root) / config.path
     all_files = sorted({f for files in groups.values() for f in files})

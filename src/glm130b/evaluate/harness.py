@@ -113,14 +113,19 @@ class GLMHarnessLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation after `context + [gMASK]`, cut at the first `until` string."""
+        """Greedy continuation after `context + [gMASK]`, cut at the first `until` string (sampling
+        options in the request are not used)."""
         results = []
         for request in tqdm(requests, disable=disable_tqdm, desc="glm130b generate_until"):
             context, options = request.args
             until = options.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             new_tokens = int(options.get("max_gen_toks", self.max_gen_toks))
-            ids = self.tok_encode(context)[-(self.max_length - new_tokens - 2):]
+            keep = self.max_length - new_tokens - 2  # room for [gMASK], <sop> and the new tokens
+            if keep < 1:
+                raise ConfigError(f"max_gen_toks {new_tokens} leaves no room for a context in the model's "
+                                  f"{self.max_length} tokens; lower it")
+            ids = self.tok_encode(context)[-keep:]
             [span] = generate_ids(self.glm, [ids + [self.specials.gmask, self.specials.sop]], self.specials, Greedy(),
                                   new_tokens)
             text = self.tok_decode(span)

@@ -158,3 +158,15 @@ def test_a_choice_longer_than_the_context_window(workspace, capsys):
     assert run(model_dir, data, tasks, root / "out") == 2
     err = capsys.readouterr().err
     assert "item 0: its choices take 18 tokens" in err and "raise max_seq_length" in err
+
+
+def test_convert_and_compare_refuse_bad_paths(tmp_path, capsys):
+    assert cli.main(["evaluate", "--convert", str(tmp_path / "nowhere"), "--data-root", str(tmp_path / "d")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "src").mkdir()
+    assert cli.main(["evaluate", "--convert", str(tmp_path / "src"), "--data-root", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lambada_test.jsonl is missing" in err
+    (tmp_path / "a.json").write_text("[1, 2]")
+    assert cli.main(["evaluate", "--compare", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 2
+    assert "is not a results file" in capsys.readouterr().err

@@ -282,3 +282,38 @@ def test_drawn_beam_candidates_are_reproducible_and_differ_from_the_top_ones():
     assert drawn[0] == first_step(BeamSearch(num_beams=3, draw_candidates=True, seed=0))
     assert any(d != top for d in drawn)
     assert all(parents == [0, 0, 0] for parents, _ in drawn)  # the first step expands beam 0 only
+
+
+# ------------------------------------------------------------------------------ the reference's evaluation options
+def test_prompt_length_multiple_counts_the_padded_prompt():
+    """prompt_length_multiple=32: a 6-token prompt counts as 32 in the length penalty, so the
+    hypotheses rank as exhaustive search ranks them with a 32-token prompt."""
+    state = run_beams(BeamSearch(num_beams=192, prompt_length_multiple=32), 6, 4)
+    expected = exhaustive(32, 4, 1.0)
+    assert [tuple(h.tokens) for h in state.finished] == [s for _, s in expected]
+    assert [h.score for h in state.finished] == pytest.approx([s for s, _ in expected], abs=1e-5)
+
+
+def test_reference_stop_ends_when_the_worst_finished_beats_the_best_running_at_the_current_length():
+    logits = torch.tensor([[2.0, -5.0, -5.0, 2.1, -5.0]])  # the end token 3 just beats token 0
+    lp = torch.log_softmax(logits[0], -1)
+    finished = lp[3] / ((5 + 2 + 1) / 6)
+    assert finished >= lp[0] / ((5 + 2 + 1) / 6)  # reference: running token 0 normalised at length 3
+    assert finished < lp[0] / ((5 + 2 + 8) / 6)   # exact bound: it might still win by length 10
+    reference = BeamState(BeamSearch(num_beams=1, reference_stop=True), 2, 8, ENDS, torch.device("cpu"))
+    assert reference.step(logits) is None and reference.hypotheses() == [[3]]
+    exact = BeamState(BeamSearch(num_beams=1), 2, 8, ENDS, torch.device("cpu"))
+    assert exact.step(logits) is not None
+
+
+def test_banned_prefixes_apply_to_the_first_generated_tokens_only():
+    strategy = BeamSearch(num_beams=2, banned_prefixes=((2,), (0, 1)))
+    state = BeamState(strategy, 2, 5, ENDS, torch.device("cpu"))
+    first = torch.tensor([[0.0, 1.0, 9.0, -9.0, -9.0]] * 2)  # token 2 would win the first step
+    parents, tokens = state.step(first)
+    assert 2 not in tokens.tolist() and sorted(tokens.tolist()) == [0, 1]
+    second = torch.tensor([[0.0, 9.0, 8.0, -9.0, -9.0]] * 2)  # token 1 wins everywhere, 2 is second
+    state.step(second)
+    # (0, 1) is banned as a prefix; with 1 banned, beam [0] puts nearly all its mass on 2 (bans
+    # renormalise, as the reference's -65504 fill before log_softmax does), and 2 is allowed now
+    assert state.beams == [[1, 1], [0, 2]]

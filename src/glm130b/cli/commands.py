@@ -20,6 +20,7 @@ from glm130b.ablation import commands as ablation_commands
 from glm130b.core.errors import GLMError
 from glm130b.data import commands as data_commands
 from glm130b.distributed import commands as distributed_commands
+from glm130b.evaluate import commands as evaluate_commands
 from glm130b.generate import commands as generate_commands
 from glm130b.interop import commands as interop_commands
 from glm130b.model import commands as model_commands
@@ -76,6 +77,9 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "serve": Command("serve a model over HTTP: OpenAI-compatible completions, [MASK] infilling, a playground page",
                      serve_commands.add_serve_arguments, serve_commands.cmd_serve,
                      "Serve a model directory with continuous batching (docs/serving.md)."),
+    "evaluate": Command("score a model on benchmark tasks (official GLM-130B task configs, the paper's suite), "
+                        "compare two runs, check contamination",
+                        evaluate_commands.add_evaluate_arguments, evaluate_commands.cmd_evaluate),
     "demo": Command("fetch a bilingual corpus, train a tokenizer and a small GLM, write runs/demo/REPORT.md",
                     demo.add_demo_arguments, demo.cmd_demo),
 }

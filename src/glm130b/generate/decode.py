@@ -210,9 +210,9 @@ def iterate_tokens(model: GLM, contexts: list[list[int]], specials: SpecialToken
 
 
 def _beam_search_one(model: GLM, context: list[int], specials: SpecialTokens, strategy: BeamSearch,
-                     max_new_tokens: int, banned: Sequence[int], compile: bool = False) -> list[int]:
+                     max_new_tokens: int, banned: Sequence[int], compile: bool = False) -> list[list[int]]:
     """Beam search for one context: its num_beams beams are the rows of one batch (KV cache rows,
-    reordered in place by parent beam each step). Returns the best hypothesis' tokens."""
+    reordered in place by parent beam each step). Returns the hypotheses' tokens, best first."""
     device = model.transformer.word_embeddings.weight.device
     K = strategy.num_beams
     cache = new_cache(model, 1, _cache_length(model, [context], max_new_tokens))
@@ -234,7 +234,7 @@ def _beam_search_one(model: GLM, context: list[int], specials: SpecialTokens, st
             if compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
             logits = step_fn(model, cache, tokens.view(K, 1), torch.tensor(j, device=device), state)
-    return beams.best()
+    return beams.hypotheses()
 
 
 def _strip_end(tokens: list[int], ends: Sequence[int]) -> list[int]:
@@ -246,25 +246,30 @@ def _strip_end(tokens: list[int], ends: Sequence[int]) -> list[int]:
 
 def generate_ids(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
                  strategy: Strategy = DEFAULT_STRATEGY, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
-                 banned: Sequence[int] | None = None, compile: bool = False) -> list[list[int]]:
+                 banned: Sequence[int] | None = None, compile: bool = False, all_hypotheses: bool = False
+                 ) -> list[list[int]] | list[list[list[int]]]:
     """The tokens of the first blank of each context (each a list of ids ending with <sop>, as
-    glm130b.generate.inputs.generation_context builds it), without the end token."""
+    glm130b.generate.inputs.generation_context builds it), without the end token. Tokens after
+    <sop> are read as already generated (a causal prompt: `[gMASK, sop] + text`). With
+    `all_hypotheses`, each context gets a list: beam search's finished hypotheses best first."""
     if not contexts:
         raise InputError("no prompts given")
     for c in contexts:
-        if not c or c[-1] != specials.sop:
-            raise InputError("a context must end with <sop>: build it with glm130b.generate.inputs.generation_context")
+        if specials.sop not in c:
+            raise InputError("a context must end with <sop> (or hold it before tokens read as generated): build it "
+                             "with glm130b.generate.inputs.generation_context")
     max_new_tokens = room_to_generate(model, contexts, max_new_tokens)
     if banned is None:
         banned = banned_tokens(specials, model.config.vocab_size)
     ends = end_tokens(specials)
     if isinstance(strategy, BeamSearch):
-        return [_strip_end(_beam_search_one(model, c, specials, strategy, max_new_tokens, banned, compile), ends)
-                for c in contexts]
+        found = [[_strip_end(h, ends) for h in _beam_search_one(model, c, specials, strategy, max_new_tokens,
+                                                                banned, compile)] for c in contexts]
+        return found if all_hypotheses else [h[0] for h in found]
     columns = [tokens for tokens, _ in iterate_tokens(model, contexts, specials, strategy, max_new_tokens,
                                                       banned, compile)]
     generated = torch.stack(columns, dim=1).tolist()  # [B, steps]: the one sync at the end
-    return [_strip_end(row, ends) for row in generated]
+    return [[_strip_end(row, ends)] if all_hypotheses else _strip_end(row, ends) for row in generated]
 
 
 # ---------------------------------------------------------------------------------- blanks

@@ -63,9 +63,18 @@ class BeamSearch:
     min_length: int = 0
     draw_candidates: bool = False
     seed: int | None = None
+    # The reference's evaluation choices, to reproduce its scores (glm130b.evaluate sets them): the
+    # prompt counted padded to this multiple in the length penalty (its batches pad to 32); stopping
+    # once num_beams beams ended and the worst beats the best running beam normalised at the
+    # current length (a heuristic: the running beam might still win); token sequences banned as
+    # the first generated tokens (LAMBADA bans punctuation).
+    prompt_length_multiple: int = 1
+    reference_stop: bool = False
+    banned_prefixes: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         check_positive_int("num_beams", self.num_beams)
+        check_positive_int("prompt_length_multiple", self.prompt_length_multiple)
         check_field("length_penalty", self.length_penalty, float)
         for name in ("no_repeat_ngram_size", "min_length"):
             check_field(name, getattr(self, name), int, lambda v: v >= 0, "an integer >= 0")
@@ -190,7 +199,8 @@ class BeamState:
                  end_tokens: Sequence[int], device: torch.device):
         self.s = strategy
         self.k = strategy.num_beams
-        self.prompt_length = prompt_length
+        multiple = strategy.prompt_length_multiple
+        self.prompt_length = -(-prompt_length // multiple) * multiple
         self.max_new_tokens = max_new_tokens
         self.end_tokens = list(end_tokens)
         self.scores = torch.full((self.k,), NEG_INF, device=device)
@@ -212,6 +222,10 @@ class BeamState:
         generated = len(self.beams[0])
         if generated < self.s.min_length:
             logits[:, self.end_tokens] = NEG_INF
+        for prefix in self.s.banned_prefixes:
+            if len(prefix) - 1 == generated:
+                rows = [r for r, beam in enumerate(self.beams) if tuple(beam) == tuple(prefix[:-1])]
+                logits[rows, prefix[-1]] = NEG_INF
         for row, beam in enumerate(self.beams):
             bans = repeated_ngram_bans(beam, self.s.no_repeat_ngram_size)
             if bans:
@@ -264,7 +278,9 @@ class BeamState:
         if best == NEG_INF:
             return True
         generated = len(self.beams[0])
-        if self.s.length_penalty > 0:  # dividing a negative score by a larger factor raises it
+        if self.s.reference_stop:
+            bound = self._score(best, generated)
+        elif self.s.length_penalty > 0:  # dividing a negative score by a larger factor raises it
             bound = self._score(best, self.max_new_tokens)
         else:
             bound = self._score(best, generated + 1)
@@ -281,7 +297,11 @@ class BeamState:
         return None
 
     def best(self) -> list[int]:
-        return self.finished[0].tokens if self.finished else self.beams[0]
+        return self.hypotheses()[0]
+
+    def hypotheses(self) -> list[list[int]]:
+        """The finished hypotheses' tokens, best first (the best running beam when none ended)."""
+        return [h.tokens for h in self.finished] if self.finished else [self.beams[0]]
 
 
 __all__ = ["Greedy", "Sampling", "BeamSearch", "Strategy", "strategy_from_name", "filter_logits",

@@ -13,6 +13,9 @@ SPECIAL_NAMES = {0: "<pad>", 1: "[MASK]", 2: "[gMASK]", 3: "[sMASK]", 4: "<sop>"
 class CharTokenizerBase:
     vocab_size = VOCAB_SIZE
 
+    def fingerprint(self) -> str:
+        return "char-tokenizer"  # a fixed name: the stub has no model file to hash
+
     def encode(self, text: str) -> list[int]:
         return [FIRST_TEXT_ID + ALPHABET.index(c) for c in text.lower()]
 

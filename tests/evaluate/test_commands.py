@@ -11,7 +11,7 @@ import pytest
 
 from glm130b import cli
 from glm130b.checkpoint.model_dir import save_model
-from glm130b.evaluate import loading
+from glm130b.generate import loading
 from tests.evaluate.helpers import CharTokenizer, gen_records, mul_records, random_words, tiny_glm, write_jsonl
 
 MUL_YAML = """name: "toy-mul"

@@ -9,8 +9,8 @@ import pytest
 from glm130b import cli
 from glm130b.checkpoint.model_dir import save_model
 from glm130b.data.prepare import prepare_corpus
-from glm130b.evaluate import loading
 from glm130b.evaluate.contamination import item_grams, normalized_words
+from glm130b.generate import loading
 from tests.evaluate.helpers import ByteTokenizer, load_byte_tokenizer, tiny_glm, write_jsonl
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()

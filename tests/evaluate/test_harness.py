@@ -13,13 +13,13 @@ from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from glm130b.checkpoint.model_dir import save_model  # noqa: E402
-from glm130b.evaluate import loading  # noqa: E402
 from glm130b.evaluate.config import load_task  # noqa: E402
 from glm130b.evaluate.harness import GLMHarnessLM  # noqa: E402
 from glm130b.evaluate.language_model import windows  # noqa: E402
 from glm130b.evaluate.packing import score_batch  # noqa: E402
 from glm130b.evaluate.parallel import Executor  # noqa: E402
 from glm130b.evaluate.runner import evaluate_task  # noqa: E402
+from glm130b.generate import loading  # noqa: E402
 from glm130b.generate.decode import generate_ids  # noqa: E402
 from glm130b.generate.strategies import Greedy  # noqa: E402
 from glm130b.quant.linear import QuantizedLinear  # noqa: E402

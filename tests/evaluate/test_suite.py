@@ -9,9 +9,9 @@ import pytest
 from glm130b import cli
 from glm130b.checkpoint.model_dir import save_model
 from glm130b.evaluate import commands as evaluate_commands
-from glm130b.evaluate import loading
 from glm130b.evaluate.config import load_task
 from glm130b.evaluate.suite import MMLU_GROUP, convert_all, suite_task_files
+from glm130b.generate import loading
 from tests.evaluate.helpers import ByteTokenizer, tiny_glm
 from tests.helpers import SHARED
 

@@ -35,6 +35,9 @@ class CharTokenizer:
             ids += [markers[part]] if part in markers else self.encode(part)
         return ids
 
+    def fingerprint(self) -> str:
+        return "char-tokenizer"  # a fixed name: the stub has no model file to hash
+
     def decode(self, ids):
         return "".join("?" if i == UNK else LETTERS[i - 7] if i >= 7 else f"<{i}>" for i in ids)
 

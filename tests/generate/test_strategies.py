@@ -288,7 +288,7 @@ def test_drawn_beam_candidates_are_reproducible_and_differ_from_the_top_ones():
 def test_prompt_length_multiple_counts_the_padded_prompt():
     """prompt_length_multiple=32: a 6-token prompt counts as 32 in the length penalty, so the
     hypotheses rank as exhaustive search ranks them with a 32-token prompt."""
-    state = run_beams(BeamSearch(num_beams=192, prompt_length_multiple=32), 6, 4)
+    state = run_beams(BeamSearch(num_beams=192, prompt_length_multiple=32, no_repeat_ngram_size=0), 6, 4)
     expected = exhaustive(32, 4, 1.0)
     assert [tuple(h.tokens) for h in state.finished] == [s for _, s in expected]
     assert [h.score for h in state.finished] == pytest.approx([s for s, _ in expected], abs=1e-5)

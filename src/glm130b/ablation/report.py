@@ -11,8 +11,7 @@ from glm130b.ablation.findings import by_setting, label, mean_range, mean_spread
 from glm130b.ablation.grid import RUNS_DIR, SWITCHES, Grid
 from glm130b.ablation.outcomes import RunOutcome, read_outcome
 from glm130b.ablation.spikes import SpikeRule
-from glm130b.core.atomic import atomic_path
-from glm130b.train.report import markdown_table, write_report
+from glm130b.train.report import markdown_table, save_png, write_report
 
 REPORT_FILE = "REPORT.md"
 CURVES_FILE = "curves.png"
@@ -137,8 +136,4 @@ def plot_curves(outcomes: list[RunOutcome], png_path: Path) -> Path | None:
     for axes in (top, bottom):
         axes.grid(alpha=0.3)
     top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.tight_layout()
-    with atomic_path(png_path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return png_path
+    return save_png(figure, png_path)

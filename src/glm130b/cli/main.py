@@ -15,6 +15,7 @@ from glm130b import demo
 from glm130b.core.errors import GLMError
 from glm130b.data import commands as data_commands
 from glm130b.distributed import commands as distributed_commands
+from glm130b.finetune import commands as finetune_commands
 from glm130b.generate import commands as generate_commands
 from glm130b.interop import commands as interop_commands
 from glm130b.model import commands as model_commands
@@ -57,6 +58,11 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "pretrain": Command("pretrain a GLM with the GLM-130B recipe (one device, or many under "
                         "torchrun --nproc_per_node N -m glm130b.cli pretrain)",
                         train_commands.add_pretrain_arguments, train_commands.cmd_pretrain),
+    "finetune": Command("fine-tune a model on prompt/target records: every weight, LoRA (PEFT) or P-tuning v2, "
+                        "over a frozen INT4/INT8 base for the adapters",
+                        finetune_commands.add_finetune_arguments, finetune_commands.cmd_finetune),
+    "merge-adapter": Command("fold a LoRA adapter into its base model: a model directory",
+                             finetune_commands.add_merge_adapter_arguments, finetune_commands.cmd_merge_adapter),
     "plan": Command("validate a training recipe for a world size and print memory per GPU",
                     distributed_commands.add_plan_arguments, distributed_commands.cmd_plan),
     "quantize": Command("weight-only INT8/INT4 quantization of a model directory (streamed, no calibration)",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from glm130b.adapters.folder import load_model_with_adapter
 from glm130b.checkpoint.model_dir import load_model
 from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import InputError
@@ -32,6 +33,9 @@ def _load_for_cli(args: argparse.Namespace):
         raise InputError(f"no tokenizer at {tokenizer_dir}: pass --tokenizer DIR (a folder written by "
                          "glm130b's tokenizer, or one holding ice_text.model)")
     tokenizer = load_tokenizer(tokenizer_dir)
+    if args.adapter:  # without --quantized: quantized as the adapter was trained, if it was
+        scheme = QuantScheme(args.bits, args.group_size) if args.quantized else None
+        return load_model_with_adapter(checkpoint, args.adapter, device, dtype, scheme), tokenizer
     model = load_model(checkpoint, device=device, dtype=dtype)
     if args.quantized:
         model = _quantize(model, args.bits, args.group_size)
@@ -94,6 +98,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                                               'several prompts run as one batch; none starts an interactive session')
     p.add_argument("--checkpoint", required=True, help="model directory (config.json + model.safetensors)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
+    p.add_argument("--adapter", help="a LoRA or P-tuning v2 adapter folder (glm130b finetune) to load onto the model")
     p.add_argument("--quantized", action="store_true", help="quantize the linear weights on load (weight-only)")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits for --quantized")
     p.add_argument("--group-size", type=int, help="scales per group of input columns for --quantized "

@@ -23,7 +23,7 @@ from glm130b.core.errors import CheckpointError, ConfigError, GLMError
 from glm130b.model.config import GLMConfig
 from glm130b.model.glm import GLM
 from glm130b.quant.format import QuantScheme
-from glm130b.quant.linear import QuantizedLinear, quantize_model
+from glm130b.quant.linear import QuantizedLinear, dequantize_model, quantize_model
 from glm130b.tokenizer.tokenizers import load_tokenizer
 
 ADAPTER_FILE = "glm130b_adapter.json"
@@ -136,7 +136,8 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     if read_adapter_record(adapter_dir)["method"] != "lora":
         raise GLMError(f"{adapter_dir} is a P-tuning v2 prefix: extra keys and values, not a change of weights, "
                        "so it cannot be merged; load it with --adapter instead")
-    model = merge_lora(load_model_with_adapter(model_dir, adapter_dir))
+    model = load_model_with_adapter(model_dir, adapter_dir)
+    model = merge_lora(dequantize_model(model, model.transformer.word_embeddings.weight.dtype))
     out_dir = save_model(model, out_dir, metadata={"merged_adapter": str(adapter_dir)})
     if (Path(model_dir) / TOKENIZER_DIR).is_dir():
         load_tokenizer(Path(model_dir) / TOKENIZER_DIR).save(out_dir / TOKENIZER_DIR)

@@ -106,15 +106,14 @@ def load_lora(model: nn.Module, directory: Path) -> nn.Module:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer into its base weight with PEFT's merge and put the base layer back in
-    its place (PEFT's merge_and_unload, for a model injected in place). A quantized base layer is
-    dequantized first: the merged model is floating point, in the dtype of the model's embedding."""
+    its place (PEFT's merge_and_unload, for a model injected in place). The base layers must be
+    floating point (glm130b.quant.linear.dequantize_model a quantized one first)."""
     peft = _peft()
-    dtype = model.transformer.word_embeddings.weight.dtype
     for name, module in list(model.named_modules()):
         if not isinstance(module, peft.tuners.lora.LoraLayer):
             continue
         if isinstance(module.base_layer, QuantizedLinear):
-            module.base_layer = module.base_layer.to_linear(dtype)
+            raise GLMError(f"{name} has a quantized base layer: dequantize the model before merging LoRA into it")
         module.merge(adapter_names=[ADAPTER_NAME])
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module.get_base_layer())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from glm130b.adapters.folder import freeze, merge_adapter, quantization_of, save_adapter
 from glm130b.adapters.lora import add_lora, lora_config
@@ -40,6 +41,7 @@ class FinetuneResult:
     exact_match: float | None   # % on valid_data after training (one-process runs)
     trainable_parameters: int
     metrics_dir: Path
+    model: nn.Module            # the trained model (this rank's part of it under torchrun)
 
 
 def prepare_model(config: FinetuneConfig, device: torch.device, precision: str, seed: int) -> GLM:
@@ -108,7 +110,7 @@ def run_finetune(config: FinetuneConfig, show_progress: bool = True) -> Finetune
     if built.mesh is not None:
         dist.barrier()  # the export is complete before any rank returns
         dist.destroy_process_group()
-    return FinetuneResult(output_dir, merged, losses, score, trainable, out / "metrics")
+    return FinetuneResult(output_dir, merged, losses, score, trainable, out / "metrics", trainer.model)
 
 
 def _check_layout(config: FinetuneConfig, train_config) -> None:

@@ -87,3 +87,14 @@ def quantize_model(model: GLM, scheme: QuantScheme) -> GLM:
     for name, parent, child in _quantized_linears(model):
         setattr(parent, child, QuantizedLinear.from_linear(getattr(parent, child), scheme, name))
     return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Swap every QuantizedLinear (wherever it sits, e.g. inside an adapter's wrapper) for the
+    floating-point nn.Linear it computes, in place."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantizedLinear):
+                setattr(module, name, child.to_linear(dtype))
+    return model

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glm130b.adapters.folder import METHODS as ADAPTER_METHODS
 from glm130b.adapters.lora import LORA_TARGETS
 from glm130b.core.config_io import DictConfig, check_field, check_positive_int
 from glm130b.core.errors import ConfigError
@@ -17,7 +18,7 @@ from glm130b.quant.format import QuantScheme
 from glm130b.train.builders import resolve_device
 from glm130b.train.config import TrainConfig
 
-METHODS = ("full", "lora", "ptuning")
+METHODS = ("full", *ADAPTER_METHODS)  # every weight, or an adapter over the frozen base
 QUANTIZED = {"int4": 4, "int8": 8}
 TOKENIZER_DIR = "tokenizer"  # the tokenizer folder inside a model directory, the default tokenizer
 # What a fine-tune changes of the pretraining recipe, and why; the rest (AdamW betas, clipping at

@@ -1,5 +1,5 @@
-"""Fixtures of the fine-tuning tests: one CPU thread, and the task with its trained base model,
-built once per test session (shared by the xdist workers through a lock)."""
+"""Fixtures of the fine-tuning tests: one CPU thread, and the toy task with its trained base model
+(glm130b.finetune.toy_task), built once per test session (shared by the xdist workers through a lock)."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.finetune.helpers import Task, build_task
+from glm130b.finetune.toy_task import ToyTask, build_toy_task
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def task(tmp_path_factory, worker_id) -> Task:
+def task(tmp_path_factory, worker_id) -> ToyTask:
     # Under xdist every worker has its own basetemp inside the session's: the parent is shared.
     shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     root = Path(shared) / "finetune-task"
@@ -31,8 +31,8 @@ def task(tmp_path_factory, worker_id) -> Task:
             done = root / "done"
             if not done.exists():
                 root.mkdir(parents=True, exist_ok=True)
-                build_task(root)
+                build_toy_task(root)
                 done.write_text("ok")
     finally:
         torch.set_num_threads(before)
-    return Task.load(root)
+    return ToyTask.load(root)

@@ -45,13 +45,17 @@ class FinetuneResult:
 
 
 def prepare_model(config: FinetuneConfig, device: torch.device, precision: str, seed: int) -> GLM:
-    """The base of config.model on `device`, ready for its method: whole and fp32 (full: the master
-    weights), or frozen in the compute dtype, quantized when asked, with LoRA or a prefix (fp32) added."""
-    full = config.method == "full"
-    dtype = torch.float32 if full or precision == "fp32" else DTYPES[precision]
-    model = load_model(config.model, device=device, dtype=dtype)
+    """The base of config.model on `device`, ready for its method (apply_method): whole and fp32
+    for a full fine-tune (the master weights), else in the compute dtype (it stays frozen)."""
+    dtype = torch.float32 if config.method == "full" or precision == "fp32" else DTYPES[precision]
+    return apply_method(load_model(config.model, device=device, dtype=dtype), config, seed)
+
+
+def apply_method(model: GLM, config: FinetuneConfig, seed: int) -> GLM:
+    """`model` (in place) as its method trains it: whole (full), or frozen, quantized when asked,
+    with LoRA or a prefix (fp32) added; in train mode."""
     stored = quantization_of(model)
-    if full and stored is not None:
+    if config.method == "full" and stored is not None:
         raise ConfigError(f"{config.model} is quantized ({stored.name}); full fine-tuning needs the "
                           "floating-point model, or use --method lora over this one")
     if config.scheme is not None:

@@ -101,6 +101,28 @@ def test_tiled_cpu_path_matches_reference(scheme, monkeypatch):
     assert relative_error(y.view(12, 101), reference(x.view(12, 256), packed, scale, bias, scheme)) < FP32_RELATIVE_ERROR
 
 
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_backward_is_the_dequantized_product_and_keeps_no_float_weight(scheme, monkeypatch):
+    """Adapters over a frozen quantized base train through this product: the input and bias get
+    the gradients of x @ dequantize(W)^T + b, and autograd keeps only the packed weight and its
+    scales, never a floating-point copy of W (that would cost the float model's memory)."""
+    monkeypatch.setattr(dequant_tiles, "TILE_ELEMENTS", 512)  # several tiles
+    packed, scale, bias = make_layer(scheme, 101, 256, seed=13)
+    bias.requires_grad_(True)
+    x = torch.randn(3, 4, 256, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    grad = torch.randn(3, 4, 101, generator=torch.Generator().manual_seed(15))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = quantized_linear(x, packed, scale, bias, scheme)
+    y.backward(grad)
+    assert all(not t.is_floating_point() or t.numel() <= scale.numel() for t in saved)
+    w = dequantize_weight(packed, scale, scheme, torch.float64)
+    assert relative_error(x.grad, grad.double() @ w) < FP32_RELATIVE_ERROR
+    assert relative_error(bias.grad, grad.double().sum((0, 1))) < FP32_RELATIVE_ERROR
+    with torch.no_grad():  # inference takes the plain path, no autograd node
+        assert quantized_linear(x, packed, scale, bias, scheme).grad_fn is None
+
+
 def test_kernels_refuse_rows_that_are_not_whole_words():
     scheme = QuantScheme(4)
     assert supports(scheme, 256) and not supports(scheme, 260)  # 260 INT4 columns = 32.5 words

@@ -21,6 +21,7 @@ from glm130b.core.errors import GLMError
 from glm130b.data import commands as data_commands
 from glm130b.distributed import commands as distributed_commands
 from glm130b.evaluate import commands as evaluate_commands
+from glm130b.finetune import commands as finetune_commands
 from glm130b.generate import commands as generate_commands
 from glm130b.interop import commands as interop_commands
 from glm130b.model import commands as model_commands
@@ -67,6 +68,11 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "ablate": Command("train a grid of the paper's stability switches (layer-norm order, softmax dtype, embedding "
                       "gradient shrink, precision) over seeds and report what it shows",
                       ablation_commands.add_ablate_arguments, ablation_commands.cmd_ablate),
+    "finetune": Command("fine-tune a model on prompt/target records: every weight, LoRA (PEFT) or P-tuning v2, "
+                        "over a frozen INT4/INT8 base for the adapters",
+                        finetune_commands.add_finetune_arguments, finetune_commands.cmd_finetune),
+    "merge-adapter": Command("fold a LoRA adapter into its base model: a model directory",
+                             finetune_commands.add_merge_adapter_arguments, finetune_commands.cmd_merge_adapter),
     "plan": Command("validate a training recipe for a world size and print memory per GPU",
                     distributed_commands.add_plan_arguments, distributed_commands.cmd_plan),
     "quantize": Command("weight-only INT8/INT4 quantization of a model directory (streamed, no calibration)",

@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 
-from glm130b.core.config_io import check_field, check_positive_int, read_mapping
+from glm130b.adapters.folder import METHODS as ADAPTER_METHODS
+from glm130b.adapters.lora import LORA_TARGETS
+from glm130b.core.config_io import DictConfig, check_field, check_positive_int, read_mapping
 from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import ConfigError
+from glm130b.distributed.inference_plan import dequantize_workspace_bytes, linear_shapes, weight_bytes
 from glm130b.distributed.parallelize import ParallelConfig, split_geglu
 from glm130b.distributed.pipeline import pipeline_stage, stage_layer_ranges
 from glm130b.model.config import GLMConfig
@@ -46,10 +49,49 @@ class TrainingSchedule:
 
 
 @dataclass
+class FinetunePlan(DictConfig):
+    """A recipe's optional `finetune` section (glm130b.finetune): an adapter over a frozen base,
+    quantized or not, instead of training every weight."""
+
+    config_label = "finetune"
+
+    method: str = "lora"             # lora | ptuning (full fine-tuning is the plain recipe)
+    bits: int | None = None          # the frozen base's linears in 4 or 8 bits; null = param_dtype
+    group_size: int | None = None    # quantization scales per group of input columns; null = per row
+    lora_rank: int = 8
+    lora_targets: list[str] = field(default_factory=lambda: ["query_key_value"])
+    prefix_length: int = 128
+
+    def __post_init__(self) -> None:
+        check_field("finetune.method", self.method, str, lambda v: v in ADAPTER_METHODS,
+                    f"one of {', '.join(ADAPTER_METHODS)} (full fine-tuning is the recipe without this section)")
+        if self.bits not in (None, 4, 8):
+            raise ConfigError(f"finetune.bits must be 4, 8 or null, got {self.bits!r}")
+        check_positive_int("finetune.lora_rank", self.lora_rank)
+        check_positive_int("finetune.prefix_length", self.prefix_length)
+        check_field("finetune.lora_targets", self.lora_targets, list, lambda v: v and set(v) <= set(LORA_TARGETS),
+                    f"a non-empty list of {', '.join(LORA_TARGETS)}")
+
+    def trainable_parameters(self, config: GLMConfig) -> int:
+        """LoRA: rank x (in + out) per adapted linear; P-tuning v2: a key and a value per layer."""
+        if self.method == "ptuning":
+            return config.num_layers * 2 * self.prefix_length * config.hidden_size
+        shapes = linear_shapes(config)
+        return config.num_layers * sum(self.lora_rank * (shapes[t][0] + shapes[t][1]) for t in self.lora_targets)
+
+    def describe(self, config: GLMConfig, param_dtype: str) -> str:
+        what = (f"LoRA rank {self.lora_rank} on {', '.join(self.lora_targets)}" if self.method == "lora"
+                else f"P-tuning v2, {self.prefix_length} virtual tokens per layer")
+        base = f"INT{self.bits}" if self.bits else param_dtype
+        return f"fine-tuning: {what} over a frozen {base} base, {self.trainable_parameters(config) / 1e6:.1f} M trained parameters"
+
+
+@dataclass
 class Recipe:
     model: GLMConfig
     parallel: ParallelConfig
     training: TrainingSchedule
+    finetune: FinetunePlan | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -66,7 +108,11 @@ class Recipe:
         known = {f.name for f in dataclasses.fields(TrainingSchedule)} - {"extra"}
         schedule = TrainingSchedule(**{k: v for k, v in training.items() if k in known},
                                     extra={k: v for k, v in training.items() if k not in known})
-        return cls(config, parallel, schedule)
+        finetune = data.get("finetune")
+        if finetune is not None:
+            check_field(f"finetune (in {path})", finetune, dict, expected="a mapping of fields")
+            finetune = FinetunePlan.from_dict(finetune)
+        return cls(config, parallel, schedule, finetune)
 
     def resolve(self, world_size: int) -> Recipe:
         """Validate against `world_size`: dp filled in, pipeline microbatches from the batch."""
@@ -126,6 +172,8 @@ def layer_activation_bytes_per_token(config: GLMConfig, tp: int, act_bytes: int)
 
 def estimate(recipe: Recipe) -> list[StageMemory]:
     """Memory per GPU of every pipeline stage for a resolved recipe."""
+    if recipe.finetune is not None:
+        return [adapter_memory(recipe)]
     cfg, pcfg, tr = recipe.model, recipe.parallel, recipe.training
     p_bytes = DTYPES[pcfg.param_dtype].itemsize
     r_bytes = DTYPES[pcfg.reduce_dtype].itemsize
@@ -158,6 +206,30 @@ def estimate(recipe: Recipe) -> list[StageMemory]:
     return out
 
 
+def adapter_memory(recipe: Recipe) -> StageMemory:
+    """One GPU of an adapter fine-tune (glm130b.finetune runs those data parallel, tp = pp = 1):
+    the whole frozen base in param_dtype, its linears packed when quantized (the estimate does not
+    count FSDP2 sharding a floating-point base over dp); fp32 adapters with fp32 gradients and AdamW
+    states; the activations of a full training step, since the backward passes through every
+    frozen layer; and the dequantized weight tile the quantized products work in."""
+    cfg, pcfg, tr, ft = recipe.model, recipe.parallel, recipe.training, recipe.finetune
+    if pcfg.tp > 1 or pcfg.pp > 1:
+        raise ConfigError("an adapter fine-tune runs data parallel only: set parallel.tp and parallel.pp to 1")
+    p_bytes = DTYPES[pcfg.param_dtype].itemsize
+    tokens = tr.micro_batch_size * tr.sequence_length
+    trainable = ft.trainable_parameters(cfg)
+    base = weight_bytes(cfg, 1, ft.bits, ft.group_size, p_bytes)
+    layer_act = layer_activation_bytes_per_token(cfg, 1, p_bytes) * tokens
+    if pcfg.activation_checkpointing:
+        acts = cfg.num_layers * tokens * cfg.hidden_size * p_bytes + layer_act
+    else:
+        acts = cfg.num_layers * layer_act
+    acts += tokens * cfg.vocab_size * (p_bytes + 4 + 4)  # logits, their fp32 copy, its gradient
+    acts += dequantize_workspace_bytes(cfg, 1, ft.bits, tr.micro_batch_size, tr.sequence_length, p_bytes)
+    params = sum(p.numel() for p in _meta_model(cfg).parameters()) + trainable
+    return StageMemory(0, (0, cfg.num_layers), params, base + trainable * 4, trainable * 4.0, trainable * 8.0, acts)
+
+
 def _non_layer_params(cfg: GLMConfig, stage: int, pp: int) -> int:
     n = 0
     if stage == 0 or (stage == pp - 1 and cfg.tie_word_embeddings):
@@ -170,13 +242,14 @@ def _non_layer_params(cfg: GLMConfig, stage: int, pp: int) -> int:
 def format_plan(recipe: Recipe, world_size: int, stages: list[StageMemory], gpu_gib: float | None) -> str:
     cfg, pcfg, tr = recipe.model, recipe.parallel, recipe.training
     total_params = sum(p.numel() for p in _meta_model(cfg).parameters())
+    sharding = (f"FSDP2 over dp ({'ZeRO-3' if pcfg.reshard_after_forward else 'ZeRO-2'}), {pcfg.pp_schedule} with "
+                f"{pcfg.microbatches} microbatches" if recipe.finetune is None else "the frozen base whole on every GPU")
     lines = [
         f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {total_params / 1e9:.2f} B parameters",
-        f"layout: world {world_size} = tp {pcfg.tp} x pp {pcfg.pp} x dp {pcfg.dp}; FSDP2 over dp "
-        f"({'ZeRO-3' if pcfg.reshard_after_forward else 'ZeRO-2'}), {pcfg.pp_schedule} with "
-        f"{pcfg.microbatches} microbatches; recompute every layer: {pcfg.activation_checkpointing}; "
-        f"compute {pcfg.param_dtype}, grads reduced in {pcfg.reduce_dtype}",
+        f"layout: world {world_size} = tp {pcfg.tp} x pp {pcfg.pp} x dp {pcfg.dp}; {sharding}; recompute every "
+        f"layer: {pcfg.activation_checkpointing}; compute {pcfg.param_dtype}, grads reduced in {pcfg.reduce_dtype}",
         f"batch: {tr.global_batch_size} x {tr.sequence_length} tokens per step, micro batch {tr.micro_batch_size}",
+        *([recipe.finetune.describe(cfg, pcfg.param_dtype)] if recipe.finetune is not None else []),
         "",
         f"{'stage':>5} {'layers':>9} {'params/GPU':>11} {'weights':>9} {'grads':>9} {'optim':>9} {'activ.':>9} {'total':>9}  (GiB)",
     ]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from glm130b.adapters.folder import load_model_with_adapter
 from glm130b.core.errors import InputError
 from glm130b.distributed.parallelize import init_distributed
 from glm130b.distributed.sharded_inference import load_sharded_model
@@ -19,6 +20,7 @@ from glm130b.generate.decode import DEFAULT_MAX_NEW_TOKENS
 from glm130b.generate.loading import default_dtype, load_for_inference, load_tokenizer_for, resolve_device
 from glm130b.generate.strategies import BeamSearch, Greedy, Sampling, Strategy
 from glm130b.model.glm import GLM
+from glm130b.quant.format import QuantScheme
 
 
 def _load_for_cli(args: argparse.Namespace):
@@ -26,6 +28,13 @@ def _load_for_cli(args: argparse.Namespace):
         checkpoint = Path(args.checkpoint)
         tokenizer = load_tokenizer_for(checkpoint, args.tokenizer)
         return _load_tensor_parallel(args, checkpoint, default_dtype(args.dtype, resolve_device(args.device))), tokenizer
+    if args.adapter:  # without --quantized: quantized as the adapter was trained, if it was
+        checkpoint = Path(args.checkpoint)
+        tokenizer = load_tokenizer_for(checkpoint, args.tokenizer)
+        device = resolve_device(args.device)
+        scheme = QuantScheme(args.bits, args.group_size) if args.quantized else None
+        model = load_model_with_adapter(checkpoint, args.adapter, device, default_dtype(args.dtype, device), scheme)
+        return model, tokenizer
     return load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype,
                               args.bits if args.quantized else None, args.group_size)
 
@@ -100,6 +109,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: one process per slice of the model, "
                                                      "under torchrun --nproc_per_node TP (default: %(default)s)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
+    p.add_argument("--adapter", help="a LoRA or P-tuning v2 adapter folder (glm130b finetune) to load onto the model")
     p.add_argument("--quantized", action="store_true", help="quantize the linear weights on load (weight-only)")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits for --quantized")
     p.add_argument("--group-size", type=int, help="scales per group of input columns for --quantized "

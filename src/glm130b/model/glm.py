@@ -81,6 +81,9 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.output_dropout = nn.Dropout(config.hidden_dropout)
+        # P-tuning v2 (glm130b.finetune.ptuning) attaches a module here: learned keys and values that
+        # every query sees ahead of the tokens' own, cached or not. None: plain attention.
+        self.prefix: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, rotary: RotaryAngles, mask: torch.Tensor | PrefixLMPlan,
                 kv_cache: KVCache | None, layer: int, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,6 +96,8 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if kv_cache is not None:
             k, v = kv_cache.store(layer, k, v, cache_slots)  # [B, H, T, D]
+        if self.prefix is not None:  # P-tuning v2 prefixes (glm130b.adapters): dense masks only
+            k, v, mask = self.prefix(k, v, mask)  # [B, H, P + T, D]; mask [B, 1, S, P + T]
         if isinstance(mask, PrefixLMPlan):  # the prefix-LM kernels (GLM.forward built the plan)
             context = attend_prefix_lm(mask, q, k, v)
         elif self.config.attention_backend == "reference":

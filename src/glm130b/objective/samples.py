@@ -1,7 +1,8 @@
 """The GLM-130B pretraining objective (SPEC.md sections 5 and 10): `ObjectiveConfig`, and the
 samples built from raw tokens, each a pure function of a numpy Generator and its raw material:
 [gMASK] (a suffix generated after `[gMASK] <sop>`), [MASK] (Poisson spans, each replaced by one
-[MASK] and appended as `<sop> span`), MIP (`prompt [MASK] <sop> target`). A `Sample` keeps its
+[MASK] and appended as `<sop> span`), MIP (`prompt [MASK] <sop> target`, a `blank_segment`, the
+segment of supervised fine-tuning too). A `Sample` keeps its
 attention in compact form (segment ids, bidirectional prefix) and its positions as (anchor, block
 offset). No target is ever truncated. The recipe and the choices made: docs/objective.md.
 """
@@ -345,13 +346,23 @@ def mip_segment(pair: MIPPair, segment_length: int, specials: SpecialTokens) -> 
         raise GLMError(f"MIP target of {len(target)} tokens does not fit a {segment_length}-token segment "
                        f"with [MASK], <sop> and <eop>; drop the pair or use fewer mip_segments")
     prompt = prompt[len(prompt) - min(room, len(prompt)):]
+    return blank_segment(np.append(prompt, specials.mask), len(prompt), target, specials)
+
+
+def blank_segment(context: np.ndarray, mask_index: int, target: np.ndarray, specials: SpecialTokens,
+                  counting: bool = False) -> Sample:
+    """`context <sop> target` with targets `target <eop>`: the blank at context[mask_index] filled
+    by `target` (loss on the target and its <eop>), as generation sees it (glm130b.generate.inputs).
+    The span sits at the mask's position, or with `counting` ([gMASK] ending the context) counts on."""
+    context, target = np.asarray(context, np.int64), np.asarray(target, np.int64)
     n = len(target) + 1
     return _segment(
-        context=np.append(prompt, specials.mask),
+        context=context,
         span_inputs=np.concatenate([[specials.sop], target]),
         span_targets=np.append(target, specials.eop),
-        span_anchor=np.full(n, len(prompt)),
+        span_anchor=np.full(n, mask_index),
         span_offset=np.arange(1, n + 1),
+        counting=counting,
     )
 
 

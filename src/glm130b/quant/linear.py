@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from glm130b.model.glm import GLM
-from glm130b.quant.format import QuantScheme, quantize_weight
+from glm130b.quant.format import QuantScheme, dequantize_weight, quantize_weight
 from glm130b.quant.kernels import quantized_linear
 
 # The linear layers that are quantized, by module path inside each block.
@@ -45,6 +45,16 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone())
         return module
+
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """The floating-point nn.Linear this layer computes: its weight dequantized, its bias kept."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.weight.device, dtype=dtype)
+        linear.weight.copy_(dequantize_weight(self.weight, self.weight_scale, self.scheme, dtype))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_linear(x, self.weight, self.weight_scale, self.bias, self.scheme)
@@ -78,4 +88,15 @@ def quantize_model(model: GLM, scheme: QuantScheme) -> GLM:
     for name, parent, child in _quantized_linears(model):
         linear = getattr(parent, child)
         setattr(parent, child, QuantizedLinear.from_linear(linear, scheme.for_linear(name, linear.in_features), name))
+    return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Swap every QuantizedLinear (wherever it sits, e.g. inside an adapter's wrapper) for the
+    floating-point nn.Linear it computes, in place."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantizedLinear):
+                setattr(module, name, child.to_linear(dtype))
     return model

@@ -5,6 +5,7 @@ process; under torchrun the parallelized model or this rank's pipeline stage), t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,22 +46,28 @@ class TrainingModel:
     runner: PipelineRunner | None = None
 
 
-def build_model_and_optimizer(config: TrainConfig, model_config: GLMConfig | None = None) -> TrainingModel:
+def build_model_and_optimizer(config: TrainConfig, model_config: GLMConfig | None = None,
+                              make_model: Callable[[torch.device], nn.Module] | None = None) -> TrainingModel:
     """The model and AdamW of this launch. One process (RANK unset): the model on config.device.
     Under torchrun (RANK set, whatever the process count): the process group (nccl on CUDA with
     each rank on cuda:LOCAL_RANK, gloo on CPU), the mesh of config.parallel, and the same seeded
     full model on every rank (so every rank starts from identical weights), then parallelized, or
     cut into this rank's pipeline stage when parallel.pp > 1. Models too large to materialise
-    whole per rank need a meta-device build and a checkpoint instead (docs/distributed.md)."""
+    whole per rank need a meta-device build and a checkpoint instead (docs/distributed.md).
+    `make_model(device)`: the model of every rank instead of the seeded fresh GLM (a fine-tune
+    loads its base there); AdamW then takes only the parameters that require gradients."""
     model_config = model_config or config.model_config()
     device = resolve_device(config.device)
     mesh, pcfg = None, config.parallel
     if "RANK" in os.environ:
         device, pcfg = _join_process_group(config, model_config, device)
         mesh = build_mesh(pcfg, device.type)
-    with torch.device(device):
-        model = GLM(model_config)
-    initialize_glm(model, seed=config.seed)
+    if make_model is not None:
+        model = make_model(device)
+    else:
+        with torch.device(device):
+            model = GLM(model_config)
+        initialize_glm(model, seed=config.seed)
     runner = None
     if mesh is None:  # parallelize's order: compile, then recomputation around the compiled blocks
         if pcfg.compile:

@@ -1,7 +1,9 @@
 """Checkpoints of a training run, `<out_dir>/checkpoints/step_XXXXXXXX/`: what they hold, writing
 them whole or not at all, finding the newest, and restoring a run from one.
 
-One process: the model directory of glm130b.checkpoint plus `trainer_state.pt`. Under torchrun: a
+One process: the model directory of glm130b.checkpoint plus `trainer_state.pt`; when part of the
+model is frozen (an adapter fine-tune), `trainable.safetensors` in place of the model directory: the
+frozen base never changes, and the run rebuilds it from its own directory on resume. Under torchrun: a
 torch.distributed.checkpoint (DCP) directory written by every rank, which resumes under any other
 layout. Both are written under a hidden temporary name and published by a rename
 (core.atomic.publish_directory), so a kill during a save leaves the previous one loadable.
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from glm130b.checkpoint.model_dir import WEIGHTS_FILE, save_model
@@ -25,6 +27,7 @@ from glm130b.core.errors import CheckpointError
 from glm130b.distributed.parallelize import load_checkpoint, save_checkpoint
 
 STATE_FILE = "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
 DCP_METADATA = ".metadata"  # the file that marks a torch.distributed.checkpoint directory
 CHECKPOINT_PREFIX = "step_"
 
@@ -90,7 +93,12 @@ class RunCheckpoints:
             return final
         tmp = temporary_path(final)
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, metadata={"step": str(step)})
+        trainable = trainable_state(model)
+        if trainable is None:
+            save_model(model, tmp, metadata={"step": str(step)})
+        else:
+            tmp.mkdir(parents=True)
+            save_file(trainable, str(tmp / TRAINABLE_FILE), metadata={"step": str(step)})
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -132,7 +140,10 @@ class RunCheckpoints:
         if self.mesh is not None:
             return self._load_distributed(directory, model, optimizer)
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(device)))
+        if (directory / TRAINABLE_FILE).is_file():
+            load_trainable(model, load_file(str(directory / TRAINABLE_FILE), device=str(device)), directory)
+        else:
+            model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(device)))
         optimizer.load_state_dict(state.pop("optimizer"))
         rng = state.pop("rng")
         torch.set_rng_state(rng["cpu"])
@@ -155,6 +166,24 @@ class RunCheckpoints:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
         return json.loads(extra["trainer"]), True
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters by state-dict key when part of the model is frozen; None when
+    every tensor trains (then the whole model is the checkpoint)."""
+    state = model.state_dict(keep_vars=True)
+    trainable = {k: v.detach().contiguous().cpu() for k, v in state.items()
+                 if isinstance(v, nn.Parameter) and v.requires_grad}
+    return None if len(trainable) == len(state) else trainable
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    wanted = set(trainable_state(model) or {})
+    if set(state) != wanted:
+        wrong = sorted(set(state) ^ wanted)
+        raise CheckpointError(f"{directory} holds other trainable tensors than this run's model (first "
+                              f"mismatch: {wrong[0]}); resume with the same method and settings, or start a new out_dir")
+    model.load_state_dict(state, strict=False)
 
 
 def _rng_json() -> str:

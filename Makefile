@@ -30,6 +30,7 @@ test: install lint
 # ([tool.importlinter]: each package imports only the layers below it).
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports
 
 # Fetch the bilingual demo corpus, train a tokenizer and a small GLM, write runs/demo/REPORT.md.

@@ -57,16 +57,23 @@ def synthetic_model(directory: Path, gigabytes: float) -> GLMConfig:
     """A GLM of GLM-130B's layer shape ratios at hidden 4096 with enough layers for `gigabytes` in fp16."""
     per_layer = 2 * (4 * 4096**2 + 3 * 4096 * 10880)
     layers = max(2, round(gigabytes * 1e9 / per_layer))
-    config = GLMConfig(num_layers=layers, hidden_size=4096, num_attention_heads=32, vocab_size=32768,
-                       inner_hidden_size=10880)
+    config = GLMConfig(
+        num_layers=layers, hidden_size=4096, num_attention_heads=32, vocab_size=32768, inner_hidden_size=10880
+    )
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in GLM(config).state_dict().items()}
     pattern = torch.randn(2**20).half()
-    tensors = ((n, pattern.repeat(-(-torch.Size(s).numel() // pattern.numel()))[:torch.Size(s).numel()].view(s))
-               for n, s in shapes.items())
+    tensors = (
+        (n, pattern.repeat(-(-torch.Size(s).numel() // pattern.numel()))[: torch.Size(s).numel()].view(s))
+        for n, s in shapes.items()
+    )
     directory.mkdir(parents=True)
-    write_streaming(directory / "model.safetensors", [(n, torch.float16, s) for n, s in shapes.items()], tensors,
-                    {"format": "glm130b"})
+    write_streaming(
+        directory / "model.safetensors",
+        [(n, torch.float16, s) for n, s in shapes.items()],
+        tensors,
+        {"format": "glm130b"},
+    )
     save_config(config, directory)
     return config
 
@@ -74,8 +81,13 @@ def synthetic_model(directory: Path, gigabytes: float) -> GLMConfig:
 def measure(src: Path, dst: Path, how: str) -> dict:
     """Peak growth of resident memory (VmHWM: includes pages of memory-mapped input, which the
     kernel reclaims as page cache) and of anonymous memory (what the process itself holds)."""
-    run = subprocess.run([sys.executable, "-c", PROBE, str(src), str(dst), how], capture_output=True, text=True,
-                         check=True, env={"PYTHONPATH": str(ROOT / "src")})
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, str(src), str(dst), how],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT / "src")},
+    )
     return json.loads(run.stdout)
 
 
@@ -88,19 +100,30 @@ def main() -> None:
         tmp = Path(tmp)
         config = synthetic_model(tmp / "dir", args.gb)
         total = (tmp / "dir" / "model.safetensors").stat().st_size
-        largest = max(torch.Size(s).numel() * 2 for s in
-                      [(config.vocab_size, config.hidden_size), (2 * config.inner_hidden_size, config.hidden_size)])
-        rows = [("dir -> official TP 4", measure(tmp / "dir", tmp / "tp4", "official:4")),
-                ("official TP 4 -> dir", measure(tmp / "tp4", tmp / "back", "dir:1")),
-                ("dir -> dir INT4", measure(tmp / "dir", tmp / "int4", "int4")),
-                ("baseline: load all 4 official shards", measure(tmp / "tp4", tmp / "unused", "load-all-shards"))]
-    lines = [f"### Checkpoint conversion peak memory ({total / 1e9:.2f} GB fp16 model, {config.num_layers} layers; "
-             f"largest tensor {largest / 2**20:.0f} MiB)", "",
-             f"torch {torch.__version__}, CPU; growth of a fresh process's peak memory: anonymous (what it holds; "
-             "sampled every 2 ms) and resident (VmHWM, with the page cache of memory-mapped input).", "",
-             "| conversion | anonymous peak (MiB) | x largest tensor | resident peak (MiB) |", "|---|---|---|---|"]
-    lines += [f"| {name} | {m['anonymous'] / 2**20:.0f} | {m['anonymous'] / largest:.1f} | "
-              f"{m['resident'] / 2**20:.0f} |" for name, m in rows]
+        largest = max(
+            torch.Size(s).numel() * 2
+            for s in [(config.vocab_size, config.hidden_size), (2 * config.inner_hidden_size, config.hidden_size)]
+        )
+        rows = [
+            ("dir -> official TP 4", measure(tmp / "dir", tmp / "tp4", "official:4")),
+            ("official TP 4 -> dir", measure(tmp / "tp4", tmp / "back", "dir:1")),
+            ("dir -> dir INT4", measure(tmp / "dir", tmp / "int4", "int4")),
+            ("baseline: load all 4 official shards", measure(tmp / "tp4", tmp / "unused", "load-all-shards")),
+        ]
+    lines = [
+        f"### Checkpoint conversion peak memory ({total / 1e9:.2f} GB fp16 model, {config.num_layers} layers; "
+        f"largest tensor {largest / 2**20:.0f} MiB)",
+        "",
+        f"torch {torch.__version__}, CPU; growth of a fresh process's peak memory: anonymous (what it holds; "
+        "sampled every 2 ms) and resident (VmHWM, with the page cache of memory-mapped input).",
+        "",
+        "| conversion | anonymous peak (MiB) | x largest tensor | resident peak (MiB) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {m['anonymous'] / 2**20:.0f} | {m['anonymous'] / largest:.1f} | {m['resident'] / 2**20:.0f} |"
+        for name, m in rows
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.append:

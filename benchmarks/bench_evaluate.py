@@ -81,7 +81,9 @@ def hf_byte_tokenizer():
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in character of every byte (what ByteLevel pre-tokenization emits)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, n = printable[:], 0
     for b in range(256):
         if b not in printable:
@@ -97,14 +99,42 @@ def models(size: str, device: torch.device, dtype: torch.dtype):
     layers, hidden, heads, inner, context, _, _ = SIZES[size]
     torch.manual_seed(0)
     # fp32 rotary tables, as Llama's: half-precision elementwise work is slow on a CPU (same values on a GPU).
-    glm = GLM(GLMConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, vocab_size=VOCAB,
-                        inner_hidden_size=inner, max_sequence_length=context, hidden_dropout=0.0,
-                        attention_dropout=0.0, rotary_dtype="fp32")).to(device, dtype).eval()
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inner,
-                                         num_hidden_layers=layers, num_attention_heads=heads,
-                                         max_position_embeddings=context, tie_word_embeddings=True,
-                                         pad_token_id=0, eos_token_id=SPECIALS.eos, bos_token_id=SPECIALS.eos,
-                                         attn_implementation="sdpa")).to(device, dtype).eval()
+    glm = (
+        GLM(
+            GLMConfig(
+                num_layers=layers,
+                hidden_size=hidden,
+                num_attention_heads=heads,
+                vocab_size=VOCAB,
+                inner_hidden_size=inner,
+                max_sequence_length=context,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+                rotary_dtype="fp32",
+            )
+        )
+        .to(device, dtype)
+        .eval()
+    )
+    llama = (
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=hidden,
+                intermediate_size=inner,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                max_position_embeddings=context,
+                tie_word_embeddings=True,
+                pad_token_id=0,
+                eos_token_id=SPECIALS.eos,
+                bos_token_id=SPECIALS.eos,
+                attn_implementation="sdpa",
+            )
+        )
+        .to(device, dtype)
+        .eval()
+    )
     return glm, llama
 
 
@@ -172,8 +202,7 @@ def run(size: str, device: torch.device, source: Path) -> tuple[list[list], dict
     sample = "Answer: (A) 答案 é\n"
     hf_tokenizer = hf_byte_tokenizer()
     assert hf_tokenizer.encode(sample, add_special_tokens=False) == ByteTokenizer().encode(sample), "tokenizers differ"
-    hf = HFLM(pretrained=llama, tokenizer=hf_tokenizer, batch_size=BATCH, device=str(device),
-              max_length=SIZES[size][4])
+    hf = HFLM(pretrained=llama, tokenizer=hf_tokenizer, batch_size=BATCH, device=str(device), max_length=SIZES[size][4])
     ours_via_harness = GLMHarnessLM(loaded=(glm, ByteTokenizer()), batch_size=BATCH)
     hf_counter, glm_counter = TokenCounter(llama), TokenCounter(glm)
     rows, details = [], {}
@@ -181,16 +210,20 @@ def run(size: str, device: torch.device, source: Path) -> tuple[list[list], dict
         for name, count in (("MMLU", SIZES[size][5]), ("HellaSwag", SIZES[size][6])):
             items = task_items(source, Path(tmp), name, count)
             requests = requests_of(items)
-            config = task_from_mapping({"name": name, "type": "mul", "path": ".", "micro-batch-size": BATCH,
-                                        "max_seq_length": SIZES[size][4]}, "bench")
+            config = task_from_mapping(
+                {"name": name, "type": "mul", "path": ".", "micro-batch-size": BATCH, "max_seq_length": SIZES[size][4]},
+                "bench",
+            )
             task_file = TaskFile(Path(name), "", items)
             executor = Executor(progress=False)
             paths = {
                 "lm-eval HFLM, Llama (baseline)": lambda r=requests: hf.loglikelihood(r, disable_tqdm=True),
-                "glm130b via lm-eval (GLMHarnessLM)":
-                    lambda r=requests: ours_via_harness.loglikelihood(r, disable_tqdm=True),
-                "glm130b toolkit (packed)":
-                    lambda f=task_file, c=config, e=executor: evaluate_file(f, c, glm, ByteTokenizer(), e),
+                "glm130b via lm-eval (GLMHarnessLM)": lambda r=requests: ours_via_harness.loglikelihood(
+                    r, disable_tqdm=True
+                ),
+                "glm130b toolkit (packed)": lambda f=task_file, c=config, e=executor: evaluate_file(
+                    f, c, glm, ByteTokenizer(), e
+                ),
             }
             counters = {"lm-eval HFLM, Llama (baseline)": hf_counter}
             with torch.no_grad():
@@ -205,8 +238,17 @@ def run(size: str, device: torch.device, source: Path) -> tuple[list[list], dict
             base_wall, base_cpu = (len(items) / t for t in times["lm-eval HFLM, Llama (baseline)"])
             for path, (wall, cpu) in times.items():
                 rate, per_cpu = len(items) / wall, len(items) / cpu
-                rows.append([name, path, f"{rate:,.1f}", f"{rate / base_wall:.2f}x", f"{per_cpu:,.1f}",
-                             f"{per_cpu / base_cpu:.2f}x", f"{tokens[path] / len(items):,.0f}"])
+                rows.append(
+                    [
+                        name,
+                        path,
+                        f"{rate:,.1f}",
+                        f"{rate / base_wall:.2f}x",
+                        f"{per_cpu:,.1f}",
+                        f"{per_cpu / base_cpu:.2f}x",
+                        f"{tokens[path] / len(items):,.0f}",
+                    ]
+                )
             details[name] = {"items": len(items), "requests": len(requests), "seconds": times, "tokens": tokens}
     return rows, details
 
@@ -214,6 +256,7 @@ def run(size: str, device: torch.device, source: Path) -> tuple[list[list], dict
 def git_commit() -> str:
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("--no-optional-locks", "status", "--porcelain", "--", "src", "benchmarks"):
         commit += " + uncommitted changes"
@@ -234,15 +277,23 @@ def main() -> None:
     size = "small" if args.small else device.type
     rows, details = run(size, device, Path(args.data))
     layers, hidden, heads, inner, context, n_mmlu, n_hs = SIZES[size]
-    card = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    lines = ["## Evaluation: multiple-choice items/s against lm-eval's Hugging Face backend (bench_evaluate.py)", "",
-             f"{card}, torch {torch.__version__}, lm-eval {lm_eval.__version__}, transformers {transformers.__version__}, "
-             f"commit {git_commit()}. Shape ({size}): {layers} layers, hidden {hidden}, {heads} heads, inner {inner}, "
-             f"byte vocabulary, context {context}, {'bf16' if device.type == 'cuda' else 'fp32'}, batch {BATCH}; "
-             f"{n_mmlu} MMLU 5-shot items (spread over the subjects), {n_hs} HellaSwag items; best of {REPEATS} "
-             "interleaved rounds. Positions: token positions run through the model per item, padding included.", "",
-             "| task | path | items/s (wall) | vs baseline | items per CPU-second | vs baseline | positions per item |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    card = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    lines = [
+        "## Evaluation: multiple-choice items/s against lm-eval's Hugging Face backend (bench_evaluate.py)",
+        "",
+        f"{card}, torch {torch.__version__}, lm-eval {lm_eval.__version__}, transformers {transformers.__version__}, "
+        f"commit {git_commit()}. Shape ({size}): {layers} layers, hidden {hidden}, {heads} heads, inner {inner}, "
+        f"byte vocabulary, context {context}, {'bf16' if device.type == 'cuda' else 'fp32'}, batch {BATCH}; "
+        f"{n_mmlu} MMLU 5-shot items (spread over the subjects), {n_hs} HellaSwag items; best of {REPEATS} "
+        "interleaved rounds. Positions: token positions run through the model per item, padding included.",
+        "",
+        "| task | path | items/s (wall) | vs baseline | items per CPU-second | vs baseline | positions per item |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     table = "\n".join(lines) + "\n"
     print(table)

@@ -79,8 +79,12 @@ def random_float_glm(config: GLMConfig, device: torch.device, dtype: torch.dtype
     _init_float_parts(model, config)
     with torch.no_grad():
         for block in model.transformer.layers:
-            for linear in (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h,
-                           block.mlp.dense_4h_to_h):
+            for linear in (
+                block.attention.query_key_value,
+                block.attention.dense,
+                block.mlp.dense_h_to_4h,
+                block.mlp.dense_4h_to_h,
+            ):
                 linear.weight.normal_(0.0, 0.02)
     return model.eval()
 
@@ -146,10 +150,18 @@ def bench_glm(model: GLM, batch: int, new_tokens: int, repeats: int, compile: bo
     slots = cache.max_length
     decode_s = (total - prefill_s) / (new_tokens - 1)
     step_bytes = bytes_per_step(model, slots, batch)
-    return {"batch": batch, "new_tokens": new_tokens, "seconds": total, "tokens_per_s": batch * new_tokens / total,
-            "decode_tokens_per_s": batch / decode_s, "prefill_s": prefill_s, "warmup_s": warmup,
-            "bytes_per_step": step_bytes, "bandwidth_GBps": step_bytes / decode_s / 1e9,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "seconds": total,
+        "tokens_per_s": batch * new_tokens / total,
+        "decode_tokens_per_s": batch / decode_s,
+        "prefill_s": prefill_s,
+        "warmup_s": warmup,
+        "bytes_per_step": step_bytes,
+        "bandwidth_GBps": step_bytes / decode_s / 1e9,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def bench_hf(batch: int, new_tokens: int, repeats: int, device, small: bool) -> dict | None:
@@ -158,22 +170,47 @@ def bench_hf(batch: int, new_tokens: int, repeats: int, device, small: bool) -> 
     except ImportError:
         return None
     if small:
-        cfg = LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=1024,
+            tie_word_embeddings=True,
+        )
     else:  # Llama-3.2-1B's shape: 1.24B parameters
-        cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        )
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     ids = torch.randint(100, cfg.vocab_size - 100, (batch, PROMPT_TOKENS), device=device)
-    run = lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    run = lambda: model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     with torch.no_grad():
         run()
         total = statistics.median(timed(run, device, repeats))
     n = sum(p.numel() for p in model.parameters())
-    return {"batch": batch, "new_tokens": new_tokens, "seconds": total, "tokens_per_s": batch * new_tokens / total,
-            "parameters": n}
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "seconds": total,
+        "tokens_per_s": batch * new_tokens / total,
+        "parameters": n,
+    }
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -181,8 +218,16 @@ def correctness_checks(device: torch.device, compile: bool) -> list[str]:
     """At small size on the benchmark device, in fp32: the static-cache decode (eager and
     compiled) gives the greedy tokens of a loop of full forwards; INT4 decoding runs end to end."""
     torch.manual_seed(0)
-    cfg = GLMConfig(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=150528, inner_hidden_size=256,
-                    max_sequence_length=256, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = GLMConfig(
+        num_layers=2,
+        hidden_size=128,
+        num_attention_heads=4,
+        vocab_size=150528,
+        inner_hidden_size=256,
+        max_sequence_length=256,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = random_float_glm(cfg, device, torch.float32)
     with torch.no_grad():
         model.transformer.word_embeddings.weight.normal_(0.0, 1.0)  # peaked distributions: no near-ties
@@ -195,16 +240,19 @@ def correctness_checks(device: torch.device, compile: bool) -> list[str]:
         for _ in range(steps):
             batch = build_generation_batch([seq], TOKENS)
             with torch.no_grad():
-                logits = model(batch.input_ids.to(device), batch.position_ids.to(device),
-                               batch.attention_mask.to(device))[0, -1].float()
+                logits = model(
+                    batch.input_ids.to(device), batch.position_ids.to(device), batch.attention_mask.to(device)
+                )[0, -1].float()
             logits[banned] = float("-inf")
             seq.append(int(logits.argmax()))
-        expected.append(seq[len(context):])
+        expected.append(seq[len(context) :])
     lines = []
     for label, use_compile in (("eager", False), ("compiled", True)) if compile else (("eager", False),):
         got = generate_ids(model, contexts, TOKENS, Greedy(), steps, banned=banned, compile=use_compile)
         ok = got == expected
-        lines.append(f"{'PASS' if ok else 'FAIL'}: static-cache decode ({label}) == full-forward greedy, batch of 3 lengths")
+        lines.append(
+            f"{'PASS' if ok else 'FAIL'}: static-cache decode ({label}) == full-forward greedy, batch of 3 lengths"
+        )
         if not ok:
             raise SystemExit("\n".join(lines) + f"\n  got {got}\n  expected {expected}")
     int4 = random_int4_glm(cfg, device, torch.float16 if device.type == "cuda" else torch.float32)
@@ -219,17 +267,38 @@ def correctness_checks(device: torch.device, compile: bool) -> list[str]:
 # ---------------------------------------------------------------------------------- main
 def glm_1b_config(small: bool) -> GLMConfig:
     if small:
-        return GLMConfig(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=150528,
-                         inner_hidden_size=352, hidden_dropout=0.0, attention_dropout=0.0)
+        return GLMConfig(
+            num_layers=2,
+            hidden_size=128,
+            num_attention_heads=4,
+            vocab_size=150528,
+            inner_hidden_size=352,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
     # 18 x 12 h^2 + the 150528-row embedding = 1.21B; inner 5504 = 8/3 x 2048 rounded up to 128
-    return GLMConfig(num_layers=18, hidden_size=2048, num_attention_heads=16, vocab_size=150528,
-                     inner_hidden_size=5504, hidden_dropout=0.0, attention_dropout=0.0)
+    return GLMConfig(
+        num_layers=18,
+        hidden_size=2048,
+        num_attention_heads=16,
+        vocab_size=150528,
+        inner_hidden_size=5504,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
 
 
 def glm_130b_config(small: bool) -> GLMConfig:
     if small:
-        return GLMConfig(num_layers=2, hidden_size=256, num_attention_heads=2, vocab_size=150528,
-                         inner_hidden_size=640, hidden_dropout=0.0, attention_dropout=0.0)
+        return GLMConfig(
+            num_layers=2,
+            hidden_size=256,
+            num_attention_heads=2,
+            vocab_size=150528,
+            inner_hidden_size=640,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
     return GLMConfig.from_preset("glm-130b", hidden_dropout=0.0, attention_dropout=0.0)
 
 
@@ -241,8 +310,9 @@ def device_name(device: torch.device) -> str:
 
 def commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -257,12 +327,21 @@ def suite_figures(rows: list[tuple[str, dict]], small: bool) -> list[dict]:
     r = found.get(("GLM-130B arch, INT4 row-wise", 1))
     if r:
         out.append(figure(f"GLM-130B INT4 decode, batch 1{size}", r["decode_tokens_per_s"], "tokens/s", 40.0))
-    glm = next((r for (name, b), r in found.items() if name.startswith("GLM 1.2B") and "INT4" not in name and b == 1), None)
+    glm = next(
+        (r for (name, b), r in found.items() if name.startswith("GLM 1.2B") and "INT4" not in name and b == 1), None
+    )
     hf = found.get(("Llama 1.24B bf16, transformers generate()", 1))
     if glm:
-        out.append(figure(f"GLM 1.2B generate, batch 1, {glm['new_tokens']} new tokens{size}", glm["tokens_per_s"],
-                          "tokens/s", 1000.0,
-                          "transformers generate, Llama 1.24B", hf["tokens_per_s"] if hf else None))
+        out.append(
+            figure(
+                f"GLM 1.2B generate, batch 1, {glm['new_tokens']} new tokens{size}",
+                glm["tokens_per_s"],
+                "tokens/s",
+                1000.0,
+                "transformers generate, Llama 1.24B",
+                hf["tokens_per_s"] if hf else None,
+            )
+        )
     return out
 
 
@@ -302,8 +381,10 @@ def main() -> None:
         cfg = glm_1b_config(args.small)
         float_name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
         batches = [int(b) for b in args.batches.split(",")]
-        builds = [(float_name, lambda: random_float_glm(cfg, device, dtype)),
-                  ("INT4 row-wise", lambda: random_int4_glm(cfg, device, dtype))][:1 if args.skip_1b_int4 else 2]
+        builds = [
+            (float_name, lambda: random_float_glm(cfg, device, dtype)),
+            ("INT4 row-wise", lambda: random_int4_glm(cfg, device, dtype)),
+        ][: 1 if args.skip_1b_int4 else 2]
         for label, build in builds:
             model = build()
             for batch in batches:
@@ -318,24 +399,36 @@ def main() -> None:
             rows.append(("Llama 1.24B bf16, transformers generate()", result))
             print(rows[-1], flush=True)
 
-    header = (f"### Generation (issue 6): {device_name(device)}, torch {torch.__version__}, commit {commit()}"
-              f"{' (--small: toy sizes, not a speed figure)' if args.small else ''}\n\n"
-              f"Prompt {PROMPT_TOKENS} tokens, {new_tokens} new tokens, greedy, decode step "
-              f"{'compiled (CUDA graphs on the GPU)' if compile else 'eager'}.\n\n"
-              "| model | params | batch | tokens/s | decode tokens/s | GB/s achieved (decode) |\n"
-              "|---|---|---|---|---|---|\n")
+    header = (
+        f"### Generation (issue 6): {device_name(device)}, torch {torch.__version__}, commit {commit()}"
+        f"{' (--small: toy sizes, not a speed figure)' if args.small else ''}\n\n"
+        f"Prompt {PROMPT_TOKENS} tokens, {new_tokens} new tokens, greedy, decode step "
+        f"{'compiled (CUDA graphs on the GPU)' if compile else 'eager'}.\n\n"
+        "| model | params | batch | tokens/s | decode tokens/s | GB/s achieved (decode) |\n"
+        "|---|---|---|---|---|---|\n"
+    )
     body = "".join(
         f"| {name} | {r['parameters'] / 1e9:.2f}B | {r['batch']} | {r['tokens_per_s']:.1f} | "
         f"{r.get('decode_tokens_per_s', float('nan')):.1f} | "
-        f"{r['bandwidth_GBps']:.4g} |\n" if "bandwidth_GBps" in r else
-        f"| {name} | {r['parameters'] / 1e9:.2f}B | {r['batch']} | {r['tokens_per_s']:.1f} | - | - |\n"
-        for name, r in rows)
+        f"{r['bandwidth_GBps']:.4g} |\n"
+        if "bandwidth_GBps" in r
+        else f"| {name} | {r['parameters'] / 1e9:.2f}B | {r['batch']} | {r['tokens_per_s']:.1f} | - | - |\n"
+        for name, r in rows
+    )
     table = header + body
     out = os.environ.get("OUT")
     if out:
-        Path(out, "bench_generation.json").write_text(json.dumps(
-            {"device": device_name(device), "torch": torch.__version__, "commit": commit(),
-             "rows": [{"name": n, **r} for n, r in rows]}, indent=2))
+        Path(out, "bench_generation.json").write_text(
+            json.dumps(
+                {
+                    "device": device_name(device),
+                    "torch": torch.__version__,
+                    "commit": commit(),
+                    "rows": [{"name": n, **r} for n, r in rows],
+                },
+                indent=2,
+            )
+        )
     write_summary("generation", suite_figures(rows, args.small))
     if args.append:
         results = Path(__file__).parent / "RESULTS.md"

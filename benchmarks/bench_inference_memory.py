@@ -37,11 +37,27 @@ GOAL = 0.10  # |planned - measured| / measured
 
 def config_for(small: bool) -> GLMConfig:
     if small:
-        return GLMConfig(num_layers=4, hidden_size=512, num_attention_heads=8, vocab_size=32000,
-                         inner_hidden_size=1280, max_sequence_length=1024, hidden_dropout=0.0, attention_dropout=0.0)
+        return GLMConfig(
+            num_layers=4,
+            hidden_size=512,
+            num_attention_heads=8,
+            vocab_size=32000,
+            inner_hidden_size=1280,
+            max_sequence_length=1024,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
     # ~1.2B: GLM-130B's vocabulary and layer shape ratios at hidden 2048
-    return GLMConfig(num_layers=18, hidden_size=2048, num_attention_heads=16, vocab_size=150528,
-                     inner_hidden_size=5504, max_sequence_length=2048, hidden_dropout=0.0, attention_dropout=0.0)
+    return GLMConfig(
+        num_layers=18,
+        hidden_size=2048,
+        num_attention_heads=16,
+        vocab_size=150528,
+        inner_hidden_size=5504,
+        max_sequence_length=2048,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
 
 
 def cpu_resident() -> int:
@@ -52,14 +68,24 @@ def cpu_peak() -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) * 1024
 
 
-def measure(config: GLMConfig, device: torch.device, dtype: torch.dtype, bits: int | None, batch: int,
-            context: int) -> int:
+def measure(
+    config: GLMConfig, device: torch.device, dtype: torch.dtype, bits: int | None, batch: int, context: int
+) -> int:
     """Peak bytes of building the model (on the device, in `dtype`, quantized if `bits`) and generating."""
-    specials = SpecialTokens(mask=config.vocab_size - 10, gmask=config.vocab_size - 9, smask=config.vocab_size - 8,
-                             sop=config.vocab_size - 7, eop=config.vocab_size - 6, eos=config.vocab_size - 5, pad=0)
+    specials = SpecialTokens(
+        mask=config.vocab_size - 10,
+        gmask=config.vocab_size - 9,
+        smask=config.vocab_size - 8,
+        sop=config.vocab_size - 7,
+        eop=config.vocab_size - 6,
+        eos=config.vocab_size - 5,
+        pad=0,
+    )
     new = 16
-    contexts = [[(7 * i + b) % 30000 + 1 for i in range(context - new - 2)] + [specials.gmask, specials.sop]
-                for b in range(batch)]
+    contexts = [
+        [(7 * i + b) % 30000 + 1 for i in range(context - new - 2)] + [specials.gmask, specials.sop]
+        for b in range(batch)
+    ]
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -91,8 +117,9 @@ def main() -> None:
     device = torch.device(args.device)
     config = config_for(args.small)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    warm = GLMConfig.from_preset("glm-tiny", vocab_size=config.vocab_size, max_sequence_length=1024,
-                                 hidden_dropout=0.0, attention_dropout=0.0)
+    warm = GLMConfig.from_preset(
+        "glm-tiny", vocab_size=config.vocab_size, max_sequence_length=1024, hidden_dropout=0.0, attention_dropout=0.0
+    )
     if args.case:  # resident memory freed by an earlier case would hide this one's: a fresh process each
         bits, batch, context = (None if v == "none" else int(v) for v in args.case.split(","))
         measure(warm, device, dtype, None, 2, 64)  # libraries and thread pools before measuring
@@ -107,22 +134,46 @@ def main() -> None:
             measured = measure(config, device, dtype, bits, batch, context)
         else:
             command = [sys.executable, __file__, "--device", "cpu", "--case", f"{bits or 'none'},{batch},{context}"]
-            measured = int(subprocess.run(command + (["--small"] if args.small else []), capture_output=True,
-                                          text=True, check=True).stdout)
+            measured = int(
+                subprocess.run(
+                    command + (["--small"] if args.small else []), capture_output=True, text=True, check=True
+                ).stdout
+            )
         plan = plan_inference(config, 1, bits, None, context, batch, dtype_bytes=dtype.itemsize, runtime_bytes=0)
         error = abs(plan.total - measured) / measured
-        rows.append({"weights": f"INT{bits}" if bits else str(dtype).removeprefix("torch."), "batch": batch,
-                     "context": context, "measured_gib": measured / 2**30, "planned_gib": plan.total / 2**30,
-                     "error": error, "within_goal": error <= GOAL})
+        rows.append(
+            {
+                "weights": f"INT{bits}" if bits else str(dtype).removeprefix("torch."),
+                "batch": batch,
+                "context": context,
+                "measured_gib": measured / 2**30,
+                "planned_gib": plan.total / 2**30,
+                "error": error,
+                "within_goal": error <= GOAL,
+            }
+        )
     print(f"| weights | batch x context | measured GiB | planned GiB | error (goal <= {GOAL:.0%}) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['weights']} | {r['batch']} x {r['context']} | {r['measured_gib']:.3f} | {r['planned_gib']:.3f} | "
-              f"{r['error']:.1%} {'ok' if r['within_goal'] else 'MISSED'} |")
+        print(
+            f"| {r['weights']} | {r['batch']} x {r['context']} | {r['measured_gib']:.3f} | {r['planned_gib']:.3f} | "
+            f"{r['error']:.1%} {'ok' if r['within_goal'] else 'MISSED'} |"
+        )
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_inference_memory.json").write_text(json.dumps(rows, indent=2))
-    write_summary("inference_memory", [figure(f"plan error, {r['weights']} batch {r['batch']} x {r['context']}",
-                                              r["error"], "%", GOAL, higher_is_better=False) for r in rows])
+    write_summary(
+        "inference_memory",
+        [
+            figure(
+                f"plan error, {r['weights']} batch {r['batch']} x {r['context']}",
+                r["error"],
+                "%",
+                GOAL,
+                higher_is_better=False,
+            )
+            for r in rows
+        ],
+    )
     if not all(r["within_goal"] for r in rows) and not args.small:
         raise SystemExit("the plan missed a measured peak by more than 10 %")
 

@@ -63,12 +63,16 @@ def main() -> None:
             timings[backend] = best_of(forward, 5)
     for backend, seconds in timings.items():
         speedup = "baseline" if backend == "reference" else f"{timings['reference'] / seconds:.2f}x"
-        rows.append((f"glm-10m forward, {backend}, {args.batch}x{args.seq}", f"{num_tokens / seconds:,.0f} tokens/s", speedup))
+        rows.append(
+            (f"glm-10m forward, {backend}, {args.batch}x{args.seq}", f"{num_tokens / seconds:,.0f} tokens/s", speedup)
+        )
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    header = (f"## Model build and forward (bench_model.py)\n\n{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}, commit {commit}\n\n"
-              "| what | figure | vs baseline |\n|---|---|---|\n")
+    header = (
+        f"## Model build and forward (bench_model.py)\n\n{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, commit {commit}\n\n"
+        "| what | figure | vs baseline |\n|---|---|---|\n"
+    )
     table = header + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
     print(table)
     if args.append:

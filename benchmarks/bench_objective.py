@@ -46,7 +46,7 @@ class ArangeCorpus:
         return len(self.tokens)
 
     def window(self, source: str, start: int, length: int) -> np.ndarray:
-        return self.tokens[start:start + length]
+        return self.tokens[start : start + length]
 
 
 def naive_mask_sequence(raw: np.ndarray, rng: np.random.Generator, config: ObjectiveConfig):
@@ -62,7 +62,7 @@ def naive_mask_sequence(raw: np.ndarray, rng: np.random.Generator, config: Objec
             lengths.append(bisect.bisect_right(cdf, rng.random()) + 1)
             if sum(lengths) >= math.ceil(config.mask_ratio * (S - 2 * len(lengths)) - 1e-9):
                 break
-        chunk = [int(t) for t in raw[start:start + S - 2 * len(lengths)]]
+        chunk = [int(t) for t in raw[start : start + S - 2 * len(lengths)]]
         start += len(chunk)
         rng.shuffle(lengths)
         spare = len(chunk) - sum(lengths) - (len(lengths) - 1)
@@ -75,7 +75,7 @@ def naive_mask_sequence(raw: np.ndarray, rng: np.random.Generator, config: Objec
         context, spans, i = [], [], 0
         while i < len(chunk):
             if i in span_at:
-                spans.append((len(context), chunk[i:i + span_at[i]]))
+                spans.append((len(context), chunk[i : i + span_at[i]]))
                 context.append(SPECIALS.mask)
                 i += span_at[i]
             else:
@@ -95,7 +95,7 @@ def naive_mask_sequence(raw: np.ndarray, rng: np.random.Generator, config: Objec
                 loss.append(1)
         end = len(ids)
         blocked[seg_start:end, seg_start:end] = ~np.tril(np.ones((end - seg_start,) * 2, dtype=bool))
-        blocked[seg_start:end, seg_start:seg_start + len(context)] = False
+        blocked[seg_start:end, seg_start : seg_start + len(context)] = False
     return ids, targets, positions, loss, blocked
 
 
@@ -143,10 +143,12 @@ def length_rows(length: int, n: int) -> list[tuple]:
     pairs = [MIPPair(np.arange(100) + 20_000, np.arange(30) + 30_000)]
     sampler = GLMBatchSampler(ArangeCorpus(), config, SPECIALS, batch_size=n, seed=0, mip_pairs=pairs)
     base = best_rate(baseline, n)
-    for name, fn in (("[MASK] sequence, baseline: per-token Python + dense mask", baseline),
-                     ("[MASK] sequence, mask_sample (compact form)", compact),
-                     ("[MASK] sequence, mask_sample + collate + dense mask", compact_then_dense),
-                     ("full mix, GLMBatchSampler.micro_batch (TrainingBatch)", lambda: sampler.micro_batch(0))):
+    for name, fn in (
+        ("[MASK] sequence, baseline: per-token Python + dense mask", baseline),
+        ("[MASK] sequence, mask_sample (compact form)", compact),
+        ("[MASK] sequence, mask_sample + collate + dense mask", compact_then_dense),
+        ("full mix, GLMBatchSampler.micro_batch (TrainingBatch)", lambda: sampler.micro_batch(0)),
+    ):
         rate = base if fn is baseline else best_rate(fn, n)
         rows.append((length, name, f"{rate:,.0f}", f"{rate * length / 1e6:.2f}", f"{rate / base:.1f}x"))
     return rows
@@ -166,13 +168,18 @@ def main() -> None:
     commit = git("rev-parse", "--short", "HEAD").strip()
     if git("--no-optional-locks", "status", "--porcelain", "--", "src", "benchmarks"):  # read-only
         commit += " + uncommitted changes"
-    lines = ["## Objective: sample-building throughput (benchmarks/bench_objective.py)", "",
-             f"Machine: {cpu_name()}, CPU, 2 cores (shared), {torch.get_num_threads()} torch threads, "
-             f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, commit {commit}; "
-             f"load average {os.getloadavg()[0]:.1f} at the end (other jobs share the cores); "
-             f"{n} samples per measurement, best of 3. Baseline: the official collator's approach, per-token "
-             f"Python lists and a dense [L, L] mask per sample, with our span rule.", "",
-             "| L | builder | samples/s | M tokens/s | vs baseline |", "|---|---|---|---|---|"]
+    lines = [
+        "## Objective: sample-building throughput (benchmarks/bench_objective.py)",
+        "",
+        f"Machine: {cpu_name()}, CPU, 2 cores (shared), {torch.get_num_threads()} torch threads, "
+        f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, commit {commit}; "
+        f"load average {os.getloadavg()[0]:.1f} at the end (other jobs share the cores); "
+        f"{n} samples per measurement, best of 3. Baseline: the official collator's approach, per-token "
+        f"Python lists and a dense [L, L] mask per sample, with our span rule.",
+        "",
+        "| L | builder | samples/s | M tokens/s | vs baseline |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} |" for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)

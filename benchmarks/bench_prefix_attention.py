@@ -38,12 +38,14 @@ from glm130b.model.masks import dense_attention_mask, visible_pairs  # noqa: E40
 from glm130b.model.prefix_attention import KERNELS, PrefixLMPlan, resolve_kernel  # noqa: E402
 
 GOAL_TFLOPS = 300.0  # issue 10, on one H200
-LABELS = {"varlen": "ours: 2 flash varlen calls tiling the rows (no gather)",
-          "varlen_packed": "ours: 2 flash varlen calls on gathered rows",
-          "flex": "FlexAttention + block mask (compiled)",
-          "loop": "ours: one SDPA per segment half",
-          "dense": "baseline: SDPA with the dense bool mask",
-          "causal": "ceiling: SDPA causal (flash; not the prefix-LM mask)"}
+LABELS = {
+    "varlen": "ours: 2 flash varlen calls tiling the rows (no gather)",
+    "varlen_packed": "ours: 2 flash varlen calls on gathered rows",
+    "flex": "FlexAttention + block mask (compiled)",
+    "loop": "ours: one SDPA per segment half",
+    "dense": "baseline: SDPA with the dense bool mask",
+    "causal": "ceiling: SDPA causal (flash; not the prefix-LM mask)",
+}
 
 
 def timed(fn, device: torch.device, iters: int, warmup: int) -> float:
@@ -123,8 +125,11 @@ def main(argv=None) -> int:
         errors[name] = relative_errors(out, grads, ref, ref_grads, scored)
         worst = max(errors[name])
         if name == "causal":  # the wrong mask: must miss, or the check cannot tell right from wrong
-            checks[name] = (f"ok: the wrong mask misses ({worst:.2e} > {budget:g})" if worst > budget else
-                            f"FAILED: the wrong mask passes ({worst:.2e} <= {budget:g}); the check cannot bite")
+            checks[name] = (
+                f"ok: the wrong mask misses ({worst:.2e} > {budget:g})"
+                if worst > budget
+                else f"FAILED: the wrong mask passes ({worst:.2e} <= {budget:g}); the check cannot bite"
+            )
         else:
             checks[name] = "ok" if worst <= budget else f"MISMATCH: max error {worst:.2e} (budget {budget:g})"
     for name, status in checks.items():
@@ -141,25 +146,46 @@ def main(argv=None) -> int:
 
         def fn(run=run):
             torch.autograd.grad(run(), (q, k, v), grad)
+
         seconds = timed(fn, device, args.iters, warmup=3 if device.type == "cuda" else 1)
         work = attention_kernel_flops(causal_pairs if name == "causal" else pairs, H, D)
         label = LABELS[name] + ("" if checks[name].startswith("ok") else "  [FAILED CHECK]")
         rows.append({"variant": name, "what": label, "ms": seconds * 1e3, "tflops": work / seconds / 1e12})
 
     tflops = {r["variant"]: r["tflops"] for r in rows}
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "shape": [B, H, L, D], "dtype": str(dtype), "auto_kernel": auto,
-            "visible_fraction": pairs / (B * L * L), "plan_build_ms": plan_seconds * 1e3,
-            "checks": checks, "relative_errors_out_dq_dk_dv": errors, "rows": rows}
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": [B, H, L, D],
+        "dtype": str(dtype),
+        "auto_kernel": auto,
+        "visible_fraction": pairs / (B * L * L),
+        "plan_build_ms": plan_seconds * 1e3,
+        "checks": checks,
+        "relative_errors_out_dq_dk_dv": errors,
+        "rows": rows,
+    }
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["OUT"]) / "bench_prefix_attention.json").write_text(json.dumps(info, indent=2))
     if passed and auto in tflops:
-        write_summary("prefix_attention", [figure(
-            f"prefix-LM attention fwd+bwd, kernel {auto}, B {B} H {H} L {L} D {D} {str(dtype)[6:]}",
-            tflops[auto], "TFLOP/s", GOAL_TFLOPS, "SDPA + dense mask", tflops.get("dense"))])
-    print(f"\n{info['device']}, torch {info['torch']}, B {B} H {H} L {L} D {D} {dtype}, objective masks: "
-          f"visible {info['visible_fraction']:.1%} of L^2, plan build {plan_seconds * 1e3:.1f} ms (host, once per forward)")
+        write_summary(
+            "prefix_attention",
+            [
+                figure(
+                    f"prefix-LM attention fwd+bwd, kernel {auto}, B {B} H {H} L {L} D {D} {str(dtype)[6:]}",
+                    tflops[auto],
+                    "TFLOP/s",
+                    GOAL_TFLOPS,
+                    "SDPA + dense mask",
+                    tflops.get("dense"),
+                )
+            ],
+        )
+    print(
+        f"\n{info['device']}, torch {info['torch']}, B {B} H {H} L {L} D {D} {dtype}, objective masks: "
+        f"visible {info['visible_fraction']:.1%} of L^2, plan build {plan_seconds * 1e3:.1f} ms (host, once per forward)"
+    )
     print(f"{'variant':<14} {'ms':>9} {'TFLOP/s':>9}  what")
     for r in rows:
         print(f"{r['variant']:<14} {r['ms']:>9.3f} {r['tflops']:>9.3g}  {r['what']}")

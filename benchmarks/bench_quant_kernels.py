@@ -96,8 +96,9 @@ def tinygemm_weights(n: int, k: int, device: str):
         packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
         weight = torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # 8 inner k-tiles: tinygemm's default
         scales_and_zeros = torch.rand(k // TINYGEMM_GROUP, n, 2, dtype=torch.bfloat16, device=device)
-        torch.ops.aten._weight_int4pack_mm(torch.randn(1, k, dtype=torch.bfloat16, device=device),
-                                           weight, TINYGEMM_GROUP, scales_and_zeros)
+        torch.ops.aten._weight_int4pack_mm(
+            torch.randn(1, k, dtype=torch.bfloat16, device=device), weight, TINYGEMM_GROUP, scales_and_zeros
+        )
         return weight, scales_and_zeros
     except (RuntimeError, TypeError) as err:
         print(f"tinygemm unavailable: {err}", file=sys.stderr)
@@ -126,20 +127,27 @@ def main() -> None:
         tiny = tinygemm_weights(n, k, device)
         paths = {"fp16 cuBLAS F.linear": (lambda x, w=w: F.linear(x, w), 2 * n * k)}
         p4, s4 = quantized["int4-row"]
-        paths["official INT4 dequantize + GEMM"] = (lambda x, p4=p4, s4=s4: F.linear(x, dequant(p4, s4).to(x.dtype)),
-                                                    n * k // 2)
+        paths["official INT4 dequantize + GEMM"] = (
+            lambda x, p4=p4, s4=s4: F.linear(x, dequant(p4, s4).to(x.dtype)),
+            n * k // 2,
+        )
         p8, s8 = quantized["int8-row"][0], quantized["int8-row"][1].to(dtype)
         paths["gpt-fast INT8 compiled"] = (lambda x, p8=p8, s8=s8: gpt_fast(x, p8, s8), n * k)
         if tiny is not None:
             paths["tinygemm INT4 group-128"] = (
-                lambda x, tiny=tiny: torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), tiny[0], TINYGEMM_GROUP,
-                                                                         tiny[1]),
-                n * k // 2)
+                lambda x, tiny=tiny: torch.ops.aten._weight_int4pack_mm(
+                    x.to(torch.bfloat16), tiny[0], TINYGEMM_GROUP, tiny[1]
+                ),
+                n * k // 2,
+            )
         for scheme in OUR_SCHEMES:
             packed, scale = quantized[scheme.name]
             paths[f"glm130b {scheme.name}"] = (
-                lambda x, packed=packed, scale=scale, scheme=scheme: triton_quantized_linear(x, packed, scale, None, scheme),
-                packed.numel())
+                lambda x, packed=packed, scale=scale, scheme=scheme: triton_quantized_linear(
+                    x, packed, scale, None, scheme
+                ),
+                packed.numel(),
+            )
         for path, (_, size) in paths.items():
             nbytes[path] = nbytes.get(path, 0) + size
         for rows in rows_list:
@@ -156,31 +164,65 @@ def main() -> None:
             for path, (fn, _) in paths.items():
                 times[path, rows] = times.get((path, rows), 0.0) + bench(lambda fn=fn, x=x: fn(x), device)
 
-    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    card = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"### Quantized linear kernels, one GLM-130B layer{' (small shapes)' if ARGS.small else ''}", "",
-             f"{card}; torch {torch.__version__}; commit {commit}; "
-             + (f"copy ceiling {ceiling:,.0f} GB/s (read + written); " if device == "cuda" else "")
-             + "activations " + str(dtype).replace("torch.", ""), ""]
+    lines = [
+        f"### Quantized linear kernels, one GLM-130B layer{' (small shapes)' if ARGS.small else ''}",
+        "",
+        f"{card}; torch {torch.__version__}; commit {commit}; "
+        + (f"copy ceiling {ceiling:,.0f} GB/s (read + written); " if device == "cuda" else "")
+        + "activations "
+        + str(dtype).replace("torch.", ""),
+        "",
+    ]
     header = "| path | " + " | ".join(f"batch {r}: us / layer | GB/s" for r in rows_list) + " |"
     lines += [header, "|---|" + "---:|---:|" * len(rows_list)]
     for path in nbytes:
         cells = [f"{times[path, r] * 1e6:,.0f} | {nbytes[path] / times[path, r] / 1e9:,.0f}" for r in rows_list]
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
-    lines += ["", "GB/s over the weight bytes as each path stores them (fp16: 2 bytes, INT8: 1, INT4: 1/2 per "
-              "weight; scales not counted)."]
+    lines += [
+        "",
+        "GB/s over the weight bytes as each path stores them (fp16: 2 bytes, INT8: 1, INT4: 1/2 per "
+        "weight; scales not counted).",
+    ]
     table = "\n".join(lines)
     if os.environ.get("OUT"):
-        record = {"card": card, "torch": torch.__version__, "commit": commit, "copy_ceiling_gbs": ceiling,
-                  "checks": checks, "times_s": {f"{p} | batch {r}": t for (p, r), t in times.items()}, "bytes": nbytes}
+        record = {
+            "card": card,
+            "torch": torch.__version__,
+            "commit": commit,
+            "copy_ceiling_gbs": ceiling,
+            "checks": checks,
+            "times_s": {f"{p} | batch {r}": t for (p, r), t in times.items()},
+            "bytes": nbytes,
+        }
         Path(os.environ["OUT"], "bench_quant_kernels.json").write_text(json.dumps(record, indent=2))
     if 1 in rows_list:  # the suite's headline figures (benchmarks/gpu_suite.sh): batch 1, goal 3000 GB/s
+
         def gbs(path):
             return nbytes[path] / times[path, 1] / 1e9
-        write_summary("quant_kernels", [
-            figure(f"glm130b {name} linear, batch 1, one GLM-130B layer{' (small shapes)' if ARGS.small else ''}",
-                   gbs(f"glm130b {name}"), "GB/s", 3000.0, baseline, gbs(baseline))
-            for name, baseline in (("int4-row", "official INT4 dequantize + GEMM"), ("int8-row", "gpt-fast INT8 compiled"))])
+
+        write_summary(
+            "quant_kernels",
+            [
+                figure(
+                    f"glm130b {name} linear, batch 1, one GLM-130B layer{' (small shapes)' if ARGS.small else ''}",
+                    gbs(f"glm130b {name}"),
+                    "GB/s",
+                    3000.0,
+                    baseline,
+                    gbs(baseline),
+                )
+                for name, baseline in (
+                    ("int4-row", "official INT4 dequantize + GEMM"),
+                    ("int8-row", "gpt-fast INT8 compiled"),
+                )
+            ],
+        )
     if ARGS.append:
         with RESULTS.open("a") as f:
             f.write("\n" + table + "\n")

@@ -65,12 +65,14 @@ def causal_nll(model, ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(length).expand(b, length)
     causal = torch.ones(length, length, dtype=torch.bool).triu(1).expand(b, 1, length, length)  # True = blocked
     logits = model(ids, positions, causal, check_inputs=False)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+    )
 
 
 @torch.no_grad()
 def perplexity(model, data: torch.Tensor, batch_size: int) -> float:
-    total = sum(causal_nll(model, data[start:start + batch_size]).item() for start in range(0, len(data), batch_size))
+    total = sum(causal_nll(model, data[start : start + batch_size]).item() for start in range(0, len(data), batch_size))
     return math.exp(total / (data.shape[0] * (data.shape[1] - 1)))
 
 
@@ -90,8 +92,16 @@ def train_stand_in(corpus: Path, out: Path, steps: int, batch_size: int = 16, le
     """A small byte-level GLM trained for `steps` AdamW steps; see the module docstring."""
     torch.manual_seed(0)
     # Widths divisible by 128 so that every scheme of the table, group-128 included, applies.
-    config = GLMConfig(num_layers=2, hidden_size=128, num_attention_heads=4, vocab_size=256,
-                       inner_hidden_size=256, max_sequence_length=length, hidden_dropout=0.0, attention_dropout=0.0)
+    config = GLMConfig(
+        num_layers=2,
+        hidden_size=128,
+        num_attention_heads=4,
+        vocab_size=256,
+        inner_hidden_size=256,
+        max_sequence_length=length,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = initialize_glm(GLM(config), seed=0)  # the GLM-130B recipe's init (SPEC.md section 10)
     train = torch.from_numpy(corpus_bytes(corpus / "train.jsonl.gz", 8 * 2**20))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -99,7 +109,9 @@ def train_stand_in(corpus: Path, out: Path, steps: int, batch_size: int = 16, le
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
         starts = torch.randint(0, len(train) - length, (batch_size,), generator=generator)
-        loss = causal_nll(model, torch.stack([train[s:s + length] for s in starts.tolist()])) / (batch_size * (length - 1))
+        loss = causal_nll(model, torch.stack([train[s : s + length] for s in starts.tolist()])) / (
+            batch_size * (length - 1)
+        )
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -127,8 +139,13 @@ def main(argv: list[str] | None = None) -> str | None:
     parser.add_argument("--window", type=int, default=256, help="tokens per window (at most the model's max length)")
     parser.add_argument("--windows", type=int, default=64, help="number of windows scored")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--group-size", type=int, nargs="+", default=[128],
-                        help="INT4 group sizes to score (each falls back to the largest supported one that fits)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        nargs="+",
+        default=[128],
+        help="INT4 group sizes to score (each falls back to the largest supported one that fits)",
+    )
     parser.add_argument("--append", action="store_true", help=f"append the table to {RESULTS}")
     args = parser.parse_args(argv)
     if args.train_stand_in:
@@ -142,14 +159,21 @@ def main(argv: list[str] | None = None) -> str | None:
     schemes = [QuantScheme(8), QuantScheme(4)] + [QuantScheme(4, g) for g in dict.fromkeys(groups) if g]
     rows = [("fp32", perplexity(reference, data, args.batch_size))]
     for scheme in schemes:
-        rows.append((scheme.name, perplexity(quantize_model(load_model(args.model_dir), scheme), data, args.batch_size)))
+        rows.append(
+            (scheme.name, perplexity(quantize_model(load_model(args.model_dir), scheme), data, args.batch_size))
+        )
     base = rows[0][1]
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [f"### Quantization quality: {args.model_dir}", "",
-             f"CPU ({platform.machine()}); torch {torch.__version__}; commit {commit}; {data.shape[0]} windows of "
-             f"{length} tokens from {args.valid_data.name}; causal next-token perplexity", "",
-             "| weights | perplexity | change vs fp32 | paper (GLM-130B, WikiText-2) |", "|---|---:|---:|---:|"]
+    lines = [
+        f"### Quantization quality: {args.model_dir}",
+        "",
+        f"CPU ({platform.machine()}); torch {torch.__version__}; commit {commit}; {data.shape[0]} windows of "
+        f"{length} tokens from {args.valid_data.name}; causal next-token perplexity",
+        "",
+        "| weights | perplexity | change vs fp32 | paper (GLM-130B, WikiText-2) |",
+        "|---|---:|---:|---:|",
+    ]
     for name, ppl in rows:
         change = "" if name == "fp32" else f"{100 * (ppl / base - 1):+.2f} %"
         lines.append(f"| {name} | {ppl:.3f} | {change} | {PAPER.get(name, '')} |")

@@ -46,8 +46,14 @@ GOAL_SPEEDUP, GOAL_P99 = 8.0, 2.0
 SIZES = {  # CPU sizes: a minute per run on two cores; "1b" is bench_generation.py's ~1.2B GPU shape
     "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=160, max_sequence_length=128),
     "small": dict(num_layers=4, hidden_size=256, num_attention_heads=8, inner_hidden_size=640, max_sequence_length=128),
-    "1b": dict(num_layers=18, hidden_size=2048, num_attention_heads=16, inner_hidden_size=5504, max_sequence_length=512,
-               vocab_size=150528),
+    "1b": dict(
+        num_layers=18,
+        hidden_size=2048,
+        num_attention_heads=16,
+        inner_hidden_size=5504,
+        max_sequence_length=512,
+        vocab_size=150528,
+    ),
 }
 
 
@@ -64,9 +70,24 @@ def write_model(directory: Path, size: str) -> str:
 
 
 def start_server(model_dir: Path, port: int, device: str, threads: int | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "glm130b.cli", "serve", "--model", str(model_dir), "--port", str(port),
-               "--device", device, "--max-batch", str(MAX_BATCH), "--max-queue", str(4 * MAX_BATCH),
-               "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "glm130b.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--max-batch",
+        str(MAX_BATCH),
+        "--max-queue",
+        str(4 * MAX_BATCH),
+        "--log-level",
+        "warning",
+    ]
     if threads:
         command += ["--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -101,8 +122,11 @@ class Connection:
 
     async def post(self, path: str, body: dict) -> dict:
         data = json.dumps(body).encode()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
         head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(head[0].split()[1])
         headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
@@ -115,8 +139,9 @@ class Connection:
         self.writer.close()
 
 
-async def load(port: int, model: str, concurrency: int, requests: int, prompt_tokens: int, new_tokens: int,
-               seed: int) -> dict:
+async def load(
+    port: int, model: str, concurrency: int, requests: int, prompt_tokens: int, new_tokens: int, seed: int
+) -> dict:
     """A closed loop of `concurrency` workers, one connection each, sending `requests` requests in all."""
     rng = random.Random(seed)
     prompts = ["".join(rng.choice(LETTERS) for _ in range(prompt_tokens)) for _ in range(requests)]
@@ -131,8 +156,10 @@ async def load(port: int, model: str, concurrency: int, requests: int, prompt_to
         while not queue.empty():
             prompt = queue.get_nowait()
             started = time.perf_counter()
-            answer = await connection.post("/v1/completions", {"model": model, "prompt": prompt, "temperature": 0,
-                                                               "max_tokens": new_tokens, "ignore_eos": True})
+            answer = await connection.post(
+                "/v1/completions",
+                {"model": model, "prompt": prompt, "temperature": 0, "max_tokens": new_tokens, "ignore_eos": True},
+            )
             latencies.append(time.perf_counter() - started)
             tokens += answer["usage"]["completion_tokens"]
 
@@ -142,19 +169,29 @@ async def load(port: int, model: str, concurrency: int, requests: int, prompt_to
     for c in connections:
         c.close()
     latencies.sort()
-    return {"concurrency": concurrency, "requests": requests, "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
-            "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
 
 
 def table(rows: list[dict]) -> str:
     base = rows[0]
-    lines = ["| concurrency | requests | tokens/s | vs one at a time | p50 latency | p99 latency | p99 / single p50 |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| concurrency | requests | tokens/s | vs one at a time | p50 latency | p99 latency | p99 / single p50 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {1000 * r['p50_s']:,.0f} ms | "
-                     f"{1000 * r['p99_s']:,.0f} ms | {r['p99_s'] / base['p50_s']:.2f} |")
+        lines.append(
+            f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {1000 * r['p50_s']:,.0f} ms | "
+            f"{1000 * r['p99_s']:,.0f} ms | {r['p99_s'] / base['p50_s']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -190,27 +227,37 @@ def main() -> None:
             wait_for(url, server)
             # warm-up: every batch size once (the first step at a new shape allocates)
             asyncio.run(load(args.port, name, MAX_BATCH, 2 * MAX_BATCH, args.prompt_tokens, args.new_tokens, seed=99))
-            rows = [asyncio.run(load(args.port, name, 1, args.single_requests, args.prompt_tokens, args.new_tokens,
-                                     seed=1))]
+            rows = [
+                asyncio.run(load(args.port, name, 1, args.single_requests, args.prompt_tokens, args.new_tokens, seed=1))
+            ]
             for c in (8, 32):
-                rows.append(asyncio.run(load(args.port, name, c, max(args.requests, c), args.prompt_tokens,
-                                             args.new_tokens, seed=c)))
+                rows.append(
+                    asyncio.run(
+                        load(args.port, name, c, max(args.requests, c), args.prompt_tokens, args.new_tokens, seed=c)
+                    )
+                )
         finally:
             server.terminate()
             server.wait(timeout=120)
     at32 = rows[-1]
     speedup, p99 = at32["tokens_per_s"] / rows[0]["tokens_per_s"], at32["p99_s"] / rows[0]["p50_s"]
-    verdict = (f"At concurrency 32: {speedup:.1f}x the one-at-a-time throughput (goal >= {GOAL_SPEEDUP:g}x: "
-               f"{'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}), p99 latency {p99:.2f}x the single request's "
-               f"median (goal < {GOAL_P99:g}x: {'met' if p99 < GOAL_P99 else 'NOT met'}).")
+    verdict = (
+        f"At concurrency 32: {speedup:.1f}x the one-at-a-time throughput (goal >= {GOAL_SPEEDUP:g}x: "
+        f"{'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}), p99 latency {p99:.2f}x the single request's "
+        f"median (goal < {GOAL_P99:g}x: {'met' if p99 < GOAL_P99 else 'NOT met'})."
+    )
     shape = SIZES[args.size]
-    size = (f"{args.size} GLM ({shape['num_layers']} x {shape['hidden_size']}), "
-            f"{'bf16' if args.size == '1b' else 'fp32'}, random weights")
+    size = (
+        f"{args.size} GLM ({shape['num_layers']} x {shape['hidden_size']}), "
+        f"{'bf16' if args.size == '1b' else 'fp32'}, random weights"
+    )
     load_after = os.getloadavg()[0]  # the machine may be shared: other work slows some rows more than others
-    text = (f"{machine()}, 1-minute load average {load_before:.1f} before / {load_after:.1f} after; "
-            f"{size} on {args.device}, threads {args.threads or 'default'}; prompts of "
-            f"{args.prompt_tokens} tokens + [gMASK], {args.new_tokens} new tokens each (ignore_eos), greedy, "
-            f"{MAX_BATCH} cache rows\n\n{table(rows)}\n\n{verdict}\n")
+    text = (
+        f"{machine()}, 1-minute load average {load_before:.1f} before / {load_after:.1f} after; "
+        f"{size} on {args.device}, threads {args.threads or 'default'}; prompts of "
+        f"{args.prompt_tokens} tokens + [gMASK], {args.new_tokens} new tokens each (ignore_eos), greedy, "
+        f"{MAX_BATCH} cache rows\n\n{table(rows)}\n\n{verdict}\n"
+    )
     print(text)
     if args.append:
         results = ROOT / "benchmarks" / "RESULTS.md"

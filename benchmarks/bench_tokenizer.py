@@ -98,11 +98,14 @@ def main() -> None:
     args = parser.parse_args()
 
     lines = ["## Tokenizer throughput (benchmarks/bench_tokenizer.py)", ""]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    lines.append(f"Machine: {cpu_model()}, {os.cpu_count()} cores (shared: load average "
-                 f"{os.getloadavg()[0]:.1f} at the start); torch {torch.__version__}, sentencepiece "
-                 f"{spm.__version__}; commit {commit}; corpus {args.corpus.name}.")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    lines.append(
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores (shared: load average "
+        f"{os.getloadavg()[0]:.1f} at the start); torch {torch.__version__}, sentencepiece "
+        f"{spm.__version__}; commit {commit}; corpus {args.corpus.name}."
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.tokenizer or Path(tmp)
         if args.tokenizer is None:

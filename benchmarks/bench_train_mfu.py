@@ -63,17 +63,39 @@ def train_config(args, backend: str, out_dir: str) -> TrainConfig:
     if args.small:
         shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=512, inner_hidden_size=176)
     else:  # head dim 128 as in GLM-130B; inner 5504 = 8/3 x 2048 rounded up to a multiple of 128 (GeGLU)
-        shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.hidden // 128,
-                     vocab_size=150528, inner_hidden_size=-(-args.hidden * 8 // 3 // 128) * 128)
-    attention = (dict(attention_backend=backend) if backend in ("sdpa", "auto")
-                 else dict(attention_backend="prefix", prefix_kernel=backend))
+        shape = dict(
+            num_layers=args.layers,
+            hidden_size=args.hidden,
+            num_attention_heads=args.hidden // 128,
+            vocab_size=150528,
+            inner_hidden_size=-(-args.hidden * 8 // 3 // 128) * 128,
+        )
+    attention = (
+        dict(attention_backend=backend)
+        if backend in ("sdpa", "auto")
+        else dict(attention_backend="prefix", prefix_kernel=backend)
+    )
     model = dict(**shape, **attention, max_sequence_length=args.seq, hidden_dropout=0.0, attention_dropout=0.0)
     cuda = args.device.startswith("cuda")
-    return TrainConfig(model_preset="glm-130b", model=model, sequence_length=args.seq, micro_batch_size=args.batch,
-                       global_batch_size=args.batch, rampup_start_batch_size=None, train_samples=args.batch * 10**6,
-                       precision="bf16" if cuda else "fp32", device=args.device, peak_flops=args.peak_tflops * 1e12,
-                       parallel={"compile": args.compile}, spike_guard={"enabled": False}, tensorboard=False,
-                       out_dir=out_dir, log_every=10**6, eval_every=10**6, checkpoint_every=10**6)
+    return TrainConfig(
+        model_preset="glm-130b",
+        model=model,
+        sequence_length=args.seq,
+        micro_batch_size=args.batch,
+        global_batch_size=args.batch,
+        rampup_start_batch_size=None,
+        train_samples=args.batch * 10**6,
+        precision="bf16" if cuda else "fp32",
+        device=args.device,
+        peak_flops=args.peak_tflops * 1e12,
+        parallel={"compile": args.compile},
+        spike_guard={"enabled": False},
+        tensorboard=False,
+        out_dir=out_dir,
+        log_every=10**6,
+        eval_every=10**6,
+        checkpoint_every=10**6,
+    )
 
 
 def loss_and_grads(model, batch: TrainingBatch, mask, precision: str):
@@ -91,8 +113,11 @@ def loss_and_grads(model, batch: TrainingBatch, mask, precision: str):
 def worst_error(got, want) -> float:
     """|a - b| / |b| (Frobenius) of the worst of the logits and the gradients (all-zero ones left out)."""
     pairs = [(got[0], want[0])] + [(got[1][n], want[1][n]) for n in want[1]]
-    return max(float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-               for a, b in pairs if torch.linalg.vector_norm(b) > 0)
+    return max(
+        float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+        for a, b in pairs
+        if torch.linalg.vector_norm(b) > 0
+    )
 
 
 def check(trainer: Trainer, config: TrainConfig, batch: TrainingBatch) -> tuple[bool, str]:
@@ -112,8 +137,9 @@ def check(trainer: Trainer, config: TrainConfig, batch: TrainingBatch) -> tuple[
     budget = BUDGET[config.precision]
     ok = error <= budget and wrong > WRONG_BY * error
     text = f"error {error:.2e} (budget {budget:g}), causal mask {wrong:.2e}"
-    return ok, ("ok: " if ok else "FAILED: ") + text + ("" if wrong > WRONG_BY * error else
-                                                       f" (not {WRONG_BY}x the error: the check cannot tell)")
+    return ok, ("ok: " if ok else "FAILED: ") + text + (
+        "" if wrong > WRONG_BY * error else f" (not {WRONG_BY}x the error: the check cannot tell)"
+    )
 
 
 def run_backend(args, backend: str, sampler) -> dict:
@@ -127,13 +153,20 @@ def run_backend(args, backend: str, sampler) -> dict:
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
         records = [trainer.step() for _ in range(args.steps)]
-        timed = records[min(args.warmup, args.steps - 1):]
-        row = {"backend": backend, "runs": what, "check": verdict, "ok": ok,
-               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-               "mfu": statistics.median(r["mfu"] for r in timed), "hfu": statistics.median(r["hfu"] for r in timed),
-               "losses": [r["loss"] for r in records],
-               "peak_gib": torch.cuda.max_memory_allocated(trainer.device) / 2**30
-               if trainer.device.type == "cuda" else None}
+        timed = records[min(args.warmup, args.steps - 1) :]
+        row = {
+            "backend": backend,
+            "runs": what,
+            "check": verdict,
+            "ok": ok,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+            "mfu": statistics.median(r["mfu"] for r in timed),
+            "hfu": statistics.median(r["hfu"] for r in timed),
+            "losses": [r["loss"] for r in records],
+            "peak_gib": torch.cuda.max_memory_allocated(trainer.device) / 2**30
+            if trainer.device.type == "cuda"
+            else None,
+        }
         del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -144,7 +177,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="2 layers x 64, batch 2 x 128: a smoke run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backends", default=None, help="default: sdpa,auto,flex,varlen_packed on CUDA, sdpa,auto elsewhere")
+    ap.add_argument(
+        "--backends", default=None, help="default: sdpa,auto,flex,varlen_packed on CUDA, sdpa,auto elsewhere"
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=12, help="Trainer steps per backend, warm-up included")
@@ -166,26 +201,48 @@ def main(argv=None) -> int:
     config = train_config(args, "auto", "unused").model_config()
     with torch.device("meta"):
         params = GLM(config).num_parameters()
-    info = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "config": config.to_dict(), "params": params, "batch": args.batch, "seq": args.seq,
-            "compiled": args.compile, "peak_tflops": args.peak_tflops, "rows": rows}
+    info = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "config": config.to_dict(),
+        "params": params,
+        "batch": args.batch,
+        "seq": args.seq,
+        "compiled": args.compile,
+        "peak_tflops": args.peak_tflops,
+        "rows": rows,
+    }
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         (Path(os.environ["OUT"]) / "bench_train_mfu.json").write_text(json.dumps(info, indent=2))
     by_name = {r["backend"]: r for r in rows if r["ok"]}
     if "auto" in by_name:
         baseline = by_name.get("sdpa")
-        write_summary("train_mfu", [figure(
-            f"training MFU, {params / 1e9:.2f}B GLM, {args.batch} x {args.seq} objective batches, "
-            f"{'bf16' if cuda else 'fp32'}, {'compiled' if args.compile else 'eager'}: {by_name['auto']['runs']}",
-            by_name["auto"]["mfu"], "%", GOAL_MFU, "dense SDPA", baseline["mfu"] if baseline else None)])
-    print(f"\n{info['device']}, torch {info['torch']}, {params / 1e9:.2f}B parameters ({config.num_layers} x "
-          f"{config.hidden_size}), batch {args.batch} x {args.seq}, compiled {args.compile}, peak {args.peak_tflops:g} TFLOP/s")
+        write_summary(
+            "train_mfu",
+            [
+                figure(
+                    f"training MFU, {params / 1e9:.2f}B GLM, {args.batch} x {args.seq} objective batches, "
+                    f"{'bf16' if cuda else 'fp32'}, {'compiled' if args.compile else 'eager'}: {by_name['auto']['runs']}",
+                    by_name["auto"]["mfu"],
+                    "%",
+                    GOAL_MFU,
+                    "dense SDPA",
+                    baseline["mfu"] if baseline else None,
+                )
+            ],
+        )
+    print(
+        f"\n{info['device']}, torch {info['torch']}, {params / 1e9:.2f}B parameters ({config.num_layers} x "
+        f"{config.hidden_size}), batch {args.batch} x {args.seq}, compiled {args.compile}, peak {args.peak_tflops:g} TFLOP/s"
+    )
     print(f"{'backend':<14} {'tokens/s':>10} {'MFU':>7} {'HFU':>7} {'peak GiB':>9}  check / what runs")
     for r in rows:
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['backend']:<14} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['hfu']:>7.1%} {mem:>9}  "
-              f"{r['check']} / {r['runs']}")
+        print(
+            f"{r['backend']:<14} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['hfu']:>7.1%} {mem:>9}  "
+            f"{r['check']} / {r['runs']}"
+        )
     return 0 if all(r["ok"] for r in rows) else 1
 
 

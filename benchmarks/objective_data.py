@@ -37,7 +37,11 @@ def objective_sampler(vocab_size: int, sequence_length: int, batch_size: int, se
     top = vocab_size - SPECIAL_SLOTS
     segment = sequence_length // objective.mip_segments
     # instruction pairs of a few dozen to a few hundred tokens, every target fitting a segment
-    pairs = [MIPPair(rng.integers(1, top, int(rng.integers(8, segment))),
-                     rng.integers(1, top, int(rng.integers(2, max(3, segment // 4)))))
-             for _ in range(64)]
+    pairs = [
+        MIPPair(
+            rng.integers(1, top, int(rng.integers(8, segment))),
+            rng.integers(1, top, int(rng.integers(2, max(3, segment // 4)))),
+        )
+        for _ in range(64)
+    ]
     return GLMBatchSampler(RandomCorpus(vocab_size), objective, specials, batch_size, seed, mip_pairs=pairs)

@@ -11,11 +11,25 @@ import sys
 from pathlib import Path
 
 
-def figure(name: str, value: float, unit: str, goal: float | None = None, baseline_name: str = "",
-           baseline: float | None = None, higher_is_better: bool = True) -> dict:
+def figure(
+    name: str,
+    value: float,
+    unit: str,
+    goal: float | None = None,
+    baseline_name: str = "",
+    baseline: float | None = None,
+    higher_is_better: bool = True,
+) -> dict:
     """One row: `value` against its goal and against a baseline measured in the same run."""
-    return {"figure": name, "value": value, "unit": unit, "goal": goal, "baseline_name": baseline_name,
-            "baseline": baseline, "higher_is_better": higher_is_better}
+    return {
+        "figure": name,
+        "value": value,
+        "unit": unit,
+        "goal": goal,
+        "baseline_name": baseline_name,
+        "baseline": baseline,
+        "higher_is_better": higher_is_better,
+    }
 
 
 def write_summary(benchmark: str, rows: list[dict]) -> None:
@@ -42,10 +56,14 @@ def table(out: Path) -> str:
     if status_file.exists():
         for line in status_file.read_text().splitlines():
             name, code, seconds = line.split("\t")
-            status[name] = ("ok" if code == "0" else "TIMED OUT" if code in ("124", "137") else f"FAILED (exit {code})",
-                            seconds)
-    lines = ["| benchmark | status | s | figure | value | goal | baseline (same run) | ratio |",
-             "|---|---|---:|---|---:|---:|---|---:|"]
+            status[name] = (
+                "ok" if code == "0" else "TIMED OUT" if code in ("124", "137") else f"FAILED (exit {code})",
+                seconds,
+            )
+    lines = [
+        "| benchmark | status | s | figure | value | goal | baseline (same run) | ratio |",
+        "|---|---|---:|---|---:|---:|---|---:|",
+    ]
     names = list(status) or sorted(p.stem for p in (out / "summary").glob("*.json"))
     for name in names:
         state, seconds = status.get(name, ("?", "-"))
@@ -55,12 +73,18 @@ def table(out: Path) -> str:
             lines.append(f"| {name} | {state} | {seconds} | (no figure recorded) | - | - | - | - |")
         for r in rows:
             ok = r["goal"] is None or (r["value"] >= r["goal"] if r["higher_is_better"] else r["value"] <= r["goal"])
-            goal = "-" if r["goal"] is None else ("≥ " if r["higher_is_better"] else "≤ ") + _number(r["goal"], r["unit"])
+            goal = (
+                "-" if r["goal"] is None else ("≥ " if r["higher_is_better"] else "≤ ") + _number(r["goal"], r["unit"])
+            )
             goal += "" if r["goal"] is None or ok else " (missed)"
-            baseline = f"{r['baseline_name']}: {_number(r['baseline'], r['unit'])}" if r["baseline"] is not None else "-"
+            baseline = (
+                f"{r['baseline_name']}: {_number(r['baseline'], r['unit'])}" if r["baseline"] is not None else "-"
+            )
             ratio = f"{r['value'] / r['baseline']:.2f}x" if r["baseline"] else "-"
-            lines.append(f"| {name} | {state} | {seconds} | {r['figure']} | {_number(r['value'], r['unit'])} | "
-                         f"{goal} | {baseline} | {ratio} |")
+            lines.append(
+                f"| {name} | {state} | {seconds} | {r['figure']} | {_number(r['value'], r['unit'])} | "
+                f"{goal} | {baseline} | {ratio} |"
+            )
     return "\n".join(lines)
 
 

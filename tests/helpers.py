@@ -13,16 +13,21 @@ from glm130b.tokenizer.specials import SpecialTokens
 FIXTURES = Path(__file__).parent / "fixtures"
 # shared/ sits beside the repository (CI copies it next to its clone); tests that read real data skip without it.
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "inner_hidden_size",
-                "max_sequence_length")
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "inner_hidden_size",
+    "max_sequence_length",
+)
 # The switches that distinguish each reference from the official GLM-130B class (the defaults).
 ORACLE_SWITCHES = {
     "sat_basic_fp32": {},
     "sat_basic_fp16": {},
     "sat_padded_fp32": {},
     "sat04_glm130b_2d_fp32": dict(position_encoding="2d", rotary_dtype="fp32"),
-    "chatglm6b_stock_fp32": dict(position_encoding="2d", ffn="gelu", tie_word_embeddings=False,
-                                 deepnorm_num_layers=28),
+    "chatglm6b_stock_fp32": dict(position_encoding="2d", ffn="gelu", tie_word_embeddings=False, deepnorm_num_layers=28),
 }
 # Token ids the oracle cases use (their vocabulary is 1000); eos and sMASK are unused there.
 ORACLE_TOKENS = SpecialTokens(mask=990, gmask=991, smask=989, sop=992, eop=993, eos=994, pad=0)

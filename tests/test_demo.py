@@ -13,9 +13,19 @@ from glm130b.demo import run_demo, unigram_cross_entropy
 from tests.helpers import SHARED
 
 SAMPLE = SHARED / "data/corpus/valid.jsonl.gz"
-TINY = ["model_preset=glm-tiny", "model.max_sequence_length=64", "sequence_length=64", "train_samples=24",
-        "micro_batch_size=4", "global_batch_size=8", "rampup_start_batch_size=4", "eval_every=2",
-        "eval_batches=2", "checkpoint_every=2", "log_every=1"]
+TINY = [
+    "model_preset=glm-tiny",
+    "model.max_sequence_length=64",
+    "sequence_length=64",
+    "train_samples=24",
+    "micro_batch_size=4",
+    "global_batch_size=8",
+    "rampup_start_batch_size=4",
+    "eval_every=2",
+    "eval_batches=2",
+    "checkpoint_every=2",
+    "log_every=1",
+]
 
 
 @pytest.fixture
@@ -40,21 +50,22 @@ def local_corpus(tmp_path) -> DemoCorpus:
 
 
 def test_demo_pipeline_writes_a_report_with_loss_baseline_and_checkpoint(tmp_path, local_corpus):
-    report_path = run_demo(tmp_path / "demo", overrides=TINY, corpus=local_corpus, vocab_size=3200,
-                           show_progress=False)
+    report_path = run_demo(tmp_path / "demo", overrides=TINY, corpus=local_corpus, vocab_size=3200, show_progress=False)
     report = report_path.read_text()
     assert (tmp_path / "demo" / "loss_curve.png").stat().st_size > 1000
     assert "![loss curve](loss_curve.png)" in report
     rows = dict(re.findall(r"^\| (en|zh) \| ([0-9.]+) \|", report, flags=re.M))
     assert set(rows) == {"en", "zh"} and all(math.isfinite(float(v)) for v in rows.values())
     # glm-tiny's input dims (64, 160) take groups of 32 at most
-    schemes = re.findall(r"^\| (fp32|INT8 row-wise|INT4 row-wise|INT4 group-\d+) \| ([0-9.]+) \| ([0-9.]+) \|$",
-                         report, flags=re.M)
+    schemes = re.findall(
+        r"^\| (fp32|INT8 row-wise|INT4 row-wise|INT4 group-\d+) \| ([0-9.]+) \| ([0-9.]+) \|$", report, flags=re.M
+    )
     assert [s[0] for s in schemes] == ["fp32", "INT8 row-wise", "INT4 row-wise", "INT4 group-32"]
     prompts = re.findall(r"^Prompt: `(.*)`$", report, flags=re.M)
     assert prompts == ["KING HENRY. Now, lords, [gMASK]", "今天的新闻[gMASK]", "The king [MASK] the crown."]
     model_dir = re.search(r"Checkpoint .*: `([^`]+)`", report).group(1)
     from glm130b.checkpoint.model_dir import load_model
+
     assert load_model(model_dir).config.vocab_size == 3200
 
 
@@ -72,11 +83,17 @@ def test_unigram_cross_entropy_matches_a_direct_count():
             return len(self.stream)
 
         def window(self, source, start, length):
-            return self.stream[start:start + length]
+            return self.stream[start : start + length]
 
     targets = torch.tensor([[1, 3, 0]])
-    batch = TrainingBatch(input_ids=targets, position_ids=targets, targets=targets,
-                          loss_mask=torch.tensor([[1.0, 1.0, 0.0]]), segment_ids=targets, in_prefix=targets.bool())
+    batch = TrainingBatch(
+        input_ids=targets,
+        position_ids=targets,
+        targets=targets,
+        loss_mask=torch.tensor([[1.0, 1.0, 0.0]]),
+        segment_ids=targets,
+        in_prefix=targets.bool(),
+    )
     # vocab 5, add-one: p(1) = 3/9, p(3) = 2/9; the unscored 0 does not count
     expected = -(math.log(3 / 9) + math.log(2 / 9)) / 2
     assert unigram_cross_entropy(Corpus(), [batch], 5) == pytest.approx(expected)

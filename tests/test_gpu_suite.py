@@ -20,10 +20,11 @@ def test_suite_runs_every_benchmark_at_small_size_and_prints_one_table(tmp_path)
     names = listed_benchmarks()
     assert {"quant_kernels", "generation", "prefix_attention", "train_mfu"} <= set(names)
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(SUITE), "--small", "--device", "cpu"], env=env, capture_output=True, text=True,
-                          timeout=1800)
+    done = subprocess.run(
+        ["bash", str(SUITE), "--small", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    table = done.stdout[done.stdout.index("| benchmark |"):]
+    table = done.stdout[done.stdout.index("| benchmark |") :]
     for name in names:
         rows = [line for line in table.splitlines() if line.startswith(f"| {name} | ok |")]
         assert rows, f"no row for {name}:\n{table}"
@@ -40,6 +41,11 @@ def test_suite_refuses_budgets_over_nine_minutes(tmp_path):
     (tmp_path / "benchmarks").mkdir()
     script = tmp_path / "benchmarks" / "gpu_suite.sh"
     script.write_text(text)
-    done = subprocess.run(["bash", str(script)], env={**os.environ, "OUT": str(tmp_path / "out")},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(script)],
+        env={**os.environ, "OUT": str(tmp_path / "out")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "over the 60 s the suite may take" in done.stderr

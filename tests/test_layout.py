@@ -43,5 +43,7 @@ def test_no_module_imports_our_own_modules_inside_a_function():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE).as_posix()
-        offenders += [f"{relative}:{line} imports {module}" for line, module in function_level_imports(path.read_text())]
+        offenders += [
+            f"{relative}:{line} imports {module}" for line, module in function_level_imports(path.read_text())
+        ]
     assert offenders == []

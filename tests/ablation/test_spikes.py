@@ -79,10 +79,13 @@ def test_step_numbers_are_taken_from_the_records():
     assert spans(find_spikes(steps, losses, RULE)) == [(300, 300, 310)]
 
 
-@pytest.mark.parametrize("rule, message", [
-    (SpikeRule(factor=1.0), "spike factor must be a number above 1, got 1.0"),
-    (SpikeRule(window=10, min_history=20), "spike min_history 20 exceeds the window 10"),
-])
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (SpikeRule(factor=1.0), "spike factor must be a number above 1, got 1.0"),
+        (SpikeRule(window=10, min_history=20), "spike min_history 20 exceeds the window 10"),
+    ],
+)
 def test_bad_rule_is_one_clear_line(rule, message):
     with pytest.raises(ConfigError, match=message):
         rule.validate()

@@ -68,11 +68,19 @@ def test_layernorm_order_matches_its_reference(tiny_config, order):
 
 
 def test_orders_share_the_init_and_only_sandwich_has_extra_layernorms(tiny_config):
-    states = {order: initialize_glm(GLM(GLMConfig.from_dict({**tiny_config.to_dict(), "layernorm_order": order})),
-                                    seed=3).state_dict() for order in ("deepnorm", "pre", "sandwich")}
+    states = {
+        order: initialize_glm(
+            GLM(GLMConfig.from_dict({**tiny_config.to_dict(), "layernorm_order": order})), seed=3
+        ).state_dict()
+        for order in ("deepnorm", "pre", "sandwich")
+    }
     extra = set(states["sandwich"]) - set(states["deepnorm"])
-    assert extra == {f"transformer.layers.{i}.{n}.{p}" for i in range(tiny_config.num_layers)
-                     for n in ("third_layernorm", "fourth_layernorm") for p in ("weight", "bias")}
+    assert extra == {
+        f"transformer.layers.{i}.{n}.{p}"
+        for i in range(tiny_config.num_layers)
+        for n in ("third_layernorm", "fourth_layernorm")
+        for p in ("weight", "bias")
+    }
     assert set(states["pre"]) == set(states["deepnorm"])
     for order in ("pre", "sandwich"):  # the same seed gives every order the same weights
         assert all(torch.equal(states[order][k], v) for k, v in states["deepnorm"].items())
@@ -92,14 +100,15 @@ def reference_attention_probs(q, k, layer, mask, softmax_in_fp32):
 
 def reference_attention(tiny_config, softmax, q, k, v, mask, layer):
     """The model's reference attention of layer `layer` (1-based) with the given softmax switch."""
-    config = GLMConfig.from_dict({**tiny_config.to_dict(), "num_layers": layer, "attention_backend": "reference",
-                                  "attention_softmax": softmax})
+    config = GLMConfig.from_dict(
+        {**tiny_config.to_dict(), "num_layers": layer, "attention_backend": "reference", "attention_softmax": softmax}
+    )
     return GLM(config).transformer.layers[layer - 1].attention._reference_attention(q, k, v, mask)
 
 
 def blocked_last_two(length):
     mask = torch.zeros(1, 1, length, length, dtype=torch.bool)
-    mask[..., length - 2:] = True
+    mask[..., length - 2 :] = True
     return mask
 
 
@@ -132,8 +141,9 @@ def test_half_softmax_runs_in_bf16_under_autocast(tiny_config):
     back by l in bf16, which rounds at layer 3 (x 1 and x 2 are exact; softmax kernels accumulate
     in fp32 either way, so that product, and its overflow in fp16, is what the switch changes)."""
     # fp32 rotary tables: CPU autocast to bf16 refuses torch.cat of the fp16 ones
-    config = GLMConfig.from_dict({**tiny_config.to_dict(), "num_layers": 3, "attention_backend": "reference",
-                                  "rotary_dtype": "fp32"})
+    config = GLMConfig.from_dict(
+        {**tiny_config.to_dict(), "num_layers": 3, "attention_backend": "reference", "rotary_dtype": "fp32"}
+    )
     batch = build_generation_batch([[5, 6, 9, T.gmask, T.sop, 7, 8]], T)
     logits = {}
     for softmax in ("fp32", "half"):

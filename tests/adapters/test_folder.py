@@ -45,8 +45,9 @@ def test_a_saved_adapter_loads_back_with_the_same_logits(tmp_path, method):
     save_adapter(model, tmp_path / "adapter")
     assert read_adapter_record(tmp_path / "adapter")["method"] == method
     reloaded = load_model_with_adapter(tmp_path / "base", tmp_path / "adapter")
-    assert not reloaded.training and not any(p.requires_grad for n, p in reloaded.named_parameters()
-                                             if "lora_" not in n and ".prefix." not in n)
+    assert not reloaded.training and not any(
+        p.requires_grad for n, p in reloaded.named_parameters() if "lora_" not in n and ".prefix." not in n
+    )
     torch.testing.assert_close(forward(reloaded), forward(model), rtol=0, atol=0)
     assert not torch.equal(forward(reloaded), forward(load_model(tmp_path / "base")))
 

@@ -41,11 +41,16 @@ def test_peft_layers_wrap_the_chosen_linears_and_start_as_the_identity():
     add_lora(freeze(model), lora_config(rank=4, targets=list(LORA_TARGETS), dropout=0.0))
     assert has_lora(model)
     block = model.transformer.layers[0]
-    for module in (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h,
-                   block.mlp.dense_4h_to_h):
+    for module in (
+        block.attention.query_key_value,
+        block.attention.dense,
+        block.mlp.dense_h_to_4h,
+        block.mlp.dense_4h_to_h,
+    ):
         assert isinstance(module, peft.tuners.lora.Linear) and isinstance(module.base_layer, torch.nn.Linear)
-    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad} \
-        == set(LORA_TARGETS)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n, p in model.named_parameters() if p.requires_grad} == set(
+        LORA_TARGETS
+    )
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
     torch.testing.assert_close(forward(model), before, rtol=0, atol=0)
@@ -61,9 +66,9 @@ def test_gradients_through_a_frozen_quantized_base_equal_the_dequantized_ones(sc
     add_lora(freeze(quantized), lora_config(**config))
     assert isinstance(quantized.transformer.layers[0].attention.query_key_value.base_layer, QuantizedLinear)
     randomize_adapters(quantized)
-    reference = randomize_adapters(add_lora(freeze(dequantize_model(quantize_model(tiny_glm(embedding_std=0.3),
-                                                                                   scheme))),
-                                            lora_config(**config)))
+    reference = randomize_adapters(
+        add_lora(freeze(dequantize_model(quantize_model(tiny_glm(embedding_std=0.3), scheme))), lora_config(**config))
+    )
     for model in (quantized, reference):
         forward(model).square().mean().backward()
     grads = {n: p.grad for n, p in quantized.named_parameters() if p.requires_grad}

@@ -30,8 +30,9 @@ def prefixed(model: GLM, seed: int = 1) -> GLM:
 def test_a_prefix_equals_past_keys_and_values_in_the_cache(encoding):
     model = prefixed(tiny_glm(position_encoding=encoding, embedding_std=0.3).eval())
     plain = tiny_glm(position_encoding=encoding, embedding_std=0.3).eval()
-    batch = build_generation_batch([[7, 8, 9, TOK.gmask, TOK.sop, 10], [11, TOK.mask, 12, TOK.eos, TOK.sop]], TOK,
-                                   encoding)
+    batch = build_generation_batch(
+        [[7, 8, 9, TOK.gmask, TOK.sop, 10], [11, TOK.mask, 12, TOK.eos, TOK.sop]], TOK, encoding
+    )
     with torch.no_grad():
         ours = model(batch.input_ids, batch.position_ids, batch.attention_mask)
         cache = KVCache(plain.config, 2, P + batch.input_ids.shape[1])
@@ -57,7 +58,7 @@ def test_prefix_decoding_over_the_static_cache_equals_full_forwards():
         for j in range(forced.shape[1]):
             sequences = [c + forced[b, :j].tolist() for b, c in enumerate(contexts)]
             torch.testing.assert_close(logits, full_forward_last_logits(model, sequences, TOK), atol=1e-5, rtol=1e-5)
-            logits = decode_one_token(model, cache, forced[:, j:j + 1], torch.tensor(j), state)
+            logits = decode_one_token(model, cache, forced[:, j : j + 1], torch.tensor(j), state)
 
 
 def test_only_the_prefix_trains_and_its_state_is_one_key_and_value_per_layer():
@@ -66,6 +67,9 @@ def test_only_the_prefix_trains_and_its_state_is_one_key_and_value_per_layer():
     batch = build_generation_batch([[7, 8, TOK.gmask, TOK.sop, 9]], TOK)
     model(batch.input_ids, batch.position_ids, batch.attention_mask).sum().backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert grads == set(prefix_state(model)) == {f"transformer.layers.{i}.attention.prefix.{kind}"
-                                                 for i in range(2) for kind in ("key", "value")}
+    assert (
+        grads
+        == set(prefix_state(model))
+        == {f"transformer.layers.{i}.attention.prefix.{kind}" for i in range(2) for kind in ("key", "value")}
+    )
     assert all(isinstance(m.attention.prefix, PrefixKeyValues) for m in model.transformer.layers)

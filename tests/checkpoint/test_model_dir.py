@@ -34,6 +34,8 @@ def test_errors(tmp_path):
         load_model(tmp_path / "m")
     save_model(oracle_model("sat_basic_fp32"), tmp_path / "other")
     (tmp_path / "m" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
-    (tmp_path / "m" / "config.json").write_text((tmp_path / "m" / "config.json").read_text().replace('"num_layers": 2', '"num_layers": 3'))
+    (tmp_path / "m" / "config.json").write_text(
+        (tmp_path / "m" / "config.json").read_text().replace('"num_layers": 2', '"num_layers": 3')
+    )
     with pytest.raises(CheckpointError, match="weights in .* do not match config.json"):
         load_model(tmp_path / "m")

@@ -42,8 +42,10 @@ def test_converted_model_gives_the_reference_logits(tmp_path):
 def test_geglu_halves_are_not_plain_concatenation(tmp_path):
     """Plain concatenation of the dense_h_to_4h shards would interleave value and gate rows."""
     name = "transformer.layers.0.mlp.dense_h_to_4h.weight"
-    shards = [torch.load(p, mmap=True, weights_only=False)["module"][name]
-              for p in sorted((FIXTURES / "official_tp2_fp32" / "49300").glob("mp_rank_*"))]
+    shards = [
+        torch.load(p, mmap=True, weights_only=False)["module"][name]
+        for p in sorted((FIXTURES / "official_tp2_fp32" / "49300").glob("mp_rank_*"))
+    ]
     assert not torch.equal(torch.cat(shards), expected("fp32")["state_dict"][name])
 
 
@@ -62,7 +64,9 @@ def test_errors(tmp_path, capsys):
     assert "some tensor-parallel shards are missing" in capsys.readouterr().err
     wrong = tmp_path / "wrong"
     shutil.copytree(FIXTURES / "official_tp2_fp32", wrong)
-    (wrong / "model_config.json").write_text((wrong / "model_config.json").read_text().replace('"num_layers": 2', '"num_layers": 3'))
+    (wrong / "model_config.json").write_text(
+        (wrong / "model_config.json").read_text().replace('"num_layers": 2', '"num_layers": 3')
+    )
     with pytest.raises(CheckpointError, match="does not match its model config"):
         convert(wrong, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()

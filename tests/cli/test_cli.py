@@ -73,8 +73,11 @@ def test_device_cuda_without_cuda_is_one_line(model_dir, capsys):
 
 
 def test_output_piped_into_head_ends_quietly(model_dir):
-    ids = subprocess.Popen([sys.executable, "-m", "glm130b.cli", "tokenizer", "encode", str(model_dir / "tokenizer"),
-                            TEXT * 40], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ids = subprocess.Popen(
+        [sys.executable, "-m", "glm130b.cli", "tokenizer", "encode", str(model_dir / "tokenizer"), TEXT * 40],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     first = ids.stdout.read(10)  # then close the pipe, as `head -c 10` does
     ids.stdout.close()
     assert ids.wait(timeout=120) == 0 and first
@@ -82,8 +85,13 @@ def test_output_piped_into_head_ends_quietly(model_dir):
 
 
 def test_ctrl_c_is_one_line_and_no_traceback(model_dir):
-    session = subprocess.Popen([sys.executable, "-m", "glm130b.cli", "generate", "--checkpoint", str(model_dir)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    session = subprocess.Popen(
+        [sys.executable, "-m", "glm130b.cli", "generate", "--checkpoint", str(model_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120  # a bound on waiting for the prompt, not a timed assertion
     banner = ""
     while "type a prompt" not in banner and time.monotonic() < deadline:
@@ -95,16 +103,23 @@ def test_ctrl_c_is_one_line_and_no_traceback(model_dir):
 
 
 def test_warnings_print_as_one_line():
-    run = run_cli("pretrain", "--activation_checkpointing", "true", "--model_preset", "glm-tiny",
-                  env={**os.environ, "PYTHONWARNINGS": "default"})
+    run = run_cli(
+        "pretrain",
+        "--activation_checkpointing",
+        "true",
+        "--model_preset",
+        "glm-tiny",
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
     assert run.returncode == 2
     warning = [line for line in run.stderr.splitlines() if "deprecated" in line]
     assert warning and warning[0].startswith("glm130b: warning: ") and ".py:" not in run.stderr
 
 
 def test_several_prompts_print_one_json_line_each(model_dir):
-    run = run_cli("generate", "--checkpoint", str(model_dir), "--max-new-tokens", "4", "--json",
-                  "the [MASK] fox", "lazy dog")
+    run = run_cli(
+        "generate", "--checkpoint", str(model_dir), "--max-new-tokens", "4", "--json", "the [MASK] fox", "lazy dog"
+    )
     assert run.returncode == 0, run.stderr
     lines = [__import__("json").loads(line) for line in run.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == ["the [MASK] fox", "lazy dog"]

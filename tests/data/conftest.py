@@ -12,6 +12,7 @@ from tests.data.helpers import make_stub, random_texts
 def stub(tmp_path) -> Path:
     return make_stub(tmp_path / "stub")
 
+
 @pytest.fixture(scope="session")
 def real_tokenizer_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tokenizer")

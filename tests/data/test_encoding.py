@@ -22,7 +22,9 @@ def test_chunks_cover_every_record_once_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(encoding, "MAX_DOCS_PER_CHUNK", 3)
     monkeypatch.setattr(encoding, "CHUNK_CHARS", 100)
     texts = random_texts(40, 1)
-    records = [{"text": t, "lang": "en" if i % 4 else "zh"} for i, t in enumerate(texts)] + [{"body": "x", "lang": "en"}]
+    records = [{"text": t, "lang": "en" if i % 4 else "zh"} for i, t in enumerate(texts)] + [
+        {"body": "x", "lang": "en"}
+    ]
     spec = SourceSpec("a", tmp_path, "en", where=("lang", "en"))
     chunks = list(chunk_records(jsonl_records(records), spec, first_ordinal=7))
     ordinals = [o for c in chunks for o, _ in c.items]

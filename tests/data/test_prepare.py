@@ -32,16 +32,18 @@ from tests.data.helpers import REPO, load_stub, make_stub, prepare, random_texts
 def test_read_back_equals_direct_tokenization_across_formats_and_shards(tmp_path, stub):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+
     en, zh, txt = random_texts(40, 0), random_texts(30, 1, "zh"), random_texts(5, 2)
     write_jsonl(tmp_path / "en.jsonl.gz", [{"text": t} for t in en], compress=True)
-    pq.write_table(pa.table({"content": zh, "other": list(range(len(zh)))}), tmp_path / "zh.parquet",
-                   row_group_size=7)
+    pq.write_table(pa.table({"content": zh, "other": list(range(len(zh)))}), tmp_path / "zh.parquet", row_group_size=7)
     (tmp_path / "txt").mkdir()
     for i, text in enumerate(txt):  # one document per file, read in sorted name order
         (tmp_path / "txt" / f"{i:02d}.txt").write_text(text)
-    sources = [SourceSpec("en", tmp_path / "en.jsonl.gz", "en", 2.0),
-               SourceSpec("zh", tmp_path / "zh.parquet", "zh", 1.0, text_field="content"),
-               ("plain", tmp_path / "txt", "en", 1.0)]
+    sources = [
+        SourceSpec("en", tmp_path / "en.jsonl.gz", "en", 2.0),
+        SourceSpec("zh", tmp_path / "zh.parquet", "zh", 1.0, text_field="content"),
+        ("plain", tmp_path / "txt", "en", 1.0),
+    ]
     # 97 tokens a shard: several shards per source; two workers: the pool path
     manifest = prepare(sources, stub, tmp_path / "out", workers=2, shard_tokens=97)
     tok = load_stub(str(stub))
@@ -62,12 +64,14 @@ def test_read_back_equals_direct_tokenization_across_formats_and_shards(tmp_path
         np.testing.assert_array_equal(whole, expected)
         for _ in range(20):  # windows crossing shard boundaries
             start = int(rng.integers(0, len(expected) - 50))
-            np.testing.assert_array_equal(corpus.window(name, start, 50), expected[start:start + 50])
+            np.testing.assert_array_equal(corpus.window(name, start, 50), expected[start : start + 50])
     assert manifest["languages"] == {
         "en": {"documents": 45, "tokens": len(reference_stream(tok, en + txt))},
-        "zh": {"documents": 30, "tokens": len(reference_stream(tok, zh))}}
+        "zh": {"documents": 30, "tokens": len(reference_stream(tok, zh))},
+    }
     with pytest.raises(IndexError):
         corpus.window("en", corpus.num_tokens("en") - 1, 2)
+
 
 def test_small_vocabulary_uses_uint16(tmp_path):
     stub = make_stub(tmp_path / "stub", mode="bytes")
@@ -77,14 +81,17 @@ def test_small_vocabulary_uses_uint16(tmp_path):
     assert manifest["dtype"] == "uint16"
     assert np.load(tmp_path / "out" / manifest["sources"]["a"]["shards"][0]["tokens_file"]).dtype == np.uint16
     corpus = TokenCorpus(tmp_path / "out")
-    np.testing.assert_array_equal(corpus.window("a", 0, corpus.num_tokens("a")),
-                                  reference_stream(load_stub(str(stub)), texts))
+    np.testing.assert_array_equal(
+        corpus.window("a", 0, corpus.num_tokens("a")), reference_stream(load_stub(str(stub)), texts)
+    )
+
 
 def test_real_tokenizer_in_worker_processes_round_trips(tmp_path, real_tokenizer_dir):
     texts = random_texts(50, 7) + random_texts(50, 8, "zh") + ["tab\tand  spaces\n\nnew lines"]
     write_jsonl(tmp_path / "mix.jsonl", [{"text": t} for t in texts])
-    prepare_corpus([("mix", tmp_path / "mix.jsonl", "mixed", 1)], real_tokenizer_dir, tmp_path / "out",
-                   workers=2, shard_tokens=500)
+    prepare_corpus(
+        [("mix", tmp_path / "mix.jsonl", "mixed", 1)], real_tokenizer_dir, tmp_path / "out", workers=2, shard_tokens=500
+    )
     tok = load_tokenizer(real_tokenizer_dir)
     corpus = TokenCorpus(tmp_path / "out")
     corpus.check_tokenizer(tok)
@@ -104,18 +111,21 @@ def resumable_sources(tmp_path: Path) -> list[SourceSpec]:
     write_jsonl(tmp_path / "b.jsonl.gz", [{"text": t} for t in random_texts(60, 11, "zh")], compress=True)
     return [SourceSpec("a", tmp_path / "a.jsonl", "en"), SourceSpec("b", tmp_path / "b.jsonl.gz", "zh")]
 
+
 def assert_same_corpus(directory: Path, reference: Path) -> None:
     got, want = TokenCorpus(directory), TokenCorpus(reference)
     for name in want.sources:
         assert [d.tolist() for d in got.documents(name)] == [d.tolist() for d in want.documents(name)]
-        for shard_got, shard_want in zip(got.manifest["sources"][name]["shards"],
-                                         want.manifest["sources"][name]["shards"], strict=True):
+        for shard_got, shard_want in zip(
+            got.manifest["sources"][name]["shards"], want.manifest["sources"][name]["shards"], strict=True
+        ):
             assert shard_got == shard_want
             for key in ("tokens_file", "docs_file"):
                 assert (directory / shard_got[key]).read_bytes() == (reference / shard_want[key]).read_bytes()
         assert got.manifest["sources"][name]["skipped"] == want.manifest["sources"][name]["skipped"]
     assert got.manifest["languages"] == want.manifest["languages"]
     assert not list(directory.glob("**/.*.tmp*"))
+
 
 def test_resume_after_injected_failure_loses_and_repeats_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(encoding, "MAX_DOCS_PER_CHUNK", 4)  # many small tasks, so shards commit before the failure
@@ -139,6 +149,7 @@ def test_resume_after_injected_failure_loses_and_repeats_nothing(tmp_path, monke
     assert first_shard.stat().st_mtime_ns == written  # committed shards are kept, not made again
     assert_same_corpus(tmp_path / "out", tmp_path / "reference")
 
+
 KILLED_RUN = """
 import sys
 sys.path.insert(0, {repo!r})
@@ -150,14 +161,20 @@ encoding.MAX_DOCS_PER_CHUNK = 2
 prepare_corpus({sources!r}, {stub!r}, {out!r}, workers=1, shard_tokens=100, loader=load_stub)
 """
 
+
 def test_resume_after_kill(tmp_path):
     sources = resumable_sources(tmp_path)
     prepare(sources, make_stub(tmp_path / "clean"), tmp_path / "reference", shard_tokens=100)
     slow = make_stub(tmp_path / "slow", delay=0.2)
-    script = KILLED_RUN.format(repo=str(REPO), stub=str(slow), out=str(tmp_path / "out"),
-                               sources=[(s.name, str(s.path), s.lang, s.weight) for s in sources])
-    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    script = KILLED_RUN.format(
+        repo=str(REPO),
+        stub=str(slow),
+        out=str(tmp_path / "out"),
+        sources=[(s.name, str(s.path), s.lang, s.weight) for s in sources],
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     manifest_path = tmp_path / "out" / MANIFEST_FILE
     deadline = time.monotonic() + 120  # generous: only a limit on waiting, nothing is timed
     try:
@@ -176,6 +193,7 @@ def test_resume_after_kill(tmp_path):
     prepare(sources, make_stub(tmp_path / "clean"), tmp_path / "out", shard_tokens=100)
     assert_same_corpus(tmp_path / "out", tmp_path / "reference")
 
+
 def test_a_second_writer_is_refused(tmp_path, stub):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}])
     (tmp_path / "out").mkdir()
@@ -183,6 +201,7 @@ def test_a_second_writer_is_refused(tmp_path, stub):
         with pytest.raises(DataError, match="another prepare is writing"):
             prepare([("a", tmp_path / "a.jsonl", "en", 1)], stub, tmp_path / "out")
     prepare([("a", tmp_path / "a.jsonl", "en", 1)], stub, tmp_path / "out")
+
 
 def test_finished_corpus_is_kept_and_weights_updated(tmp_path, stub):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
@@ -200,6 +219,7 @@ def test_shard_tokens_must_be_positive(tmp_path, stub):
     with pytest.raises(ConfigError, match="shard_tokens must be a positive integer, got 0"):
         prepare([("a", tmp_path / "a.jsonl", "en", 1)], stub, tmp_path / "out", shard_tokens=0)
 
+
 # --------------------------------------------------------------------------------------------
 # A corpus prepared differently
 
@@ -216,6 +236,7 @@ def test_another_tokenizer_is_refused(tmp_path, stub):
         corpus.check_tokenizer(load_stub(str(other)))
     prepare([("a", tmp_path / "a.jsonl", "en", 1)], other, tmp_path / "out", overwrite=True)
     TokenCorpus(tmp_path / "out").check_tokenizer(load_stub(str(other)))
+
 
 def test_changed_input_is_refused_on_resume(tmp_path, stub):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "hello"}])

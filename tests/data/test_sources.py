@@ -30,6 +30,7 @@ def test_source_spec_parsing():
     with pytest.raises(DataError, match="folder name"):
         SourceSpec("../up", Path("x"), "en")
 
+
 def test_hugging_face_dataset_folder(tmp_path, stub):
     datasets = pytest.importorskip("datasets", reason="reading datasets folders needs the optional `datasets`")
     texts = random_texts(25, 4)
@@ -42,36 +43,47 @@ def test_hugging_face_dataset_folder(tmp_path, stub):
     tok = load_stub(str(stub))
     assert [d.tolist() for d in TokenCorpus(tmp_path / "out").documents("a")] == [tok.encode(t) for t in texts]
 
+
 def test_missing_path(tmp_path, stub):
     with pytest.raises(DataError, match="does not exist"):
         prepare([("a", tmp_path / "nowhere.jsonl", "en", 1)], stub, tmp_path / "out")
+
 
 def test_empty_file_alone_is_an_error(tmp_path, stub):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match=r"no documents .*1 empty"):
         prepare([("a", tmp_path / "empty.txt", "en", 1)], stub, tmp_path / "out")
 
+
 def test_bad_records_are_skipped_counted_and_logged(tmp_path, stub, caplog):
     good = ["first", "second", "third"]
-    write_jsonl(tmp_path / "a.jsonl", [
-        {"text": good[0]},
-        b'{"text": "caf\xe9 in latin-1"}\n',      # invalid UTF-8
-        b'{"text": "lone \\ud800 surrogate"}\n',  # valid JSON, not encodable text
-        b"{broken json\n",
-        {"text": "   "},                          # empty
-        {"body": "no text field"},
-        {"text": good[1]},
-    ])
+    write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"text": good[0]},
+            b'{"text": "caf\xe9 in latin-1"}\n',  # invalid UTF-8
+            b'{"text": "lone \\ud800 surrogate"}\n',  # valid JSON, not encodable text
+            b"{broken json\n",
+            {"text": "   "},  # empty
+            {"body": "no text field"},
+            {"text": good[1]},
+        ],
+    )
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "1.txt").write_text(good[2])
     (tmp_path / "dir" / "2.txt").write_bytes(b"\xff\xfe bad bytes")
     (tmp_path / "dir" / "3.txt").write_text("")
     (tmp_path / "dir" / "notes.md").write_text("not a corpus file")
     with caplog.at_level(logging.WARNING, logger="glm130b.data"):
-        manifest = prepare([("a", tmp_path / "a.jsonl", "en", 1), ("d", tmp_path / "dir", "en", 1)],
-                           stub, tmp_path / "out")
-    assert manifest["sources"]["a"]["skipped"] == {"invalid UTF-8": 2, "not valid JSON": 1, "empty": 1,
-                                                    "no text in field 'text'": 1}
+        manifest = prepare(
+            [("a", tmp_path / "a.jsonl", "en", 1), ("d", tmp_path / "dir", "en", 1)], stub, tmp_path / "out"
+        )
+    assert manifest["sources"]["a"]["skipped"] == {
+        "invalid UTF-8": 2,
+        "not valid JSON": 1,
+        "empty": 1,
+        "no text in field 'text'": 1,
+    }
     assert manifest["sources"]["d"]["skipped"] == {"invalid UTF-8": 1, "empty": 1}
     assert "a.jsonl:2 (invalid UTF-8)" in caplog.text and "skipped 5 records" in caplog.text
     assert "ignored 1 files" in caplog.text
@@ -79,10 +91,12 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, stub, caplog):
     tok = load_stub(str(stub))
     assert [d.tolist() for s in ("a", "d") for d in corpus.documents(s)] == [tok.encode(t) for t in good]
 
+
 def test_wrong_text_field_is_an_error_that_names_the_field(tmp_path, stub):
     write_jsonl(tmp_path / "a.jsonl", [{"content": "x"}] * 3)
     with pytest.raises(DataError, match=r"3 no text in field 'text'.*text_field"):
         prepare([("a", tmp_path / "a.jsonl", "en", 1)], stub, tmp_path / "out")
+
 
 def test_damaged_and_unknown_inputs(tmp_path, stub):
     write_jsonl(tmp_path / "cut.jsonl.gz", [{"text": "x" * 1000}] * 50, compress=True)
@@ -93,18 +107,27 @@ def test_damaged_and_unknown_inputs(tmp_path, stub):
     with pytest.raises(DataError, match="cannot tell the format"):
         prepare([("a", tmp_path / "data.csv", "en", 1)], stub, tmp_path / "out2")
 
+
 def test_parquet_without_the_text_column(tmp_path, stub):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match="no column text .*it has body"):
         prepare([("a", tmp_path / "a.parquet", "en", 1)], stub, tmp_path / "out")
 
+
 def test_where_selects_records_by_field(tmp_path, stub):
     records = [{"text": f"t{i}", "lang": "en" if i % 3 else "zh"} for i in range(30)]
     write_jsonl(tmp_path / "mixed.jsonl", records)
-    manifest = prepare([SourceSpec("en", tmp_path / "mixed.jsonl", "en", where=("lang", "en")),
-                        SourceSpec("zh", tmp_path / "mixed.jsonl", "zh", where=("lang", "zh"))], stub, tmp_path / "out")
+    manifest = prepare(
+        [
+            SourceSpec("en", tmp_path / "mixed.jsonl", "en", where=("lang", "en")),
+            SourceSpec("zh", tmp_path / "mixed.jsonl", "zh", where=("lang", "zh")),
+        ],
+        stub,
+        tmp_path / "out",
+    )
     corpus, tok = TokenCorpus(tmp_path / "out"), load_stub(str(stub))
     for lang in ("en", "zh"):
         texts = [r["text"] for r in records if r["lang"] == lang]
@@ -112,13 +135,15 @@ def test_where_selects_records_by_field(tmp_path, stub):
         assert manifest["sources"][lang]["excluded"] == 30 - len(texts)
         assert manifest["sources"][lang]["skipped"] == {}
 
+
 @pytest.mark.skipif(not (SHARED / "data" / "corpus").is_dir(), reason="shared/data/corpus is not beside the repository")
 def test_shared_corpus_split_by_language(tmp_path, stub):
     path = SHARED / "data" / "corpus" / "valid.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
-    manifest = prepare([SourceSpec(lang, path, lang, where=("lang", lang)) for lang in ("en", "zh")],
-                       stub, tmp_path / "out", workers=2)
+    manifest = prepare(
+        [SourceSpec(lang, path, lang, where=("lang", lang)) for lang in ("en", "zh")], stub, tmp_path / "out", workers=2
+    )
     corpus, tok = TokenCorpus(tmp_path / "out"), load_stub(str(stub))
     for lang in ("en", "zh"):
         texts = [r["text"] for r in records if r["lang"] == lang and r["text"].strip()]

@@ -15,8 +15,9 @@ from glm130b.objective.batch import TrainingBatch
 from glm130b.objective.loss import masked_lm_loss_sum
 
 
-def pipeline_step(model: GLM, mesh, pcfg: ParallelConfig, batch: TrainingBatch, return_grads: bool = False
-                  ) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
+def pipeline_step(
+    model: GLM, mesh, pcfg: ParallelConfig, batch: TrainingBatch, return_grads: bool = False
+) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
     """One forward+backward of `batch` through the pipeline: the loss (on every rank), the whole
     model's gradient norm (every rank) and, with return_grads, this stage's gradients by name."""
     runner = PipelineRunner(model, mesh, pcfg)

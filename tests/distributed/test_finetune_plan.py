@@ -29,7 +29,9 @@ def with_bits(tmp_path, bits):
 
 @pytest.mark.parametrize("bits, verdict", [(4, "fits in 141 GiB"), (8, "does NOT fit"), (None, "does NOT fit")])
 def test_glm130b_lora_fits_one_h200_over_int4_only(tmp_path, capsys, bits, verdict):
-    assert main(["plan", "--config", str(with_bits(tmp_path, bits)), "--world-size", "1", "--gpu-memory-gib", "141"]) == 0
+    assert (
+        main(["plan", "--config", str(with_bits(tmp_path, bits)), "--world-size", "1", "--gpu-memory-gib", "141"]) == 0
+    )
     out = capsys.readouterr().out
     assert verdict in out
     assert "LoRA rank 8 on query_key_value" in out and "27.5 M trained parameters" in out
@@ -42,8 +44,11 @@ def test_int4_plan_is_the_packed_weights_and_a_few_gib_more():
     assert 60 < memory.total / 2**30 < 80  # ~63 GiB of weights + activations with recomputation
 
 
-@pytest.mark.parametrize("plan", [FinetunePlan("lora", lora_rank=4, lora_targets=list(LORA_TARGETS)),
-                                  FinetunePlan("ptuning", prefix_length=5)], ids=lambda p: p.method)
+@pytest.mark.parametrize(
+    "plan",
+    [FinetunePlan("lora", lora_rank=4, lora_targets=list(LORA_TARGETS)), FinetunePlan("ptuning", prefix_length=5)],
+    ids=lambda p: p.method,
+)
 def test_counted_adapter_parameters_are_what_the_adapters_add(plan):
     with torch.device("meta"):
         model = freeze(GLM(GLMConfig.from_preset("glm-tiny")))

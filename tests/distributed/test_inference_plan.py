@@ -12,12 +12,14 @@ from glm130b.distributed.inference_plan import Devices, fits, plan_inference
 from glm130b.model.config import GLMConfig
 
 # THUDM/GLM-130B README, "Hardware requirements" (batch 1, 2048 tokens): what runs and what does not.
-OFFICIAL_TABLE = [("8x40GB", None, True),   # 8 x A100-40G, fp16
-                  ("8x32GB", None, False),  # 8 x V100-32G, fp16: needs offloading
-                  ("8x32GB", 8, True),      # 8 x V100-32G, INT8
-                  ("8x24GB", 8, True),      # 8 x RTX 3090, INT8
-                  ("4x24GB", 4, True),      # 4 x RTX 3090, INT4
-                  ("8x11GB", 4, True)]      # 8 x RTX 2080 Ti, INT4
+OFFICIAL_TABLE = [
+    ("8x40GB", None, True),  # 8 x A100-40G, fp16
+    ("8x32GB", None, False),  # 8 x V100-32G, fp16: needs offloading
+    ("8x32GB", 8, True),  # 8 x V100-32G, INT8
+    ("8x24GB", 8, True),  # 8 x RTX 3090, INT8
+    ("4x24GB", 4, True),  # 4 x RTX 3090, INT4
+    ("8x11GB", 4, True),
+]  # 8 x RTX 2080 Ti, INT4
 
 
 @pytest.mark.parametrize(("gpus", "bits", "runs"), OFFICIAL_TABLE)
@@ -78,10 +80,13 @@ MEASURE = textwrap.dedent("""
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset the peak")
 @pytest.mark.parametrize(("batch", "context"), [(1, 300), (4, 120)])
 def test_predicts_the_measured_peak_of_a_cpu_generation_within_10_percent(batch, context):
-    run = subprocess.run([sys.executable, "-c", MEASURE, str(batch), str(context)], capture_output=True, text=True,
-                         check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(batch), str(context)], capture_output=True, text=True, check=True
+    )
     measured, planned = map(float, run.stdout.split())
-    assert abs(measured - planned) <= 0.10 * measured, f"measured {measured / 2**20:.0f} MiB, planned {planned / 2**20:.0f}"
+    assert abs(measured - planned) <= 0.10 * measured, (
+        f"measured {measured / 2**20:.0f} MiB, planned {planned / 2**20:.0f}"
+    )
 
 
 def test_plan_command_answers_the_question_a_user_asks(capsys):

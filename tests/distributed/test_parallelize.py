@@ -51,8 +51,17 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def tiny_config() -> GLMConfig:
-    return GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, inner_hidden_size=96,
-                     max_sequence_length=32, hidden_dropout=0.0, attention_dropout=0.0, rotary_dtype="fp32")
+    return GLMConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=128,
+        inner_hidden_size=96,
+        max_sequence_length=32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        rotary_dtype="fp32",
+    )
 
 
 def make_batches(n: int = STEPS, batch: int = 4, length: int = 16) -> list[TrainingBatch]:
@@ -135,13 +144,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     half = batches[0].input_ids.shape[0] // 2
 
     def dp_rows(batch):
-        return TrainingBatch(**{f.name: getattr(batch, f.name)[rank * half:(rank + 1) * half]
-                                for f in dataclasses.fields(batch)})
+        return TrainingBatch(
+            **{f.name: getattr(batch, f.name)[rank * half : (rank + 1) * half] for f in dataclasses.fields(batch)}
+        )
 
     def dp_loss(logits, rows):
         return data_parallel_loss(logits, rows, mesh["dp"].get_group())
 
-    results["dp"] = _train_distributed(model, mesh, batches, dp_rows, dp_loss, ckpt_dir=os.path.join(out_dir, "ckpt_dp"))
+    results["dp"] = _train_distributed(
+        model, mesh, batches, dp_rows, dp_loss, ckpt_dir=os.path.join(out_dir, "ckpt_dp")
+    )
     full = full_state_dict(model)
     if rank == 0:
         torch.save(full, os.path.join(out_dir, "dp_full_state.pt"))
@@ -155,14 +167,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         loss = masked_lm_loss(logits, rows.targets, rows.loss_mask)
         return loss, loss.detach()
 
-    results["tp"] = _train_distributed(model, mesh, batches, lambda b: b, full_loss,
-                                       ckpt_dir=os.path.join(out_dir, "ckpt_tp"))
+    results["tp"] = _train_distributed(
+        model, mesh, batches, lambda b: b, full_loss, ckpt_dir=os.path.join(out_dir, "ckpt_tp")
+    )
     attention = model.transformer.layers[0].attention
     results["tp_config_heads"] = attention.config.num_attention_heads
     results["tp_qkv_local_rows"] = attention.query_key_value.weight.to_local().shape[0]
     heads_seen = []  # the head count the attention computes with: read from the local qkv output
     hook = attention.query_key_value.register_forward_hook(
-        lambda module, args, out: heads_seen.append(out.shape[-1] // (3 * attention.config.head_dim)))
+        lambda module, args, out: heads_seen.append(out.shape[-1] // (3 * attention.config.head_dim))
+    )
     batch = batches[0]
     with torch.no_grad():
         model(batch.input_ids, batch.position_ids, batch.attention_mask(), check_inputs=False)
@@ -283,7 +297,8 @@ def test_split_geglu_keeps_the_forward():
     expected = model(batch.input_ids, batch.position_ids, batch.attention_mask())
     parallelize(model, None, ParallelConfig(activation_checkpointing=True))
     assert isinstance(model.transformer.layers[0].mlp.dense_h_to_4h, GeGLUInput) or isinstance(
-        model.transformer.layers[0]._checkpoint_wrapped_module.mlp.dense_h_to_4h, GeGLUInput)
+        model.transformer.layers[0]._checkpoint_wrapped_module.mlp.dense_h_to_4h, GeGLUInput
+    )
     got = model(batch.input_ids, batch.position_ids, batch.attention_mask())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -397,12 +412,18 @@ def _worker4(rank: int, world: int, port: int, out_dir: str) -> None:
     dp_rank, half = mesh["dp"].get_local_rank(), batches[0].input_ids.shape[0] // 2
 
     def rows(batch):
-        return TrainingBatch(**{f.name: getattr(batch, f.name)[dp_rank * half:(dp_rank + 1) * half]
-                                for f in dataclasses.fields(batch)})
+        return TrainingBatch(
+            **{f.name: getattr(batch, f.name)[dp_rank * half : (dp_rank + 1) * half] for f in dataclasses.fields(batch)}
+        )
 
     results["dp2_tp2"] = _train_distributed(
-        model, mesh, batches, rows, lambda logits, r: data_parallel_loss(logits, r, mesh["dp"].get_group()),
-        ckpt_dir=os.path.join(out_dir, "ckpt_2d"))
+        model,
+        mesh,
+        batches,
+        rows,
+        lambda logits, r: data_parallel_loss(logits, r, mesh["dp"].get_group()),
+        ckpt_dir=os.path.join(out_dir, "ckpt_2d"),
+    )
     for name, kw in (("pp2_tp2", dict(tp=2)), ("pp2_dp2_ac", dict(dp=2, activation_checkpointing=True))):
         pcfg = ParallelConfig(pp=2, pp_microbatches=2, **kw)
         mesh = build_mesh(pcfg, "cpu")
@@ -417,8 +438,9 @@ def _worker4(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.skipif(os.environ.get("GLM130B_TEST_4PROC") != "1",
-                    reason="4 processes (~1 min on 2 cores): set GLM130B_TEST_4PROC=1")
+@pytest.mark.skipif(
+    os.environ.get("GLM130B_TEST_4PROC") != "1", reason="4 processes (~1 min on 2 cores): set GLM130B_TEST_4PROC=1"
+)
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_four_processes_two_dimensional_layouts(tmp_path, reference_losses):
     """dp 2 x tp 2 training, pp 2 x tp 2 and pp 2 x dp 2 (with recomputation) steps, and a dp 2 x tp 2
@@ -427,7 +449,9 @@ def test_four_processes_two_dimensional_layouts(tmp_path, reference_losses):
     results = json.loads((tmp_path / "results4.json").read_text())
     torch.testing.assert_close(torch.tensor(results["dp2_tp2"]), torch.tensor(reference_losses), rtol=RTOL, atol=ATOL)
     model, batch = make_model(), make_batches()[0]
-    loss = masked_lm_loss(model(batch.input_ids, batch.position_ids, batch.attention_mask()), batch.targets, batch.loss_mask)
+    loss = masked_lm_loss(
+        model(batch.input_ids, batch.position_ids, batch.attention_mask()), batch.targets, batch.loss_mask
+    )
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
     for name in ("pp2_tp2", "pp2_dp2_ac"):

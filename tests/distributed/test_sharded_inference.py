@@ -38,8 +38,12 @@ def _worker(rank: int, world: int, port: int, checkpoints: list[str], fixture_na
 def test_two_ranks_equal_one_process(tmp_path):
     save_model(oracle_model("sat_padded_fp32"), tmp_path / "dir")
     official = FIXTURES / "official_tp2_fp32"  # the same weights, as SAT's own 2-way shards
-    mp.spawn(_worker, args=(2, free_port(), [str(tmp_path / "dir"), str(official)], "sat_padded_fp32",
-                            str(tmp_path / "out.pt")), nprocs=2, join=True)
+    mp.spawn(
+        _worker,
+        args=(2, free_port(), [str(tmp_path / "dir"), str(official)], "sat_padded_fp32", str(tmp_path / "out.pt")),
+        nprocs=2,
+        join=True,
+    )
     fixture = load_fixture("sat_padded_fp32")
     expected = run_model(load_model(tmp_path / "dir"), fixture)
     for result in torch.load(tmp_path / "out.pt"):
@@ -58,13 +62,13 @@ def test_each_rank_holds_its_share_of_the_linears(tmp_path):
     finally:
         dist.destroy_process_group()
     qkv = whole.transformer.layers[0].attention.query_key_value.weight
-    assert torch.equal(part.transformer.layers[0].attention.query_key_value.weight, qkv[qkv.shape[0] // 2:])
+    assert torch.equal(part.transformer.layers[0].attention.query_key_value.weight, qkv[qkv.shape[0] // 2 :])
     h_to_4h = whole.transformer.layers[0].mlp.dense_h_to_4h.weight
     value, gate = h_to_4h.chunk(2)
     expected = torch.cat((value.chunk(2)[1], gate.chunk(2)[1]))  # [value rows; gate rows] of rank 1
     assert torch.equal(part.transformer.layers[0].mlp.dense_h_to_4h.weight, expected)
     dense = whole.transformer.layers[0].attention.dense.weight
-    assert torch.equal(part.transformer.layers[0].attention.dense.weight, dense[:, dense.shape[1] // 2:])
+    assert torch.equal(part.transformer.layers[0].attention.dense.weight, dense[:, dense.shape[1] // 2 :])
 
 
 def test_generate_command_under_torchrun_prints_the_single_process_answer(tmp_path):
@@ -76,13 +80,30 @@ def test_generate_command_under_torchrun_prints_the_single_process_answer(tmp_pa
     save_model(oracle_model("sat_padded_fp32"), tmp_path / "dir")
     text = "the quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。" * 20
     train_tokenizer([text], tmp_path / "dir" / "tokenizer", vocab_size=308)  # ids < the model's 1000
-    command = ["-m", "glm130b.cli", "generate", "--checkpoint", str(tmp_path / "dir"), "--max-new-tokens", "6",
-               "--no-stream", "the quick [MASK] fox", "lazy dog [gMASK]"]
+    command = [
+        "-m",
+        "glm130b.cli",
+        "generate",
+        "--checkpoint",
+        str(tmp_path / "dir"),
+        "--max-new-tokens",
+        "6",
+        "--no-stream",
+        "the quick [MASK] fox",
+        "lazy dog [gMASK]",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
     sharded = subprocess.run([*torchrun, *command, "--tp", "2"], capture_output=True, text=True, env=env)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
     assert sharded.stdout == single.stdout and single.stdout.count("\n") == 2

@@ -7,7 +7,16 @@ ALPHABET = " " + string.ascii_lowercase + string.punctuation  # punctuation: LAM
 SPECIAL_IDS = dict(pad=0, mask=1, gmask=2, smask=3, sop=4, eop=5, eos=6)
 FIRST_TEXT_ID = 8  # ids 0..7: the specials (7 unused)
 VOCAB_SIZE = FIRST_TEXT_ID + len(ALPHABET)
-SPECIAL_NAMES = {0: "<pad>", 1: "[MASK]", 2: "[gMASK]", 3: "[sMASK]", 4: "<sop>", 5: "<eop>", 6: "</s>", 7: "<unused>"}  # letters and punctuation only: decoded text encodes again
+SPECIAL_NAMES = {
+    0: "<pad>",
+    1: "[MASK]",
+    2: "[gMASK]",
+    3: "[sMASK]",
+    4: "<sop>",
+    5: "<eop>",
+    6: "</s>",
+    7: "<unused>",
+}  # letters and punctuation only: decoded text encodes again
 
 
 class CharTokenizerBase:

@@ -19,8 +19,16 @@ class CharTokenizer(CharTokenizerBase):
 
 def tiny_glm(seed: int = 0, vocab: int = VOCAB_SIZE, max_len: int = 256) -> GLM:
     torch.manual_seed(seed)
-    config = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=vocab, inner_hidden_size=64,
-                       max_sequence_length=max_len, hidden_dropout=0.0, attention_dropout=0.0)
+    config = GLMConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        vocab_size=vocab,
+        inner_hidden_size=64,
+        max_sequence_length=max_len,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = GLM(config).eval()
     # A milder embedding than N(0, 1): the random model's choices then vary instead of always picking one.
     torch.nn.init.normal_(model.transformer.word_embeddings.weight, std=0.3)
@@ -41,17 +49,30 @@ def mul_records(seed: int, n: int, choices: int = 4, single_token: bool = False)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        options = ([rng.choice(ALPHABET[1:27]) for _ in range(choices)] if single_token
-                   else [random_words(rng, rng.randint(1, 3)) for _ in range(choices)])
-        out.append({"inputs_pretokenized": random_words(rng, rng.randint(3, 12)) + ".",
-                    "choices_pretokenized": options, "label": rng.randrange(choices)})
+        options = (
+            [rng.choice(ALPHABET[1:27]) for _ in range(choices)]
+            if single_token
+            else [random_words(rng, rng.randint(1, 3)) for _ in range(choices)]
+        )
+        out.append(
+            {
+                "inputs_pretokenized": random_words(rng, rng.randint(3, 12)) + ".",
+                "choices_pretokenized": options,
+                "label": rng.randrange(choices),
+            }
+        )
     return out
 
 
 def gen_records(seed: int, n: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"inputs_pretokenized": random_words(rng, rng.randint(3, 10)),
-             "targets_pretokenized": [random_words(rng, 1), random_words(rng, 2)]} for _ in range(n)]
+    return [
+        {
+            "inputs_pretokenized": random_words(rng, rng.randint(3, 10)),
+            "targets_pretokenized": [random_words(rng, 1), random_words(rng, 2)],
+        }
+        for _ in range(n)
+    ]
 
 
 class ByteTokenizer:

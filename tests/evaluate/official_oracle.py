@@ -37,23 +37,64 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from char_tokenizer import ALPHABET, SPECIAL_IDS, VOCAB_SIZE, CharTokenizerBase  # noqa: E402
 
-CONFIG = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB_SIZE, inner_hidden_size=64,
-              max_sequence_length=256)
+CONFIG = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    vocab_size=VOCAB_SIZE,
+    inner_hidden_size=64,
+    max_sequence_length=256,
+)
 TASKS = {
-    "mul": {"name": "oracle-mul", "type": "mul", "path": "mul", "max_seq_length": 48, "micro-batch-size": 3,
-            "file-pattern": {"single": "**/single.jsonl", "multi": "**/multi.jsonl"}},
-    "mul-gmask": {"name": "oracle-mul-gmask", "type": "mul", "path": "mul", "use_task_mask": True,
-                  "file-pattern": "**/multi.jsonl", "micro_batch_size": 2},
+    "mul": {
+        "name": "oracle-mul",
+        "type": "mul",
+        "path": "mul",
+        "max_seq_length": 48,
+        "micro-batch-size": 3,
+        "file-pattern": {"single": "**/single.jsonl", "multi": "**/multi.jsonl"},
+    },
+    "mul-gmask": {
+        "name": "oracle-mul-gmask",
+        "type": "mul",
+        "path": "mul",
+        "use_task_mask": True,
+        "file-pattern": "**/multi.jsonl",
+        "micro_batch_size": 2,
+    },
     "gen": {"name": "oracle-gen", "type": "gen", "path": "gen", "max_gen_length": 6, "max_seq_length": 40},
-    "lambada": {"name": "oracle-lambada", "type": "gen", "module": "tasks.lambada.task.LAMBADA", "path": "lambada",
-                "sampling_strategy": "BeamSearchStrategy", "num_beams": 16, "max_gen_length": 5,
-                "use_task_mask": True, "max_seq_length": 40},
-    "lambada-unidirectional": {"name": "oracle-lambada-unidirectional", "type": "gen",
-                               "module": "tasks.lambada.task.LAMBADA", "path": "lambada",
-                               "sampling_strategy": "BeamSearchStrategy", "num_beams": 16, "max_gen_length": 5,
-                               "use_task_mask": True, "unidirectional": True, "max_seq_length": 40},
-    "lm": {"name": "oracle-lm", "type": "lm", "path": "lm", "file-pattern": "*.txt", "max_seq_length": 64,
-           "generation-length": 16, "use_task_mask": True},
+    "lambada": {
+        "name": "oracle-lambada",
+        "type": "gen",
+        "module": "tasks.lambada.task.LAMBADA",
+        "path": "lambada",
+        "sampling_strategy": "BeamSearchStrategy",
+        "num_beams": 16,
+        "max_gen_length": 5,
+        "use_task_mask": True,
+        "max_seq_length": 40,
+    },
+    "lambada-unidirectional": {
+        "name": "oracle-lambada-unidirectional",
+        "type": "gen",
+        "module": "tasks.lambada.task.LAMBADA",
+        "path": "lambada",
+        "sampling_strategy": "BeamSearchStrategy",
+        "num_beams": 16,
+        "max_gen_length": 5,
+        "use_task_mask": True,
+        "unidirectional": True,
+        "max_seq_length": 40,
+    },
+    "lm": {
+        "name": "oracle-lm",
+        "type": "lm",
+        "path": "lm",
+        "file-pattern": "*.txt",
+        "max_seq_length": 64,
+        "generation-length": 16,
+        "use_task_mask": True,
+    },
 }
 
 
@@ -78,24 +119,50 @@ def words(rng, n):
 
 def task_data(seed=0):
     rng = random.Random(seed)
-    single = [{"inputs_pretokenized": words(rng, rng.randint(2, 14)) + ".", "label": rng.randrange(4),
-               "choices_pretokenized": list("abcd")} for _ in range(7)]
-    multi = [{"inputs_pretokenized": words(rng, rng.randint(2, 14)), "label": rng.randrange(3),
-              "choices_pretokenized": [words(rng, rng.randint(1, 2)) for _ in range(3)]} for _ in range(7)]
-    gen = [{"inputs_pretokenized": words(rng, rng.randint(2, 12)),
-            "targets_pretokenized": [words(rng, 1), words(rng, 2)]} for _ in range(5)]
-    lambada = [{"inputs_pretokenized": words(rng, rng.randint(3, 12)), "targets_pretokenized": [words(rng, 1)]}
-               for _ in range(16)]
+    single = [
+        {
+            "inputs_pretokenized": words(rng, rng.randint(2, 14)) + ".",
+            "label": rng.randrange(4),
+            "choices_pretokenized": list("abcd"),
+        }
+        for _ in range(7)
+    ]
+    multi = [
+        {
+            "inputs_pretokenized": words(rng, rng.randint(2, 14)),
+            "label": rng.randrange(3),
+            "choices_pretokenized": [words(rng, rng.randint(1, 2)) for _ in range(3)],
+        }
+        for _ in range(7)
+    ]
+    gen = [
+        {"inputs_pretokenized": words(rng, rng.randint(2, 12)), "targets_pretokenized": [words(rng, 1), words(rng, 2)]}
+        for _ in range(5)
+    ]
+    lambada = [
+        {"inputs_pretokenized": words(rng, rng.randint(3, 12)), "targets_pretokenized": [words(rng, 1)]}
+        for _ in range(16)
+    ]
     lines = lambda records: "".join(json.dumps(r) + "\n" for r in records)
-    return {"mul/a/single.jsonl": lines(single), "mul/a/multi.jsonl": lines(multi), "gen/test.jsonl": lines(gen),
-            "lambada/test.jsonl": lines(lambada), "lm/doc.txt": words(rng, 40) + ". " + words(rng, 30) + "."}
+    return {
+        "mul/a/single.jsonl": lines(single),
+        "mul/a/multi.jsonl": lines(multi),
+        "gen/test.jsonl": lines(gen),
+        "lambada/test.jsonl": lines(lambada),
+        "lm/doc.txt": words(rng, 40) + ". " + words(rng, 30) + ".",
+    }
 
 
 class OfficialTokenizer(CharTokenizerBase):
     """The interface the official evaluation code asks of SAT's tokenizer."""
 
-    commands = {"[MASK]": SPECIAL_IDS["mask"], "[gMASK]": SPECIAL_IDS["gmask"], "sop": SPECIAL_IDS["sop"],
-                "eop": SPECIAL_IDS["eop"], "eos": SPECIAL_IDS["eos"]}
+    commands = {
+        "[MASK]": SPECIAL_IDS["mask"],
+        "[gMASK]": SPECIAL_IDS["gmask"],
+        "sop": SPECIAL_IDS["sop"],
+        "eop": SPECIAL_IDS["eop"],
+        "eos": SPECIAL_IDS["eos"],
+    }
 
     def __init__(self):
         self.tokenizer = self  # qa_evaluate calls tokenizer.tokenizer.decode
@@ -113,11 +180,13 @@ class OfficialTokenizer(CharTokenizerBase):
 def setup_sat():
     torch.cuda.current_device = lambda: "cpu"
     import torch.distributed as dist
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     from SwissArmyTransformer import get_tokenizer, mpu
+
     mpu.initialize_model_parallel(1)
     get_tokenizer(outer_tokenizer=OfficialTokenizer())
     stub = types.ModuleType("ice_tokenizer")  # imported by evaluation/tasks.py for a type annotation only
@@ -125,21 +194,36 @@ def setup_sat():
     sys.modules["SwissArmyTransformer.tokenization.icetk_glm_130B"] = types.ModuleType("icetk_glm_130B")
     sys.modules["SwissArmyTransformer.tokenization.icetk_glm_130B.ice_tokenizer"] = stub
     from SwissArmyTransformer.model.official import glm130B_model as G
+
     cls = G.SelfAttentionWithFP32SoftmaxMixin  # fp32 throughout: no .half() on the softmax output
     src = textwrap.dedent(inspect.getsource(cls.attention_fn))
     old = "attention_probs = attention_probs.half()"
     assert src.count(old) == 1
     ns = {}
-    exec(compile(src.replace(old, "attention_probs = attention_probs.type_as(value_layer)"), "<patched>", "exec"),
-         sys.modules[cls.__module__].__dict__, ns)
+    exec(
+        compile(src.replace(old, "attention_probs = attention_probs.type_as(value_layer)"), "<patched>", "exec"),
+        sys.modules[cls.__module__].__dict__,
+        ns,
+    )
     cls.attention_fn = ns["attention_fn"]
 
 
 def build_model():
     from SwissArmyTransformer.model import GLM130B
-    args = argparse.Namespace(**CONFIG, hidden_size_per_attention_head=None, hidden_dropout=0.0, attention_dropout=0.0,
-                              checkpoint_activations=False, checkpoint_num_layers=1, layernorm_order="post",
-                              skip_init=False, use_gpu_initialization=False, fp16=False, model_parallel_size=1)
+
+    args = argparse.Namespace(
+        **CONFIG,
+        hidden_size_per_attention_head=None,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        checkpoint_activations=False,
+        checkpoint_num_layers=1,
+        layernorm_order="post",
+        skip_init=False,
+        use_gpu_initialization=False,
+        fp16=False,
+        model_parallel_size=1,
+    )
     torch.manual_seed(0)
     model = GLM130B(args)
     for name, p in model.named_parameters():
@@ -149,9 +233,15 @@ def build_model():
 
 def evaluate_file(task, relative_path, model):
     from evaluation.utils import build_data_loader, gather_result
+
     dataset = task.build_dataset(relative_path)
-    loader = build_data_loader(dataset, micro_batch_size=task.config.micro_batch_size, num_workers=0, drop_last=False,
-                               collate_fn=dataset.collate_fn if dataset.has_collate_fn else None)
+    loader = build_data_loader(
+        dataset,
+        micro_batch_size=task.config.micro_batch_size,
+        num_workers=0,
+        drop_last=False,
+        collate_fn=dataset.collate_fn if dataset.has_collate_fn else None,
+    )
     outputs, log_probs = [], []
     with torch.no_grad():
         for batch in loader:
@@ -178,14 +268,21 @@ def main():
     from evaluation import DEFAULT_CLASS, BaseConfig, ModelForEvaluation
     from SwissArmyTransformer import get_tokenizer
     from tasks.lambada.strategy import BeamSearchStrategyForLAMBADA
+
     original_init = BeamSearchStrategyForLAMBADA.__init__
 
     def init_in_vocabulary(self, *args, banned_prefix=(), invalid_slices=(), **kwargs):
-        original_init(self, *args, banned_prefix=[p for p in banned_prefix if max(p) < VOCAB_SIZE],
-                      invalid_slices=[i for i in invalid_slices if i < VOCAB_SIZE], **kwargs)
+        original_init(
+            self,
+            *args,
+            banned_prefix=[p for p in banned_prefix if max(p) < VOCAB_SIZE],
+            invalid_slices=[i for i in invalid_slices if i < VOCAB_SIZE],
+            **kwargs,
+        )
 
     BeamSearchStrategyForLAMBADA.__init__ = init_in_vocabulary
     import importlib
+
     model = build_model()
     evaluator = ModelForEvaluation(model)
     data = task_data()
@@ -207,12 +304,22 @@ def main():
             config = task_class.config_class().from_yaml_file(str(config_path))
             config.path = str(root / config.path)
             task = task_class(evaluator, get_tokenizer(), config)
-            results[key] = {file: evaluate_file(task, file, evaluator)
-                            for files in task.file_groups.values() for file in files}
+            results[key] = {
+                file: evaluate_file(task, file, evaluator) for files in task.file_groups.values() for file in files
+            }
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if "rotary" not in k}
-    torch.save({"oracle": "THUDM/GLM-130B evaluation/ on SwissArmyTransformer==0.2.12 GLM130B, fp32, CPU",
-                "config": CONFIG, "special_tokens": SPECIAL_IDS, "state_dict": state, "data": data, "tasks": TASKS,
-                "results": results}, out_path)
+    torch.save(
+        {
+            "oracle": "THUDM/GLM-130B evaluation/ on SwissArmyTransformer==0.2.12 GLM130B, fp32, CPU",
+            "config": CONFIG,
+            "special_tokens": SPECIAL_IDS,
+            "state_dict": state,
+            "data": data,
+            "tasks": TASKS,
+            "results": results,
+        },
+        out_path,
+    )
     print(json.dumps(results, indent=1)[:3000])
 
 

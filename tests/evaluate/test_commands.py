@@ -62,8 +62,21 @@ def only_mul(tasks):
 
 
 def run(model_dir, data, tasks, out, *extra):
-    return cli.main(["evaluate", "--model", str(model_dir), "--tasks", str(tasks), "--data-root", str(data),
-                     "--out", str(out), "--no-progress", *extra])
+    return cli.main(
+        [
+            "evaluate",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            str(tasks),
+            "--data-root",
+            str(data),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_evaluate_writes_results_with_intervals_and_record(workspace, capsys):
@@ -86,8 +99,9 @@ def test_evaluate_writes_results_with_intervals_and_record(workspace, capsys):
     assert test_file["sha256"] == hashlib.sha256((data / "toy/mul/a/test.jsonl").read_bytes()).hexdigest()
     gen = by_name["toy-gen"]
     assert set(gen["metrics"]) == {"EM", "F1"}
-    assert all(r["references"] and isinstance(r["prediction"], str) for f in gen["files"].values()
-               for r in f["records"])
+    assert all(
+        r["references"] and isinstance(r["prediction"], str) for f in gen["files"].values() for r in f["records"]
+    )
     lm = by_name["toy-lm"]
     nll = sum(r["nll"] for r in lm["files"]["doc.txt"]["records"])
     words = len((data / "toy/lm/doc.txt").read_text().strip().split(" "))
@@ -119,12 +133,15 @@ def test_limit_quantized_and_compare(workspace, capsys):
     assert "different data" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("type: mcq", "unknown task type 'mcq'"),
-    ("path: toy/none", "no data file under"),
-    ("name: [unclosed", "does not parse"),
-    ("bogus-field: 1", "unknown field 'bogus-field'"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("type: mcq", "unknown task type 'mcq'"),
+        ("path: toy/none", "no data file under"),
+        ("name: [unclosed", "does not parse"),
+        ("bogus-field: 1", "unknown field 'bogus-field'"),
+    ],
+)
 def test_bad_task_config_is_one_line_naming_the_file(workspace, capsys, case, expected):
     root, model_dir, data, tasks = workspace
     only_mul(tasks)
@@ -153,8 +170,10 @@ def test_a_choice_longer_than_the_context_window(workspace, capsys):
     root, model_dir, data, tasks = workspace
     only_mul(tasks)
     (tasks / "mul.yaml").write_text(MUL_YAML + "max_seq_length: 16\n")
-    write_jsonl(data / "toy/mul/a/test.jsonl", [{"inputs_pretokenized": "abc", "label": 0,
-                                                  "choices_pretokenized": ["a" * 10, "b" * 8]}])
+    write_jsonl(
+        data / "toy/mul/a/test.jsonl",
+        [{"inputs_pretokenized": "abc", "label": 0, "choices_pretokenized": ["a" * 10, "b" * 8]}],
+    )
     assert run(model_dir, data, tasks, root / "out") == 2
     err = capsys.readouterr().err
     assert "item 0: its choices take 18 tokens" in err and "raise max_seq_length" in err

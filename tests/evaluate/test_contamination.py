@@ -30,21 +30,26 @@ def sentence(start: int, length: int = 14) -> str:
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    items = [{"inputs_pretokenized": f"item {i}: " + sentence(i * 3), "choices_pretokenized": ["yes", "no"],
-              "label": i % 2} for i in range(6)]
-    items.append({"inputs_pretokenized": "一二三四五六七八九十百千万亿", "choices_pretokenized": ["是", "否"], "label": 0})
+    items = [
+        {"inputs_pretokenized": f"item {i}: " + sentence(i * 3), "choices_pretokenized": ["yes", "no"], "label": i % 2}
+        for i in range(6)
+    ]
+    items.append(
+        {"inputs_pretokenized": "一二三四五六七八九十百千万亿", "choices_pretokenized": ["是", "否"], "label": 0}
+    )
     write_jsonl(tmp_path / "data/toy/test.jsonl", items)
     (tmp_path / "toy.yaml").write_text("name: toy\ntype: mul\npath: toy\n")
     docs = [
         {"text": "Some text. " + sentence(3).upper().replace(" ", ", ") + " More text."},  # item 1, other case/punct.
-        {"text": "prefix " + sentence(12)},                                               # item 4
-        {"text": " ".join(sentence(6).split()[:12])},                                     # 12 words of item 2 only
-        {"text": "无关的文字一二三四五六七八九十百千万亿以及更多"},                                # the Chinese item
+        {"text": "prefix " + sentence(12)},  # item 4
+        {"text": " ".join(sentence(6).split()[:12])},  # 12 words of item 2 only
+        {"text": "无关的文字一二三四五六七八九十百千万亿以及更多"},  # the Chinese item
     ]
     corpus_file = tmp_path / "corpus.jsonl"
     corpus_file.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
-    prepare_corpus([("docs", str(corpus_file), "en", 1.0)], tmp_path, tmp_path / "corpus", workers=1,
-                   loader=load_byte_tokenizer)
+    prepare_corpus(
+        [("docs", str(corpus_file), "en", 1.0)], tmp_path, tmp_path / "corpus", workers=1, loader=load_byte_tokenizer
+    )
     model_dir = save_model(tiny_glm(vocab=264), tmp_path / "model")
     (model_dir / "tokenizer").mkdir()
     monkeypatch.setattr(loading, "load_tokenizer", lambda path: ByteTokenizer())
@@ -53,9 +58,25 @@ def setup(tmp_path, monkeypatch):
 
 def test_decontaminate_flags_overlapping_items_and_scores_the_rest(setup):
     root, model_dir = setup
-    assert cli.main(["evaluate", "--model", str(model_dir), "--tasks", str(root / "toy.yaml"), "--data-root",
-                     str(root / "data"), "--out", str(root / "out"), "--no-progress",
-                     "--decontaminate", str(root / "corpus")]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--model",
+                str(model_dir),
+                "--tasks",
+                str(root / "toy.yaml"),
+                "--data-root",
+                str(root / "data"),
+                "--out",
+                str(root / "out"),
+                "--no-progress",
+                "--decontaminate",
+                str(root / "corpus"),
+            ]
+        )
+        == 0
+    )
     [task] = json.loads((root / "out/results.json").read_text())["tasks"]
     report = task["contamination"]
     assert report["contaminated_units"] == {"test.jsonl": [1, 4, 6]}

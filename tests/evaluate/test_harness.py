@@ -58,16 +58,31 @@ def test_lm_eval_and_the_toolkit_choose_the_same_answers(loaded, tmp_path, monke
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks/arc.yaml").write_text(TASK_YAML.format(path=tmp_path / "arc.jsonl"))
     lm = GLMHarnessLM(loaded=loaded, batch_size=4)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["glm130b_local_arc_easy"], log_samples=True, bootstrap_iters=0,
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["glm130b_local_arc_easy"],
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+    )
     samples = sorted(out["samples"]["glm130b_local_arc_easy"], key=lambda s: s["doc_id"])
     harness = [max(range(len(s["resps"])), key=lambda c: s["resps"][c][0][0]) for s in samples]
 
     records = [json.loads(line) for line in lines]  # the toolkit's own jsonl, as `--convert` writes it
     (tmp_path / "data/arc").mkdir(parents=True)
-    (tmp_path / "data/arc/test.jsonl").write_text("".join(json.dumps(
-        {"inputs_pretokenized": r["query"] + "\nAnswer:", "choices_pretokenized": r["choices"], "label": r["gold"]})
-        + "\n" for r in records))
+    (tmp_path / "data/arc/test.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "inputs_pretokenized": r["query"] + "\nAnswer:",
+                    "choices_pretokenized": r["choices"],
+                    "label": r["gold"],
+                }
+            )
+            + "\n"
+            for r in records
+        )
+    )
     (tmp_path / "arc.yaml").write_text("name: arc\ntype: mul\npath: arc\n")
     result = evaluate_task(load_task(tmp_path / "arc.yaml"), tmp_path / "data", *loaded, Executor(progress=False))
     ours = result["files"]["test.jsonl"]["records"]
@@ -87,8 +102,9 @@ def test_rolling_loglikelihood_and_generate_until(loaded):
     assert total == pytest.approx(expected, rel=1e-5)
 
     context = "Question: what is two plus two?\nAnswer:"
-    [text_out] = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 8}),
-                                             0)], disable_tqdm=True)
+    [text_out] = lm.generate_until(
+        [Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 8}), 0)], disable_tqdm=True
+    )
     [span] = generate_ids(model, [tokenizer.encode(context) + [2, 4]], tokenizer.specials, Greedy(), 8)
     assert text_out == tokenizer.decode(span).split("\n")[0]
 
@@ -97,7 +113,8 @@ def test_registered_as_glm130b_and_built_from_model_args(tmp_path, monkeypatch):
     model_dir = save_model(tiny_glm(vocab=264), tmp_path / "model")
     (model_dir / "tokenizer").mkdir()
     monkeypatch.setattr(loading, "load_tokenizer", lambda path: ByteTokenizer())
-    lm = get_model("glm130b").create_from_arg_string(f"model={model_dir},quantized=int8,mask=gMASK",
-                                                     {"batch_size": 2, "device": "cpu"})
+    lm = get_model("glm130b").create_from_arg_string(
+        f"model={model_dir},quantized=int8,mask=gMASK", {"batch_size": 2, "device": "cpu"}
+    )
     assert isinstance(lm, GLMHarnessLM) and lm.gmask and lm.batch_size == 2
     assert any(isinstance(m, QuantizedLinear) for m in lm.glm.modules())

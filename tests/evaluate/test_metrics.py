@@ -22,7 +22,7 @@ from glm130b.evaluate.significance import bootstrap_interval, paired_bootstrap
 def test_squad_normalisation():
     assert normalize_answer("  The Cat, sat on  a MAT! ") == "cat sat on mat"
     assert normalize_answer("An apple-pie") == "applepie"  # punctuation goes before the articles
-    assert normalize_answer("theatre") == "theatre"        # articles only as whole words
+    assert normalize_answer("theatre") == "theatre"  # articles only as whole words
 
 
 def test_exact_match_and_f1_by_hand():
@@ -43,7 +43,7 @@ def test_lambada_match_strips_only():
 
 
 def test_perplexity_and_bits_per_byte_by_hand():
-    assert perplexity(nll=6.0, words=3) == pytest.approx(math.e ** 2)
+    assert perplexity(nll=6.0, words=3) == pytest.approx(math.e**2)
     assert perplexity(nll=1000.0, words=1) == pytest.approx(math.exp(20))  # the official cap
     assert bits_per_byte(nll=math.log(2) * 8, n_bytes=4) == pytest.approx(2.0)
     assert word_count("  a b  c \n") == 4  # split at single spaces: "a", "b", "", "c"

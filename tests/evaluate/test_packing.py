@@ -35,8 +35,10 @@ def test_packed_choices_equal_one_plain_forward_per_choice(gmask, single_token):
     items = []
     for _ in range(5):  # contexts of different lengths, 2 to 5 choices of 1 to 4 tokens
         context = [rng.choice(TEXT_IDS) for _ in range(rng.randint(3, 20))]
-        choices = [[rng.choice(TEXT_IDS) for _ in range(1 if single_token else rng.randint(1, 4))]
-                   for _ in range(rng.randint(2, 5))]
+        choices = [
+            [rng.choice(TEXT_IDS) for _ in range(1 if single_token else rng.randint(1, 4))]
+            for _ in range(rng.randint(2, 5))
+        ]
         items.append((context, choices))
     sequences = [pack_choices(c, ch, TOK, gmask=gmask, single_token=single_token) for c, ch in items]
     packed = score_batch(model, sequences, TOK.pad)
@@ -76,8 +78,9 @@ def test_causal_context_equals_a_plain_causal_forward():
     which for one choice is an ordinary left-to-right forward with positions 0, 1, 2, ..."""
     model = tiny_glm()
     context, choices = [9, 10, 11, 12, 13], [[14, 15, 16], [17, 18]]
-    packed = score_batch(model, [pack_choices(context, choices, TOK, gmask=True, single_token=False,
-                                              causal_context=True)], TOK.pad)[0]
+    packed = score_batch(
+        model, [pack_choices(context, choices, TOK, gmask=True, single_token=False, causal_context=True)], TOK.pad
+    )[0]
     for choice, span in zip(choices, packed):
         tokens = torch.tensor([context + [TOK.gmask, TOK.sop] + choice[:-1]])
         n = tokens.shape[1]

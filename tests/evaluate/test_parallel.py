@@ -21,15 +21,17 @@ TASKS = {
     "gen.yaml": "name: gen\ntype: gen\npath: gen\nmax_gen_length: 3\nmicro_batch_size: 2\nuse_task_mask: true\n",
     "beam.yaml": "name: beam\ntype: gen\npath: gen\nmax_gen_length: 3\nsampling_strategy: BeamSearchStrategy\n",
     "lm.yaml": "name: lm\ntype: lm\npath: lm\nfile-pattern: '*.txt'\nmax_seq_length: 48\ngeneration_length: 8\n"
-               "use_task_mask: true\nmicro_batch_size: 3\n",
+    "use_task_mask: true\nmicro_batch_size: 3\n",
 }
 
 
 def evaluate_all(root) -> list[dict]:
     torch.set_num_threads(1)
     model, tokenizer = tiny_glm(), CharTokenizer()
-    return [evaluate_task(load_task(root / name), root / "data", model, tokenizer, Executor(progress=False))
-            for name in TASKS]
+    return [
+        evaluate_task(load_task(root / name), root / "data", model, tokenizer, Executor(progress=False))
+        for name in TASKS
+    ]
 
 
 def worker(rank: int, world: int, port: int, root, out) -> None:

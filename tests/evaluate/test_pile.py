@@ -26,15 +26,20 @@ use_task_mask: true
 
 def test_pile_bits_per_byte_per_subset(tmp_path):
     tokenizer, model = CharTokenizer(), tiny_glm()
-    docs = [("the cat sat on the mat.", "books"), ("a dog ran far away!", "web"), ("", "web"),
-            ("birds sing in the early morning light.", "books")]
+    docs = [
+        ("the cat sat on the mat.", "books"),
+        ("a dog ran far away!", "web"),
+        ("", "web"),
+        ("birds sing in the early morning light.", "books"),
+    ]
     lines = [{"text_pretokenized": text, "meta": {"pile_set_name": subset}} for text, subset in docs]
     lines[1]["text"] = tokenizer.encode(docs[1][0])  # the official id form is read as it is
     (tmp_path / "data/pile").mkdir(parents=True)
     (tmp_path / "data/pile/test_tokenized.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (tmp_path / "pile.yaml").write_text(PILE_YAML)
-    result = evaluate_task(load_task(tmp_path / "pile.yaml"), tmp_path / "data", model, tokenizer,
-                           Executor(progress=False))
+    result = evaluate_task(
+        load_task(tmp_path / "pile.yaml"), tmp_path / "data", model, tokenizer, Executor(progress=False)
+    )
     entry = result["files"]["test_tokenized.jsonl"]
     nll = {}
     for text, subset in docs:

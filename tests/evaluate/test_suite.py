@@ -21,11 +21,24 @@ needs_data = pytest.mark.skipif(not SOURCE.is_dir(), reason=f"benchmark data not
 
 def test_suite_configs_parse_and_cover_the_paper():
     names = {load_task(path).name for path in suite_task_files("paper")}
-    assert {"LAMBADA", "LAMBADA-loglikelihood", "MMLU", "C-Eval", "WikiText-2", "ARC-Easy", "PIQA",
-            "HellaSwag"} <= names
+    assert {
+        "LAMBADA",
+        "LAMBADA-loglikelihood",
+        "MMLU",
+        "C-Eval",
+        "WikiText-2",
+        "ARC-Easy",
+        "PIQA",
+        "HellaSwag",
+    } <= names
     assert sum(n.startswith("FewCLUE-") for n in names) == 7
     lambada = load_task(next(p for p in suite_task_files("paper") if p.name == "lambada.yaml"))
-    assert (lambada.num_beams, lambada.max_gen_length, lambada.use_task_mask, lambada.protocol) == (16, 5, True, "lambada")
+    assert (lambada.num_beams, lambada.max_gen_length, lambada.use_task_mask, lambada.protocol) == (
+        16,
+        5,
+        True,
+        "lambada",
+    )
     assert len(MMLU_GROUP) == 57
 
 
@@ -52,8 +65,10 @@ def test_mmlu_five_shot_prompt_built_from_the_csv_files(converted):
         shots = list(csv.DictReader(f))[:5]
     prompt = record["inputs_pretokenized"]
     assert prompt.startswith("The following are multiple choice questions about abstract algebra.\n\n")
-    assert prompt.endswith(f"{question['question']}\n(A) {question['choice0']}\n(B) {question['choice1']}\n"
-                           f"(C) {question['choice2']}\n(D) {question['choice3']}\nAnswer: (")
+    assert prompt.endswith(
+        f"{question['question']}\n(A) {question['choice0']}\n(B) {question['choice1']}\n"
+        f"(C) {question['choice2']}\n(D) {question['choice3']}\nAnswer: ("
+    )
     for shot in shots:  # each example with its answer letter
         assert f"{shot['question']}\n(A) {shot['choice0']}" in prompt
         assert f"Answer: ({'ABCD'[int(shot['answer'])]})\n\n" in prompt
@@ -70,8 +85,11 @@ def test_lambada_hellaswag_and_fewclue_items(converted):
     assert record["inputs_pretokenized"] + " " + record["targets_pretokenized"][0] == text
     lines = (SOURCE / "hellaswag/hellaswag_val_full.txt").read_text(encoding="utf-8").splitlines()[:6]
     record = first_record(converted / "hellaswag/validation.jsonl")
-    assert (record["inputs_pretokenized"], record["label"], record["choices_pretokenized"]) == \
-        (lines[0], int(lines[1]), lines[2:6])
+    assert (record["inputs_pretokenized"], record["label"], record["choices_pretokenized"]) == (
+        lines[0],
+        int(lines[1]),
+        lines[2:6],
+    )
     record = first_record(converted / "fewclue/eprstmt/test_public.jsonl")
     assert record["choices_pretokenized"] == ["negative", "positive"] and record["label"] == 0  # "Negative"
     assert "呵呵了" in record["inputs_pretokenized"]
@@ -84,8 +102,25 @@ def test_suite_paper_runs_every_task(converted, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loading, "load_tokenizer", lambda path: ByteTokenizer())
     charts = []  # drawing 15 charts takes longer than scoring; test_commands checks a real one
     monkeypatch.setattr(evaluate_commands, "plot_groups", lambda task, path: charts.append(path))
-    assert cli.main(["evaluate", "--model", str(model_dir), "--suite", "paper", "--data-root", str(converted),
-                     "--limit", "2", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--model",
+                str(model_dir),
+                "--suite",
+                "paper",
+                "--data-root",
+                str(converted),
+                "--limit",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "out/results.json").read_text())
     by_name = {t["name"]: t for t in results["tasks"]}
     assert len(by_name) == 15 and len(charts) == 15

@@ -23,21 +23,25 @@ def test_method_defaults_and_overrides():
     # 3 epochs of 100 sequences in batches of 8: 38 steps
     assert lora.train_samples == 38 * FINETUNE_DEFAULTS["global_batch_size"]
 
-    tuned = FinetuneConfig(model="m", data="d", epochs=1, train={"lr": 1e-3, "spike_guard": {"window": 30},
-                                                                "global_batch_size": 4}).train_config(BASE, 10)
+    tuned = FinetuneConfig(
+        model="m", data="d", epochs=1, train={"lr": 1e-3, "spike_guard": {"window": 30}, "global_batch_size": 4}
+    ).train_config(BASE, 10)
     assert tuned.lr == 1e-3 and tuned.train_samples == 12
     assert tuned.spike_guard.window == 30 and tuned.spike_guard.loss_ratio == 3.0  # sections merge by field
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"method": "prompt"}, "method must be one of full, lora, ptuning"),
-    ({"method": "full", "quantized": "int4"}, "a quantized weight cannot train"),
-    ({"quantized": "int3"}, "quantized must be one of int4, int8"),
-    ({"method": "ptuning", "merge": True}, "prefixes, which are extra keys and values"),
-    ({"lora_targets": ["q_proj"]}, "lora_targets must be a non-empty list of query_key_value"),
-    ({"epochs": 0}, "epochs must be a positive number"),
-    ({"train": {"lr": -1}}, "lr must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"method": "prompt"}, "method must be one of full, lora, ptuning"),
+        ({"method": "full", "quantized": "int4"}, "a quantized weight cannot train"),
+        ({"quantized": "int3"}, "quantized must be one of int4, int8"),
+        ({"method": "ptuning", "merge": True}, "prefixes, which are extra keys and values"),
+        ({"lora_targets": ["q_proj"]}, "lora_targets must be a non-empty list of query_key_value"),
+        ({"epochs": 0}, "epochs must be a positive number"),
+        ({"train": {"lr": -1}}, "lr must be a positive number"),
+    ],
+)
 def test_bad_settings_are_named(fields, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         FinetuneConfig.from_dict({"model": "m", "data": "d", **fields}).train_config(BASE, 10)

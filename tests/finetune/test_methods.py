@@ -47,8 +47,16 @@ def test_method_learns_the_task_and_trains_only_its_part(task, tmp_path, case):
     held = read_records(task.held)
     quantized = "quantized" in fields
     before = exact_match(base_model(task, quantized), task.tokenizer, held)
-    config = FinetuneConfig.from_dict({"model": str(task.base), "data": str(task.train), "valid_data": str(task.held),
-                                       "out_dir": str(tmp_path / case), **fields, "train": {**RUN, **train}})
+    config = FinetuneConfig.from_dict(
+        {
+            "model": str(task.base),
+            "data": str(task.train),
+            "valid_data": str(task.held),
+            "out_dir": str(tmp_path / case),
+            **fields,
+            "train": {**RUN, **train},
+        }
+    )
     result = run_finetune(config, show_progress=False)
     assert before <= 10 and result.exact_match >= 90, (before, result.exact_match)
     assert result.valid_losses["valid"] < 0.1
@@ -66,8 +74,7 @@ def test_method_learns_the_task_and_trains_only_its_part(task, tmp_path, case):
     else:  # a key and a value [heads, P, head_dim] per layer
         assert result.trainable_parameters == cfg.num_layers * 2 * 8 * cfg.hidden_size
     # Everything else is the base, bit for bit (PEFT renames a wrapped layer's tensors base_layer.*).
-    frozen = {k.replace("base_layer.", ""): v for k, v in model.state_dict().items()
-              if adapter_key not in k}
+    frozen = {k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if adapter_key not in k}
     reference = base_model(task, quantized).state_dict()
     assert frozen.keys() == reference.keys()
     assert all(torch.equal(frozen[k], reference[k]) for k in reference)
@@ -85,12 +92,18 @@ def test_peft_reads_our_lora_folder(task, tmp_path):
     """PEFT's own loader, on a plain GLM, gives the logits of ours: the folder is PEFT's format."""
     peft = pytest.importorskip("peft")
     fields, train = CASES["lora"]
-    config = FinetuneConfig.from_dict({"model": str(task.base), "data": str(task.train), "out_dir": str(tmp_path),
-                                       **fields, "train": {**RUN, **train, "train_samples": 5 * 8}})
+    config = FinetuneConfig.from_dict(
+        {
+            "model": str(task.base),
+            "data": str(task.train),
+            "out_dir": str(tmp_path),
+            **fields,
+            "train": {**RUN, **train, "train_samples": 5 * 8},
+        }
+    )
     adapter = run_finetune(config, show_progress=False).output_dir
     ours = load_model_with_adapter(task.base, adapter)
     theirs = peft.PeftModel.from_pretrained(load_model(task.base), str(adapter)).eval()
     words = ["abcd", "hgfe"]
     assert not torch.equal(logits(ours, task, words), logits(load_model(task.base), task, words))  # B moved from 0
-    torch.testing.assert_close(logits(theirs.get_base_model(), task, words), logits(ours, task, words),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(logits(theirs.get_base_model(), task, words), logits(ours, task, words), rtol=0, atol=0)

@@ -21,7 +21,7 @@ def test_a_segment_is_the_generation_sequence_with_the_target_scored(prompt, enc
     ids = segment.input_ids.tolist()
     reference = build_generation_batch([ids], tok.specials, encoding)
     sop = ids.index(tok.specials.sop)
-    assert ids[sop + 1:] == tok.encode("def")
+    assert ids[sop + 1 :] == tok.encode("def")
     assert segment.targets[sop:].tolist() == tok.encode("def") + [tok.specials.eop]
     assert segment.loss_mask.tolist() == [False] * sop + [True] * 4
     assert np.array_equal(segment.position_ids(encoding), reference.position_ids[0].numpy())
@@ -29,12 +29,15 @@ def test_a_segment_is_the_generation_sequence_with_the_target_scored(prompt, enc
     assert torch.equal(mask, reference.attention_mask)
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ("a[MASK]b[MASK]", "holds 2 mask markers"),
-    ("ab[gMASK]cd", "[gMASK] continues the text, so it must end the prompt"),
-    ("a[xMASK]", "unknown mask marker [xMASK]"),
-    ("abcdefgh" * 4, "the record takes 38 tokens (prompt 33, <sop>, target 4), more than the sequence length 32"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("a[MASK]b[MASK]", "holds 2 mask markers"),
+        ("ab[gMASK]cd", "[gMASK] continues the text, so it must end the prompt"),
+        ("a[xMASK]", "unknown mask marker [xMASK]"),
+        ("abcdefgh" * 4, "the record takes 38 tokens (prompt 33, <sop>, target 4), more than the sequence length 32"),
+    ],
+)
 def test_records_that_cannot_be_a_segment_name_their_line(prompt, message):
     with pytest.raises(RecordError) as err:
         encode_record(Record(prompt, "abcd", "data.jsonl:7"), CharTokenizer(), 32)
@@ -44,8 +47,14 @@ def test_records_that_cannot_be_a_segment_name_their_line(prompt, message):
 def test_packing_keeps_every_record_once_within_the_length_and_apart():
     tok = CharTokenizer()
     rng = np.random.default_rng(0)
-    records = [Record("".join(rng.choice(list("abcdefgh"), rng.integers(1, 12))) + ("[MASK]" if i % 3 else ""),
-                      "".join(rng.choice(list("abcdefgh"), rng.integers(1, 6))), f"f:{i}") for i in range(60)]
+    records = [
+        Record(
+            "".join(rng.choice(list("abcdefgh"), rng.integers(1, 12))) + ("[MASK]" if i % 3 else ""),
+            "".join(rng.choice(list("abcdefgh"), rng.integers(1, 6))),
+            f"f:{i}",
+        )
+        for i in range(60)
+    ]
     segments = encode_records(records, tok, 24)
     assert {s.counting for s in segments} == {False, True}  # [gMASK] and [MASK] records
     kind = {s.input_ids.tobytes(): s.counting for s in segments}
@@ -72,10 +81,10 @@ def test_batches_are_a_function_of_seed_and_index_and_each_epoch_is_a_permutatio
     n = len(packs)
     rows = PackedDataset(packs, 1, 16, tok.specials.pad, seed=3)
     seen = [rows.micro_batch(j).input_ids[0] for j in range(2 * n)]
-    as_set = [{bytes(r.numpy().tobytes()) for r in seen[e * n:(e + 1) * n]} for e in (0, 1)]
+    as_set = [{bytes(r.numpy().tobytes()) for r in seen[e * n : (e + 1) * n]} for e in (0, 1)]
     assert len(as_set[0]) == n and as_set[0] == as_set[1]  # every sequence once per epoch ...
     assert any(not torch.equal(a, b) for a, b in zip(seen[:n], seen[n:]))  # ... in a new order
     pairs = PackedDataset(packs, 2, 16, tok.specials.pad, seed=3)  # the same stream, two rows at a time
-    assert all(torch.equal(pairs.micro_batch(i).input_ids, torch.stack(seen[2 * i:2 * i + 2])) for i in range(n))
+    assert all(torch.equal(pairs.micro_batch(i).input_ids, torch.stack(seen[2 * i : 2 * i + 2])) for i in range(n))
     other = PackedDataset(packs, 1, 16, tok.specials.pad, seed=4)
     assert any(not torch.equal(other.micro_batch(j).input_ids[0], seen[j]) for j in range(n))

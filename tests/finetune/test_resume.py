@@ -18,9 +18,16 @@ STEPS, EVERY, KILL_AT = 12, 4, 9  # micro-batch 9 is step 10's: the run dies aft
 
 
 def config(task, out_dir):
-    return FinetuneConfig.from_dict({"model": str(task.base), "data": str(task.train), "method": "lora",
-                                     "out_dir": str(out_dir), "lora_dropout": 0.1,
-                                     "train": {**RUN, "lr": 1e-2, "train_samples": STEPS * 8, "checkpoint_every": EVERY}})
+    return FinetuneConfig.from_dict(
+        {
+            "model": str(task.base),
+            "data": str(task.train),
+            "method": "lora",
+            "out_dir": str(out_dir),
+            "lora_dropout": 0.1,
+            "train": {**RUN, "lr": 1e-2, "train_samples": STEPS * 8, "checkpoint_every": EVERY},
+        }
+    )
 
 
 def losses(out_dir) -> dict[int, float]:

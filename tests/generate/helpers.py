@@ -41,21 +41,32 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join("?" if i == UNK else LETTERS[i - 7] if i >= 7 else f"<{i}>" for i in ids)
 
+
 def tiny_glm(vocab=16, position_encoding="1d", seed=0, embedding_std=None):
     torch.manual_seed(seed)
-    cfg = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=vocab, inner_hidden_size=128,
-                    max_sequence_length=48, hidden_dropout=0.0, attention_dropout=0.0,
-                    position_encoding=position_encoding)
+    cfg = GLMConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=vocab,
+        inner_hidden_size=128,
+        max_sequence_length=48,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        position_encoding=position_encoding,
+    )
     model = GLM(cfg)
     if embedding_std is not None:
         torch.nn.init.normal_(model.transformer.word_embeddings.weight, std=embedding_std)
     return model
+
 
 def full_forward_last_logits(model, sequences, specials):
     batch = build_generation_batch(sequences, specials, model.config.position_encoding)
     with torch.no_grad():
         logits = model(batch.input_ids, batch.position_ids, batch.attention_mask)
     return logits[torch.arange(len(sequences)), batch.lengths - 1]
+
 
 class PositionStub(torch.nn.Module):
     """A 'model' whose next token is a rule of the fed token and its position: <sop> at position p
@@ -64,24 +75,36 @@ class PositionStub(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.config = GLMConfig(num_layers=1, hidden_size=8, num_attention_heads=1, vocab_size=16,
-                                max_sequence_length=64)
+        self.config = GLMConfig(
+            num_layers=1, hidden_size=8, num_attention_heads=1, vocab_size=16, max_sequence_length=64
+        )
         self.transformer = torch.nn.Module()
         self.transformer.word_embeddings = torch.nn.Embedding(16, 8)
         self.tensor_parallel_degree = 1  # as GLM: every head on this process
 
-    def forward(self, input_ids, position_ids, attention_mask, kv_cache=None, check_inputs=True, cache_slots=None,
-                logits_at=None):
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        attention_mask,
+        kv_cache=None,
+        check_inputs=True,
+        cache_slots=None,
+        logits_at=None,
+    ):
         letter = 7 + position_ids % 8
-        nxt = torch.where(input_ids == TOK.sop, letter,
-                          torch.where(input_ids == letter, 7 + (position_ids + 1) % 8, TOK.eop))
+        nxt = torch.where(
+            input_ids == TOK.sop, letter, torch.where(input_ids == letter, 7 + (position_ids + 1) % 8, TOK.eop)
+        )
         logits = torch.nn.functional.one_hot(nxt, 16).float() * 10
         if logits_at is not None:  # as GLM: only each row's position logits_at
             logits = logits[torch.arange(logits.shape[0]), logits_at].unsqueeze(1)
         return logits
 
+
 def letter(p):
     return LETTERS[p % 8]
+
 
 def task(rng):
     """Two tasks a 2-layer model learns in a few hundred steps: after [gMASK], reverse three
@@ -93,6 +116,7 @@ def task(rng):
     gap = rng.randint(1, 3)
     start = rng.randrange(7, 13 - gap)  # the letter after the blank stays within a..h (id 14)
     return [start, start + 1, TOK.mask, start + 2 + gap, TOK.eos], list(range(start + 2, start + 2 + gap))
+
 
 def train_reverser():
     model = tiny_glm(vocab=16, embedding_std=0.02)
@@ -106,8 +130,8 @@ def train_reverser():
         targets = torch.zeros_like(batch.input_ids)
         weights = torch.zeros(batch.input_ids.shape)
         for b, (c, t) in enumerate(samples):  # the loss covers the span and its <eop>
-            targets[b, len(c):len(c) + len(t) + 1] = torch.tensor(t + [TOK.eop])
-            weights[b, len(c):len(c) + len(t) + 1] = 1.0
+            targets[b, len(c) : len(c) + len(t) + 1] = torch.tensor(t + [TOK.eop])
+            weights[b, len(c) : len(c) + len(t) + 1] = 1.0
         logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, check_inputs=False)
         loss = masked_lm_loss(logits, targets, weights)
         opt.zero_grad()
@@ -115,5 +139,6 @@ def train_reverser():
         opt.step()
         schedule.step()
     return model.eval()
+
 
 HELD_OUT = [task(random.Random(100 + i)) for i in range(16)]

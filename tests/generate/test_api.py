@@ -27,6 +27,7 @@ def test_several_blanks_fill_left_to_right_and_reassemble():
     assert results[2].text == "abc" + letter(4)
     assert "".join(stream_text(stub, tok, prompts[0], Greedy(), 5)) == results[0].text
 
+
 def test_prompt_errors_and_warnings():
     tok, stub = CharTokenizer(), PositionStub()
     with pytest.raises(InputError, match=r"unknown mask marker \[XMASK\]"):
@@ -45,6 +46,7 @@ def test_prompt_errors_and_warnings():
     with pytest.raises(InputError, match="must end with <sop>"):
         generate_ids(stub, [[7, TOK.gmask]], TOK)
 
+
 def test_text_api_stream_and_sampling_reproducible(trained):
     tok = CharTokenizer()
     assert generate_text(trained, tok, "abc", max_new_tokens=6) == "abccba"
@@ -54,6 +56,7 @@ def test_text_api_stream_and_sampling_reproducible(trained):
     assert pieces == ["bc", "d", "e", "f"]  # prompt text, the blank letter by letter, the tail
     draw = lambda seed: generate(trained, tok, ["abc", "cd[MASK]h"], Sampling(temperature=2.0, seed=seed), 6)
     assert [r.text for r in draw(7)] == [r.text for r in draw(7)]
+
 
 def test_per_prompt_sampling_options_follow_their_rows_across_passes(trained):
     """Row 0 has two blanks, row 1 one: the second pass runs row 0 alone with its own options."""
@@ -78,16 +81,24 @@ def test_max_new_tokens_has_one_default():
 def test_strategy_defaults_are_the_official_scripts_and_the_command_lines():
     """GLM-130B's scripts/generate.sh: TEMP=1.0, TOPK=0, TOPP=0.7, NUM_BEAMS=4, LENGTH_PENALTY=1.0,
     NO_REPEAT_NGRAM=3, MIN_GEN_LENGTH=0; the Python API and `glm130b generate` both use them."""
-    official = dict(temperature=1.0, top_k=0, top_p=0.7, num_beams=4, length_penalty=1.0,
-                    no_repeat_ngram_size=3, min_length=0)
+    official = dict(
+        temperature=1.0, top_k=0, top_p=0.7, num_beams=4, length_penalty=1.0, no_repeat_ngram_size=3, min_length=0
+    )
     sampling, beam = Sampling(), BeamSearch()
     assert (sampling.temperature, sampling.top_k, sampling.top_p) == (1.0, 0, 0.7)
-    assert {k: getattr(beam, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size", "min_length")} \
-        == {k: official[k] for k in ("num_beams", "length_penalty", "no_repeat_ngram_size", "min_length")}
+    assert {k: getattr(beam, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size", "min_length")} == {
+        k: official[k] for k in ("num_beams", "length_penalty", "no_repeat_ngram_size", "min_length")
+    }
     parser = commands.argparse.ArgumentParser()
     commands.add_generate_arguments(parser)
     args = parser.parse_args(["--checkpoint", "x"])
-    cli = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-               length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram,
-               min_length=args.min_length)
+    cli = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+        min_length=args.min_length,
+    )
     assert cli == official

@@ -27,14 +27,19 @@ def test_command_line(trained, tmp_path, monkeypatch, capsys):
     assert captured.out.replace("> ", "").splitlines() == ["abccba", "abcde"]
     assert "unknown mask marker [XMASK]" in captured.err
 
+
 def test_command_line_quantized(trained, tmp_path, monkeypatch, capsys):
     """--quantized swaps the linears for INT4 QuantizedLinear and still answers (the prompt's text
     comes back first; the tiny model's answer may change under INT4)."""
     save_model(trained, tmp_path)
     (tmp_path / "tokenizer").mkdir()
     monkeypatch.setattr(loading, "load_tokenizer", lambda path: CharTokenizer())
-    assert cli.main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "4", "--quantized",
-                     "--no-stream", "abc"]) == 0
+    assert (
+        cli.main(
+            ["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "4", "--quantized", "--no-stream", "abc"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip()
     assert out.startswith("abc") and 3 < len(out) <= 7 and set(out) <= set(LETTERS)
 

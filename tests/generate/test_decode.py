@@ -31,8 +31,11 @@ def test_static_cache_logits_equal_full_forward_each_step(case):
     every row of a batch of different lengths and mask kinds, the logits of a full forward."""
     model = oracle_model(case, hidden_dropout=0.0, attention_dropout=0.0)
     T = ORACLE_TOKENS
-    contexts = [[11, 12, 13, T.gmask, T.sop], [31, T.mask, 35, 36, T.eos, T.sop],
-                [51, 52, 53, 54, 55, 56, 57, 58, T.mask, T.eos, T.sop]]
+    contexts = [
+        [11, 12, 13, T.gmask, T.sop],
+        [31, T.mask, 35, 36, T.eos, T.sop],
+        [51, 52, 53, 54, 55, 56, 57, 58, T.mask, T.eos, T.sop],
+    ]
     forced = torch.randint(100, 900, (3, 6), generator=torch.Generator().manual_seed(0))
     device = torch.device("cpu")
     cache = new_cache(model, 3, 32)
@@ -42,7 +45,8 @@ def test_static_cache_logits_equal_full_forward_each_step(case):
         for j in range(forced.shape[1]):
             sequences = [c + forced[b, :j].tolist() for b, c in enumerate(contexts)]
             torch.testing.assert_close(logits, full_forward_last_logits(model, sequences, T), atol=1e-4, rtol=1e-4)
-            logits = decode_one_token(model, cache, forced[:, j:j + 1], torch.tensor(j), state)
+            logits = decode_one_token(model, cache, forced[:, j : j + 1], torch.tensor(j), state)
+
 
 @pytest.mark.parametrize("name, tolerance", [("sat_long_context_fp32", 1e-4), ("sat_long_context_fp16", 0.0625)])
 def test_static_cache_decode_at_the_end_of_the_context_matches_the_official_class(name, tolerance):
@@ -56,7 +60,7 @@ def test_static_cache_decode_at_the_end_of_the_context_matches_the_official_clas
     T = LONG_CONTEXT_TOKENS
     for b, sequence in enumerate(fixture["input_ids"].long().tolist()):
         sop = sequence.index(T.sop)
-        context, generated = sequence[:sop + 1], sequence[sop + 1:]
+        context, generated = sequence[: sop + 1], sequence[sop + 1 :]
         cache = new_cache(model, 1, 2048)
         state = decode_state([context], T, cache.max_length, False, torch.device("cpu"))
         ours = []
@@ -77,8 +81,11 @@ def test_compiled_decode_step_is_one_graph_for_the_whole_generation(monkeypatch)
         return gm.forward
 
     torch._dynamo.reset()
-    monkeypatch.setattr(gen, "_COMPILED_DECODE",
-                        torch.compile(decode_one_token, backend=counting_backend, fullgraph=True, dynamic=False))
+    monkeypatch.setattr(
+        gen,
+        "_COMPILED_DECODE",
+        torch.compile(decode_one_token, backend=counting_backend, fullgraph=True, dynamic=False),
+    )
     model = tiny_glm(embedding_std=0.3).eval()
     contexts = [[7, 8, TOK.gmask, TOK.sop], [9, TOK.mask, 10, 11, TOK.eos, TOK.sop]]
     banned = banned_tokens(TOK, 16) + [TOK.eop, TOK.eos]
@@ -119,13 +126,21 @@ def test_engine_beam_search_equals_exhaustive_search():
 
 
 # ------------------------------------------------------------------------------ a trained model
-@pytest.mark.parametrize("strategy", [Greedy(), Sampling(temperature=0.7, top_p=0.9, seed=1),
-                                      Sampling(temperature=0.5, top_k=2, seed=2), BeamSearch(num_beams=3)],
-                         ids=["greedy", "sample-top-p", "sample-top-k", "beam"])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        Greedy(),
+        Sampling(temperature=0.7, top_p=0.9, seed=1),
+        Sampling(temperature=0.5, top_k=2, seed=2),
+        BeamSearch(num_beams=3),
+    ],
+    ids=["greedy", "sample-top-p", "sample-top-k", "beam"],
+)
 def test_trained_model_solves_the_task_under_every_strategy(trained, strategy):
     _, spans = fill_blanks(trained, [c for c, _ in HELD_OUT], TOK, strategy, 6)
     right = sum(s == [t] for s, (_, t) in zip(spans, HELD_OUT))
     assert right >= 15, f"{right}/16 right"
+
 
 def test_trained_model_greedy_with_cache_equals_recompute(trained):
     """Greedy decoding over the static cache, batched, equals a loop of full forwards that picks
@@ -144,6 +159,7 @@ def test_trained_model_greedy_with_cache_equals_recompute(trained):
             expected.append(t)
         assert tokens == expected
 
+
 def test_static_slot_inputs_are_validated(tiny_config):
     model = GLM(tiny_config).eval()
     T = ORACLE_TOKENS
@@ -156,6 +172,7 @@ def test_static_slot_inputs_are_validated(tiny_config):
         model(batch.input_ids, batch.position_ids, mask, kv_cache=cache, cache_slots=torch.arange(6, 10))
     with pytest.raises(InputError, match="without a kv_cache"):
         model(batch.input_ids, batch.position_ids, mask, cache_slots=torch.arange(4))
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -172,8 +189,10 @@ def test_cuda_graph_decode_equals_eager(trained):
         assert generate_ids(model, contexts, TOK, strategy, 6, compile=True) == eager  # graph replayed
         assert eager == generate_ids(trained, contexts, TOK, strategy, 6)  # and the CPU's tokens
 
+
 def test_compile_falls_back_to_graph_breaks_with_a_warning(monkeypatch):
     """A model that dynamo cannot trace as one graph still generates (compiled with breaks)."""
+
     def untraceable(*args):
         raise torch._dynamo.exc.Unsupported("a kernel dynamo cannot trace")
 

@@ -12,8 +12,7 @@ from tests.helpers import LONG_CONTEXT_TOKENS, ORACLE_TOKENS, load_fixture, orac
 T = ORACLE_TOKENS
 
 
-@pytest.mark.parametrize("case", ["sat_basic_fp32", "sat_padded_fp32", "sat04_glm130b_2d_fp32",
-                                  "chatglm6b_stock_fp32"])
+@pytest.mark.parametrize("case", ["sat_basic_fp32", "sat_padded_fp32", "sat04_glm130b_2d_fp32", "chatglm6b_stock_fp32"])
 def test_builder_reproduces_the_reference_inputs(case):
     fixture = load_fixture(case)
     lengths = valid_lengths(fixture)
@@ -28,8 +27,9 @@ def test_builder_reproduces_the_reference_inputs(case):
 def test_builder_reproduces_the_reference_positions_at_the_end_of_the_context():
     """The 2048-token fixtures (their masks are not stored: test_mask_rule checks the rule)."""
     fixture = load_fixture("sat_long_context_fp32")
-    built = build_generation_batch(fixture["input_ids"].long().tolist(), LONG_CONTEXT_TOKENS,
-                                   max_sequence_length=2048, vocab_size=256)
+    built = build_generation_batch(
+        fixture["input_ids"].long().tolist(), LONG_CONTEXT_TOKENS, max_sequence_length=2048, vocab_size=256
+    )
     assert torch.equal(built.position_ids, fixture["position_ids"].long())
 
 
@@ -65,10 +65,10 @@ def test_mask_rule():
     seq = [5, T.mask, 6, T.eos, T.sop, 7, 8]
     visible = ~build_generation_batch([seq], T).attention_mask[0, 0]
     context = 4
-    assert visible[:, :context].all()                      # everyone sees the whole context
-    assert not visible[:context, context:].any()           # context never sees generated tokens
+    assert visible[:, :context].all()  # everyone sees the whole context
+    assert not visible[:context, context:].any()  # context never sees generated tokens
     gen = visible[context:, context:]
-    assert torch.equal(gen, torch.ones_like(gen).tril())   # generated tokens are causal
+    assert torch.equal(gen, torch.ones_like(gen).tril())  # generated tokens are causal
 
 
 def test_pad_keys_blocked_and_no_row_fully_blocked():

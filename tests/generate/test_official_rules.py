@@ -53,9 +53,9 @@ def official_fill(model, seq: list[int], mask_token: int, use_gmask: bool, max_n
             n = len(tokens)
             positions = torch.arange(n)
             if not use_gmask:
-                positions[context_length - 1:] = mask_position
+                positions[context_length - 1 :] = mask_position
             visible = torch.ones(n, n).tril()
-            visible[:, :context_length - 1] = 1
+            visible[:, : context_length - 1] = 1
             with torch.no_grad():
                 logits = model(torch.tensor([tokens]), positions[None], (visible < 0.5)[None, None])
             tokens.append(int(logits[0, -1].argmax()))
@@ -65,24 +65,24 @@ def official_fill(model, seq: list[int], mask_token: int, use_gmask: bool, max_n
         if span and span[-1] in ends:
             span = span[:-1]
         blanks.append(span)
-        seq = seq[:mask_position] + span + seq[mask_position + 1:]
+        seq = seq[:mask_position] + span + seq[mask_position + 1 :]
     return seq, blanks
 
 
 TEXTS = [
-    "abc",                       # no marker: [gMASK] appended, no eos
-    "ab[gMASK]",                 # ends with its mask: no eos
-    "a[MASK]bc",                 # right context: eos
+    "abc",  # no marker: [gMASK] appended, no eos
+    "ab[gMASK]",  # ends with its mask: no eos
+    "a[MASK]bc",  # right context: eos
     "[MASK]a[MASK]",
-    "ab[MASK] ",                 # a trailing space: eos (the text does not end with "MASK]"), no id for it
+    "ab[MASK] ",  # a trailing space: eos (the text does not end with "MASK]"), no id for it
     "ab[MASK]\n",
     "ab[gMASK] ",
-    "a[gMASK]b[MASK]c",          # [MASK] is filled, the [gMASK] stays
-    "ab[MASK]c[gMASK]",          # ends with [gMASK]: no eos; [MASK] filled
-    "a[sMASK]b[gMASK]c",         # [sMASK] before [gMASK]
+    "a[gMASK]b[MASK]c",  # [MASK] is filled, the [gMASK] stays
+    "ab[MASK]c[gMASK]",  # ends with [gMASK]: no eos; [MASK] filled
+    "a[sMASK]b[gMASK]c",  # [sMASK] before [gMASK]
     "a[gMASK]b[sMASK]c[MASK]d",  # [MASK] before both
-    "a[gMASK]b[gMASK]",          # two [gMASK]: both filled, left to right
-    "ab[mask]c",                 # not a marker: plain text, [gMASK] appended
+    "a[gMASK]b[gMASK]",  # two [gMASK]: both filled, left to right
+    "ab[mask]c",  # not a marker: plain text, [gMASK] appended
 ]
 
 

@@ -12,12 +12,15 @@ def ids(text):
     return CharTokenizer().encode(text)
 
 
-@pytest.mark.parametrize("text, pieces, markers, context", [
-    ("abc", ["abc", ""], ["[gMASK]"], ids("abc") + [TOK.gmask]),         # no marker: [gMASK] appended
-    ("ab[gMASK]", ["ab", ""], ["[gMASK]"], ids("ab") + [TOK.gmask]),     # ends with its mask: no eos
-    ("a[MASK]bc", ["a", "bc"], ["[MASK]"], ids("a") + [TOK.mask] + ids("bc") + [TOK.eos]),
-    ("[MASK]a[MASK]", ["", "a", ""], ["[MASK]", "[MASK]"], [TOK.mask] + ids("a") + [TOK.mask]),
-])
+@pytest.mark.parametrize(
+    "text, pieces, markers, context",
+    [
+        ("abc", ["abc", ""], ["[gMASK]"], ids("abc") + [TOK.gmask]),  # no marker: [gMASK] appended
+        ("ab[gMASK]", ["ab", ""], ["[gMASK]"], ids("ab") + [TOK.gmask]),  # ends with its mask: no eos
+        ("a[MASK]bc", ["a", "bc"], ["[MASK]"], ids("a") + [TOK.mask] + ids("bc") + [TOK.eos]),
+        ("[MASK]a[MASK]", ["", "a", ""], ["[MASK]", "[MASK]"], [TOK.mask] + ids("a") + [TOK.mask]),
+    ],
+)
 def test_context_rule(text, pieces, markers, context):
     prompt = parse_prompt(text, CharTokenizer())
     assert (prompt.pieces, prompt.markers, prompt.context) == (pieces, markers, context)
@@ -28,10 +31,13 @@ def test_filled_puts_each_blank_in_place_of_its_marker():
     assert parse_prompt("abc", CharTokenizer()).filled(["def"]) == "abcdef"  # [gMASK]: continued
 
 
-@pytest.mark.parametrize("text, message", [
-    ("ab[XMASK]c", r"unknown mask marker \[XMASK\] but no \[MASK\], \[sMASK\] or \[gMASK\]"),
-    ("ab MASK] c", r"holds 'MASK\]' but no \[MASK\]"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ab[XMASK]c", r"unknown mask marker \[XMASK\] but no \[MASK\], \[sMASK\] or \[gMASK\]"),
+        ("ab MASK] c", r"holds 'MASK\]' but no \[MASK\]"),
+    ],
+)
 def test_refused_where_the_official_rule_generates_nothing(text, message):
     """The official rule appends [gMASK] only to a text without "MASK]": with that text but no real
     marker there is no mask token at all, and the official code returns the prompt unchanged."""

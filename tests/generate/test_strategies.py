@@ -67,7 +67,8 @@ def test_top_p_keeps_a_token_while_the_mass_before_it_is_at_most_top_p():
     # a tie after top-k: two of four tokens left, 0.5 each; top_p 0.5 keeps both
     two = torch.tensor([[0.0, 0.0, -1.0, -2.0]])
     assert (filter_logits(two, torch.tensor([2]), torch.tensor([0.5])) > float("-inf")).tolist() == [
-        [True, True, False, False]]
+        [True, True, False, False]
+    ]
 
 
 def test_top_k_keeps_every_token_tied_with_the_kth():
@@ -118,8 +119,9 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 
 def test_temperature_and_per_row_options():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(3, 1)
-    chooser = TokenChooser(Sampling(temperature=[0.0, 1.0, 1.0], top_k=[0, 1, 0], top_p=[1.0, 1.0, 1.0], seed=3),
-                           3, torch.device("cpu"))
+    chooser = TokenChooser(
+        Sampling(temperature=[0.0, 1.0, 1.0], top_k=[0, 1, 0], top_p=[1.0, 1.0, 1.0], seed=3), 3, torch.device("cpu")
+    )
     for _ in range(20):
         tokens = chooser(logits)
         assert tokens[0] == 0 and tokens[1] == 0  # temperature 0 and top-k 1 are greedy
@@ -194,8 +196,9 @@ def test_beam_search_with_room_for_everything_equals_exhaustive_search(length_pe
     expected = exhaustive(prompt_length, horizon, length_penalty)
     # 3 non-end tokens, 2 end tokens: 2 + 6 + 18 + (54 + 81) = 161 hypotheses; 192 beams hold them all
     assert len(expected) == 161
-    state = run_beams(BeamSearch(num_beams=192, length_penalty=length_penalty, no_repeat_ngram_size=0),
-                      prompt_length, horizon)
+    state = run_beams(
+        BeamSearch(num_beams=192, length_penalty=length_penalty, no_repeat_ngram_size=0), prompt_length, horizon
+    )
     got = [(h.score, tuple(h.tokens)) for h in state.finished]
     assert [s for _, s in got] == [s for _, s in expected]
     for (a, _), (b, _) in zip(got, expected):
@@ -214,14 +217,14 @@ def test_no_repeat_ngram_and_min_length():
     def favour_repeats(prefix):  # always prefers token 0, then 1; ends are likely
         logits = torch.tensor([3.0, 2.5, 0.0, 2.8, 2.8])
         return logits
-    state = BeamState(BeamSearch(num_beams=3, no_repeat_ngram_size=2, min_length=5), 4, 8, ENDS,
-                      torch.device("cpu"))
+
+    state = BeamState(BeamSearch(num_beams=3, no_repeat_ngram_size=2, min_length=5), 4, 8, ENDS, torch.device("cpu"))
     rows = [()] * 3
     while (chosen := state.step(torch.stack([favour_repeats(r) for r in rows]))) is not None:
         rows = [rows[p] + (t,) for p, t in zip(*(c.tolist() for c in chosen))]
     for h in state.finished:
         body = [t for t in h.tokens if t not in ENDS]
-        grams = [tuple(body[i:i + 2]) for i in range(len(body) - 1)]
+        grams = [tuple(body[i : i + 2]) for i in range(len(body) - 1)]
         assert len(grams) == len(set(grams)), h.tokens
         assert all(t not in ENDS for t in h.tokens[:5]), h.tokens
 
@@ -246,6 +249,7 @@ def test_beam_scan_stops_once_num_beams_continue():
     best first; an end token finishes a hypothesis, another token continues a beam while fewer
     than num_beams do, and the first other token after that stops the scan: end candidates ranked
     below it are never kept."""
+
     def finished_after_first_step(end_logits):
         state = BeamState(BeamSearch(num_beams=2, no_repeat_ngram_size=0), 3, 5, ENDS, torch.device("cpu"))
         logits = torch.zeros(2, V)
@@ -255,14 +259,16 @@ def test_beam_scan_stops_once_num_beams_continue():
         return sorted(h.tokens for h in state.finished)
 
     assert finished_after_first_step([4.5, 3.0]) == [[3], [4]]  # both rank above token 2
-    assert finished_after_first_step([3.0, 0.0]) == [[3]]       # 0, 1, 3, then 2 stops the scan
-    assert finished_after_first_step([0.5, 0.0]) == []          # 0, 1, then 2 stops it
+    assert finished_after_first_step([3.0, 0.0]) == [[3]]  # 0, 1, 3, then 2 stops the scan
+    assert finished_after_first_step([0.5, 0.0]) == []  # 0, 1, then 2 stops it
 
 
 def test_beam_options_are_checked():
-    for options, message in ((dict(num_beams=0), "num_beams must be a positive integer"),
-                             (dict(min_length=-1), "min_length must be an integer >= 0"),
-                             (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be an integer >= 0")):
+    for options, message in (
+        (dict(num_beams=0), "num_beams must be a positive integer"),
+        (dict(min_length=-1), "min_length must be an integer >= 0"),
+        (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be an integer >= 0"),
+    ):
         with pytest.raises(ConfigError, match=message):
             BeamSearch(**options)
 
@@ -299,7 +305,7 @@ def test_reference_stop_ends_when_the_worst_finished_beats_the_best_running_at_t
     lp = torch.log_softmax(logits[0], -1)
     finished = lp[3] / ((5 + 2 + 1) / 6)
     assert finished >= lp[0] / ((5 + 2 + 1) / 6)  # reference: running token 0 normalised at length 3
-    assert finished < lp[0] / ((5 + 2 + 8) / 6)   # exact bound: it might still win by length 10
+    assert finished < lp[0] / ((5 + 2 + 8) / 6)  # exact bound: it might still win by length 10
     reference = BeamState(BeamSearch(num_beams=1, reference_stop=True), 2, 8, ENDS, torch.device("cpu"))
     assert reference.step(logits) is None and reference.hypotheses() == [[3]]
     exact = BeamState(BeamSearch(num_beams=1), 2, 8, ENDS, torch.device("cpu"))

@@ -27,8 +27,14 @@ def convert_tp_rule(name: str, tensor: torch.Tensor, rank: int, tp: int) -> torc
     """THUDM/GLM-130B tools/convert_tp.py, splitting a TP = 1 tensor, restated: dense and 4h_to_h weights
     by columns, other weights and biases of split layers by rows, the GeGLU input as
     [chunk rank; chunk tp + rank] of 2 tp chunks, LayerNorms and the remaining biases replicated."""
-    sequential = ("input_layernorm", "post_attention_layernorm", "final_layernorm", "attention.dense.bias",
-                  "dense_4h_to_h.bias", "inv_freq")
+    sequential = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "final_layernorm",
+        "attention.dense.bias",
+        "dense_4h_to_h.bias",
+        "inv_freq",
+    )
     if any(s in name for s in sequential):
         return tensor
     if "dense_h_to_4h" in name:
@@ -71,8 +77,12 @@ def test_sharded_directory_loads_like_one_file(tmp_path):
     assert len(files) > 2 and all((tmp_path / "many" / f).is_file() for f in files)
     a, b = load_model(tmp_path / "one"), load_model(tmp_path / "many")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-    convert(tmp_path / "many", tmp_path / "q", scheme=__import__("glm130b.quant.format").quant.format.QuantScheme(8),
-            progress=False)  # a sharded source streams into quantization too
+    convert(
+        tmp_path / "many",
+        tmp_path / "q",
+        scheme=__import__("glm130b.quant.format").quant.format.QuantScheme(8),
+        progress=False,
+    )  # a sharded source streams into quantization too
     assert load_model(tmp_path / "q").transformer.layers[0].mlp.dense_4h_to_h.weight.dtype == torch.int8
 
 
@@ -131,7 +141,9 @@ def test_the_tokenizer_travels_with_the_weights(tmp_path):
 
     save_model(oracle_model("sat_basic_fp32"), tmp_path / "m")
     text = "the quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。" * 20
-    tokenizer = train_tokenizer([text], tmp_path / "m" / "tokenizer", vocab_size=300 + 8)  # 256 bytes + 3 controls + the characters; + 8 specials
+    tokenizer = train_tokenizer(
+        [text], tmp_path / "m" / "tokenizer", vocab_size=300 + 8
+    )  # 256 bytes + 3 controls + the characters; + 8 specials
     for to in ("dir", "hf"):
         convert(tmp_path / "m", tmp_path / to, to=to, progress=False)
         assert load_tokenizer(tmp_path / to / "tokenizer").fingerprint() == tokenizer.fingerprint()
@@ -153,8 +165,11 @@ def test_official_compatible_scales_are_those_of_each_rank_quantized_after_split
     assert main(["quantize", str(tmp_path / "fp16"), str(tmp_path / "q"), "--bits", "4", "--official-tp", "2"]) == 0
     state = load_file(str(tmp_path / "q" / "model.safetensors"))
     weights = {k: v for k, v in model.state_dict().items()}
-    for name in [n for n in weights if n.endswith(("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight",
-                                                   "dense_4h_to_h.weight"))]:
+    for name in [
+        n
+        for n in weights
+        if n.endswith(("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight"))
+    ]:
         pieces = [quantize_weight(convert_tp_rule(name, weights[name], rank, 2), QuantScheme(4)) for rank in range(2)]
         if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):  # split by input columns
             expected_q = torch.cat([q for q, _ in pieces], dim=1)

@@ -34,8 +34,11 @@ def exported(tmp_path_factory):
     config = json.loads((root / "hf" / "config.json").read_text())
     config["special_tokens"] = dataclasses.asdict(ORACLE_TOKENS)
     (root / "hf" / "config.json").write_text(json.dumps(config))
-    generation = {"eos_token_id": [ORACLE_TOKENS.eop, ORACLE_TOKENS.eos], "pad_token_id": ORACLE_TOKENS.pad,
-                  "suppress_tokens": banned_tokens(ORACLE_TOKENS, 1000)}
+    generation = {
+        "eos_token_id": [ORACLE_TOKENS.eop, ORACLE_TOKENS.eos],
+        "pad_token_id": ORACLE_TOKENS.pad,
+        "suppress_tokens": banned_tokens(ORACLE_TOKENS, 1000),
+    }
     (root / "hf" / "generation_config.json").write_text(json.dumps(generation))
     return root, model
 
@@ -50,8 +53,9 @@ def test_auto_classes_give_our_logits(exported):
     fixture = load_fixture("sat_basic_fp32")
     with torch.no_grad():
         expected = ours(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"])
-        got = theirs(fixture["input_ids"], position_ids=fixture["position_ids"],
-                     attention_mask=fixture["attention_mask"]).logits
+        got = theirs(
+            fixture["input_ids"], position_ids=fixture["position_ids"], attention_mask=fixture["attention_mask"]
+        ).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(got, fixture["logits"], atol=1e-4, rtol=0)
 
@@ -65,11 +69,15 @@ def test_ids_alone_follow_the_glm_prompt_rule_and_generate_matches_ours(exported
     context = [5, 17, 230, 44, specials.gmask, specials.sop]
     batch = build_generation_batch([context], specials, "1d", 128)
     with torch.no_grad():
-        torch.testing.assert_close(theirs(torch.tensor([context])).logits,
-                                   ours(batch.input_ids, batch.position_ids, batch.attention_mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            theirs(torch.tensor([context])).logits,
+            ours(batch.input_ids, batch.position_ids, batch.attention_mask),
+            atol=1e-5,
+            rtol=0,
+        )
         out = theirs.generate(torch.tensor([context]), max_new_tokens=6, do_sample=False, use_cache=False)
     [expected] = generate_ids(ours, [context], specials, Greedy(), max_new_tokens=6)
-    generated = [t for t in out[0, len(context):].tolist() if t not in (specials.eop, specials.eos)]
+    generated = [t for t in out[0, len(context) :].tolist() if t not in (specials.eop, specials.eos)]
     assert generated == expected
 
 
@@ -79,12 +87,12 @@ def test_trust_remote_code_without_glm130b_installed(exported, tmp_path):
 import sys, torch
 sys.modules["glm130b"] = None  # importing glm130b now fails: the folder's own code must suffice
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(root / 'hf')!r}, trust_remote_code=True).eval()
-fixture = torch.load({str(tmp_path / 'inputs.pt')!r})
+model = AutoModelForCausalLM.from_pretrained({str(root / "hf")!r}, trust_remote_code=True).eval()
+fixture = torch.load({str(tmp_path / "inputs.pt")!r})
 with torch.no_grad():
     logits = model(fixture["input_ids"], position_ids=fixture["position_ids"],
                    attention_mask=fixture["attention_mask"]).logits
-torch.save(logits, {str(tmp_path / 'logits.pt')!r})
+torch.save(logits, {str(tmp_path / "logits.pt")!r})
 """
     fixture = load_fixture("sat_basic_fp32")
     torch.save({k: fixture[k] for k in ("input_ids", "position_ids", "attention_mask")}, tmp_path / "inputs.pt")
@@ -123,15 +131,35 @@ def chatglm_folder(directory, fixture) -> None:
     """A folder laid out as THUDM/chatglm-6b's: its config.json fields, two pytorch_model .bin shards
     and their index, ChatGLM's key names (with the rotary buffers its code registers)."""
     directory.mkdir()
-    config = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "position_encoding_2d": True,
-              "mask_token_id": 990, "gmask_token_id": 991, "bos_token_id": 992, "eos_token_id": 993, "pad_token_id": 0,
-              "torch_dtype": "float32", **{k: fixture["config"][k] for k in
-                                           ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                                            "inner_hidden_size", "max_sequence_length", "layernorm_epsilon")}}
+    config = {
+        "architectures": ["ChatGLMModel"],
+        "model_type": "chatglm",
+        "position_encoding_2d": True,
+        "mask_token_id": 990,
+        "gmask_token_id": 991,
+        "bos_token_id": 992,
+        "eos_token_id": 993,
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+        **{
+            k: fixture["config"][k]
+            for k in (
+                "num_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "vocab_size",
+                "inner_hidden_size",
+                "max_sequence_length",
+                "layernorm_epsilon",
+            )
+        },
+    }
     (directory / "config.json").write_text(json.dumps(config))
     names = list(fixture["state_dict"])
-    halves = {"pytorch_model-00001-of-00002.bin": names[:len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    halves = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for file, keys in halves.items():
         torch.save({k: fixture["state_dict"][k] for k in keys}, directory / file)
     index = {"metadata": {}, "weight_map": {k: file for file, keys in halves.items() for k in keys}}
@@ -144,8 +172,12 @@ def test_chatglm6b_folder_reproduces_its_oracle(tmp_path):
     convert(tmp_path / "chatglm", tmp_path / "dir", progress=False)
     model = load_model(tmp_path / "dir")
     config = model.config
-    assert (config.position_encoding, config.ffn, config.tie_word_embeddings, config.deepnorm_num_layers) == \
-        ("2d", "gelu", False, 28)
+    assert (config.position_encoding, config.ffn, config.tie_word_embeddings, config.deepnorm_num_layers) == (
+        "2d",
+        "gelu",
+        False,
+        28,
+    )
     with torch.no_grad():
         logits = model(fixture["input_ids"], fixture["position_ids"], fixture["attention_mask"])
     torch.testing.assert_close(logits, fixture["logits"], atol=1e-4, rtol=0)

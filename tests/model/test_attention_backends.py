@@ -40,14 +40,22 @@ BACKENDS = {  # name: GLMConfig fields
 
 def objective_batch():
     """Rows of every kind the objective draws, right-padded to LENGTH; token ids folded into VOCAB."""
-    config = ObjectiveConfig(sequence_length=LENGTH, gmask_raw_length=80, mask_segments=3, mask_segment_length=32,
-                             mip_segments=2, max_span_length=4)
+    config = ObjectiveConfig(
+        sequence_length=LENGTH,
+        gmask_raw_length=80,
+        mask_segments=3,
+        mask_segment_length=32,
+        mip_segments=2,
+        max_span_length=4,
+    )
     rng = np.random.default_rng(0)
     raw = np.arange(config.mask_window_length) + 10
-    samples = [mask_sample(raw, rng, config, SPECIALS),
-               gmask_sample(raw[:config.gmask_raw_length], rng, config, SPECIALS),
-               gmask_sample(raw[:60], np.random.default_rng(3), config, SPECIALS),  # shorter: more padding
-               mip_sample(make_pairs([(10, 5), (3, 8), (20, 6)]), rng, config, SPECIALS)]
+    samples = [
+        mask_sample(raw, rng, config, SPECIALS),
+        gmask_sample(raw[: config.gmask_raw_length], rng, config, SPECIALS),
+        gmask_sample(raw[:60], np.random.default_rng(3), config, SPECIALS),  # shorter: more padding
+        mip_sample(make_pairs([(10, 5), (3, 8), (20, 6)]), rng, config, SPECIALS),
+    ]
     batch = collate(samples, LENGTH, SPECIALS.pad)
     batch.input_ids %= VOCAB
     batch.targets %= VOCAB
@@ -55,8 +63,17 @@ def objective_batch():
 
 
 def tiny_config(**fields) -> GLMConfig:
-    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, inner_hidden_size=96,
-                 max_sequence_length=128, hidden_dropout=0.0, attention_dropout=0.0, rotary_dtype="fp32")
+    shape = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        inner_hidden_size=96,
+        max_sequence_length=128,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        rotary_dtype="fp32",
+    )
     return GLMConfig(**{**shape, **fields})
 
 
@@ -123,11 +140,14 @@ def test_flex_kernel_matches_the_reference_logits(reference):
 
 
 def test_dropout_is_an_error_on_the_prefix_backend_and_kept_by_auto():
-    with pytest.raises(ConfigError, match="attention_backend prefix has no attention dropout .* set attention_dropout "
-                                          "0, or use attention_backend sdpa"):
+    with pytest.raises(
+        ConfigError,
+        match="attention_backend prefix has no attention dropout .* set attention_dropout "
+        "0, or use attention_backend sdpa",
+    ):
         tiny_config(attention_backend="prefix", attention_dropout=0.1)
     config = tiny_config(attention_backend="auto", attention_dropout=0.5)
-    assert resolve_backend(config, training=True) == "sdpa"    # dropout on: the backend that has it
+    assert resolve_backend(config, training=True) == "sdpa"  # dropout on: the backend that has it
     assert resolve_backend(config, training=False) == "prefix"  # no dropout in eval: the fast kernels
     assert "attention_dropout" in describe_backend(config, torch.device("cpu"))
     batch = objective_batch()
@@ -145,7 +165,9 @@ def test_compact_mask_is_for_full_forwards_and_checked():
     batch = objective_batch()
     model = GLM(tiny_config(attention_backend="auto")).eval()
     cache = KVCache(model.config, batch.input_ids.shape[0], LENGTH, torch.float32, "cpu")
-    with pytest.raises(InputError, match="compact mask is for full forwards; decode with a KV cache and the dense mask"):
+    with pytest.raises(
+        InputError, match="compact mask is for full forwards; decode with a KV cache and the dense mask"
+    ):
         model(batch.input_ids, batch.position_ids, batch.compact_mask(), kv_cache=cache)
     short = CompactMask(batch.segment_ids[:, :10], batch.in_prefix[:, :10])
     with pytest.raises(InputError, match=r"attention_mask.segment_ids must have shape \(4, 96\)"):

@@ -19,8 +19,11 @@ def test_flex_block_mask_matches_the_dense_mask():
     config = ObjectiveConfig.for_sequence_length(512)
     rng = np.random.default_rng(5)
     raw = np.arange(config.mask_window_length) + 10
-    samples = [mask_sample(raw, rng, config, SPECIALS), gmask_sample(raw[:config.gmask_raw_length], rng, config, SPECIALS),
-               mip_sample(make_pairs([(50, 20), (300, 40)]), rng, config, SPECIALS)]
+    samples = [
+        mask_sample(raw, rng, config, SPECIALS),
+        gmask_sample(raw[: config.gmask_raw_length], rng, config, SPECIALS),
+        mip_sample(make_pairs([(50, 20), (300, 40)]), rng, config, SPECIALS),
+    ]
     batch = collate(samples, config.sequence_length, SPECIALS.pad)
     block_mask = flex_block_mask(batch.segment_ids, batch.in_prefix)
     tiles = block_mask.to_dense()[0, 0]  # [4, 4] blocks of the [MASK] row: segments are blocks

@@ -8,8 +8,9 @@ import torch
 from glm130b import GLM, GLMConfig
 from glm130b.model.config import ConfigError
 
-SHAPE = dict(num_layers=4, hidden_size=128, num_attention_heads=8, vocab_size=512,
-             inner_hidden_size=344, max_sequence_length=256)
+SHAPE = dict(
+    num_layers=4, hidden_size=128, num_attention_heads=8, vocab_size=512, inner_hidden_size=344, max_sequence_length=256
+)
 
 
 def test_glm130b_preset_on_meta_device_has_the_published_parameter_count():
@@ -43,15 +44,18 @@ def test_save_load_round_trip(tmp_path, suffix):
     assert GLMConfig.load(path) == cfg
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(num_attention_heads=7), r"num_attention_heads \(7\) must divide hidden_size \(128\)"),
-    (dict(num_layers=0), "num_layers must be a positive integer, got 0"),
-    (dict(ffn="swiglu"), "ffn must be one of geglu, gelu; got 'swiglu'"),
-    (dict(attention_backend="flash"), "attention_backend must be one of sdpa, reference"),
-    (dict(position_encoding="3d"), "position_encoding must be one of 1d, 2d"),
-    (dict(hidden_dropout=1.5), r"hidden_dropout must be in \[0, 1\)"),
-    (dict(hidden_size=120, num_attention_heads=8, position_encoding="2d"), "multiple of 4 for 2-D rotary"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_attention_heads=7), r"num_attention_heads \(7\) must divide hidden_size \(128\)"),
+        (dict(num_layers=0), "num_layers must be a positive integer, got 0"),
+        (dict(ffn="swiglu"), "ffn must be one of geglu, gelu; got 'swiglu'"),
+        (dict(attention_backend="flash"), "attention_backend must be one of sdpa, reference"),
+        (dict(position_encoding="3d"), "position_encoding must be one of 1d, 2d"),
+        (dict(hidden_dropout=1.5), r"hidden_dropout must be in \[0, 1\)"),
+        (dict(hidden_size=120, num_attention_heads=8, position_encoding="2d"), "multiple of 4 for 2-D rotary"),
+    ],
+)
 def test_validation_messages(change, message):
     with pytest.raises(ConfigError, match=message):
         GLMConfig(**{**SHAPE, **change})

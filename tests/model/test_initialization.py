@@ -9,8 +9,9 @@ import glm130b.model.glm as model_module
 from glm130b import GLM, GLMConfig
 from glm130b.model.initialization import initialize_glm
 
-CONFIG = GLMConfig(num_layers=3, hidden_size=256, num_attention_heads=4, vocab_size=512,
-                   inner_hidden_size=384, max_sequence_length=16)
+CONFIG = GLMConfig(
+    num_layers=3, hidden_size=256, num_attention_heads=4, vocab_size=512, inner_hidden_size=384, max_sequence_length=16
+)
 BETA = (2 * 3) ** -0.5
 
 
@@ -28,8 +29,13 @@ def value_rows_seen_by_attention(model: GLM, monkeypatch) -> torch.Tensor:
     with torch.no_grad():
         attention.query_key_value.weight.zero_()
         attention.query_key_value.bias.copy_(torch.arange(3 * CONFIG.hidden_size, dtype=torch.float32))
-        attention(torch.zeros(1, 2, CONFIG.hidden_size), model_module.RotaryAngles.build(
-            torch.zeros(1, 2, dtype=torch.long), CONFIG), torch.zeros(1, 1, 2, 2, dtype=torch.bool), None, 0)
+        attention(
+            torch.zeros(1, 2, CONFIG.hidden_size),
+            model_module.RotaryAngles.build(torch.zeros(1, 2, dtype=torch.long), CONFIG),
+            torch.zeros(1, 1, 2, 2, dtype=torch.bool),
+            None,
+            0,
+        )
     return seen["v"][0, :, 0, :].flatten().long()  # [H * D] row numbers, head by head
 
 

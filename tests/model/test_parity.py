@@ -12,8 +12,10 @@ BACKENDS = ["reference", "sdpa"]
 
 def max_error_on_valid_positions(logits, fixture):
     lengths = valid_lengths(fixture)
-    return max((logits[b, :n].float() - fixture["logits"][b, :n].float()).abs().max().item()
-               for b, n in enumerate(lengths.tolist()))
+    return max(
+        (logits[b, :n].float() - fixture["logits"][b, :n].float()).abs().max().item()
+        for b, n in enumerate(lengths.tolist())
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -56,7 +58,7 @@ def official_generation_mask(input_ids: torch.Tensor, sop: int) -> torch.Tensor:
     masks = []
     for row in input_ids.tolist():
         visible = torch.ones(L, L).tril()
-        visible[:, :row.index(sop)] = 1
+        visible[:, : row.index(sop)] = 1
         masks.append(visible < 0.5)
     return torch.stack(masks).unsqueeze(1)
 
@@ -76,8 +78,8 @@ def test_long_context_fixtures_reach_position_2047():
         fixture = load_fixture(name)
         assert fixture["config"]["max_sequence_length"] == 2048
         assert fixture["input_ids"].shape == (2, 2048)
-        assert int(fixture["position_ids"].max()) == 2047              # the [gMASK] sample counts on to 2047
-        assert fixture["position_ids"][1, -6:].tolist() == [2035] * 6   # the [MASK] sample's span sits at 2035
+        assert int(fixture["position_ids"].max()) == 2047  # the [gMASK] sample counts on to 2047
+        assert fixture["position_ids"][1, -6:].tolist() == [2035] * 6  # the [MASK] sample's span sits at 2035
         assert fixture["rows"][-40:].tolist() == list(range(2008, 2048))
 
 

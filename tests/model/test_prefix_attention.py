@@ -30,16 +30,22 @@ def compact_form(rows: list[list[tuple[int, int]]], length: int):
     for b, segments in enumerate(rows):
         s = 0
         for i, (p, n) in enumerate(segments):
-            seg[b, s:s + n] = i + 1
-            pre[b, s:s + p] = True
+            seg[b, s : s + n] = i + 1
+            pre[b, s : s + p] = True
             s += n
     return seg, pre
 
 
 CASES = {
-    "gmask": [[(5, 20), ], [(12, 17)], [(1, 24)]],                 # one segment per row, padded
+    "gmask": [
+        [
+            (5, 20),
+        ],
+        [(12, 17)],
+        [(1, 24)],
+    ],  # one segment per row, padded
     "mask_blocks": [[(3, 6), (4, 6), (2, 6), (5, 6)], [(6, 12), (2, 12)], [(4, 4), (0, 10)]],  # block-diagonal
-    "edge": [[(24, 24)], [(0, 24)], [(0, 0)] * 0 + [(3, 3)]],      # all prefix, all causal, tiny + pad
+    "edge": [[(24, 24)], [(0, 24)], [(0, 0)] * 0 + [(3, 3)]],  # all prefix, all causal, tiny + pad
 }
 
 
@@ -92,7 +98,9 @@ def test_plan_rejects_prefix_not_at_segment_start():
 def test_kernel_choice(monkeypatch):
     seg, pre = compact_form(CASES["gmask"], 24)
     assert PrefixLMPlan.build(seg, pre).kernel == "loop"  # auto on a CPU: no flash varlen, no FlexAttention backward
-    with pytest.raises(InputError, match="prefix_kernel varlen needs flash varlen attention .* use prefix_kernel auto, flex or loop"):
+    with pytest.raises(
+        InputError, match="prefix_kernel varlen needs flash varlen attention .* use prefix_kernel auto, flex or loop"
+    ):
         PrefixLMPlan.build(seg, pre, kernel="varlen")
     with pytest.raises(InputError, match="prefix_kernel must be one of"):
         PrefixLMPlan.build(seg, pre, kernel="dense")

@@ -37,8 +37,10 @@ class FakeCorpus:
 
 def make_pairs(lengths):
     """Pairs with distinct prompt/target ranges: pair i's ids start at base + i * 10_000."""
-    return [MIPPair(PROMPT_BASE + 10_000 * i + np.arange(p), TARGET_BASE + 10_000 * i + np.arange(t))
-            for i, (p, t) in enumerate(lengths)]
+    return [
+        MIPPair(PROMPT_BASE + 10_000 * i + np.arange(p), TARGET_BASE + 10_000 * i + np.arange(t))
+        for i, (p, t) in enumerate(lengths)
+    ]
 
 
 # (600, 20): prompt cut on the left at both lengths; (2, 300) fits a 512-token MIP segment, not 256
@@ -102,7 +104,7 @@ def parse_row(batch, b, config, encoding):
             anchors.append(anchor)
             filled[int(anchor)] = y[block][:-1]
         assert sorted(anchors) == list(mask_slots), "each mask is filled by exactly one span"
-        text = np.concatenate([filled[i] if i in filled else ctx[i:i + 1] for i in range(first)])
+        text = np.concatenate([filled[i] if i in filled else ctx[i : i + 1] for i in range(first)])
         if (x >= PROMPT_BASE).any():
             kinds.add("mip")
             assert len(blocks) == 1 and mask_slots[0] == first - 1
@@ -135,7 +137,7 @@ def analyse(batches, config, encoding="1d", pairs=None):
             kind, facts = parse_row(batch, b, config, encoding)
             stats["kinds"].append(kind)
             if kind == "gmask":
-                (_, text, t), = facts
+                ((_, text, t),) = facts
                 check_raw_run(text)
                 assert len(text) == config.gmask_raw_length
                 stats["sources"].append(source_of(text[0]))
@@ -162,10 +164,9 @@ def analyse(batches, config, encoding="1d", pairs=None):
                     pair = pair_by_target[int(target[0])] if len(target) else pair_by_target[None]
                     assert (target == pair.target).all(), "a MIP target is never cut"
                     assert len(prompt) <= len(pair.prompt)
-                    assert (prompt == pair.prompt[len(pair.prompt) - len(prompt):]).all()
+                    assert (prompt == pair.prompt[len(pair.prompt) - len(prompt) :]).all()
                     # a cut prompt fills its segment exactly
-                    assert len(prompt) == len(pair.prompt) or \
-                        len(prompt) + len(target) + 2 == config.mip_segment_length
+                    assert len(prompt) == len(pair.prompt) or len(prompt) + len(target) + 2 == config.mip_segment_length
     return {**{k: np.array(v) for k, v in stats.items()}, "orders": orders}
 
 
@@ -174,7 +175,7 @@ def stopping_moments(config):
     "draw Poisson(lambda) lengths restricted to 1..cap until C >= int(ratio x (segment - 2k))", by dynamic
     programming over the not-yet-stopped (k, C) states."""
     lam, cap, S, r = config.poisson_lambda, config.max_span_length, config.mask_segment_length, config.mask_ratio
-    pmf = np.array([0.0] + [lam ** i / math.factorial(i) for i in range(1, cap + 1)])
+    pmf = np.array([0.0] + [lam**i / math.factorial(i) for i in range(1, cap + 1)])
     pmf /= pmf.sum()
     alive = np.array([1.0])
     m = dict.fromkeys(("C", "C2", "k", "k2", "Ck"), 0.0)
@@ -205,10 +206,10 @@ def check_span_statistics(covered, spans, config):
     # Wald's identity: E[C] = E[k] x mean length, whatever the stopping rule; checks the DP itself.
     assert m["C"] / m["k"] == pytest.approx(mean_length, rel=1e-9)
     mu = mean_length
-    sd_mu = math.sqrt((var_C + mu ** 2 * var_k - 2 * mu * cov_Ck) / N) / m["k"]
+    sd_mu = math.sqrt((var_C + mu**2 * var_k - 2 * mu * cov_Ck) / N) / m["k"]
     assert abs(covered.sum() / spans.sum() - mu) <= SIGMAS * sd_mu
     raw = S - 2 * spans
     rho = m["C"] / (S - 2 * m["k"])  # Var(C - rho (S - 2k)) = Var C + 4 rho^2 Var k + 4 rho Cov(C, k)
-    sd_rho = math.sqrt((var_C + 4 * rho ** 2 * var_k + 4 * rho * cov_Ck) / N) / (S - 2 * m["k"])
+    sd_rho = math.sqrt((var_C + 4 * rho**2 * var_k + 4 * rho * cov_Ck) / N) / (S - 2 * m["k"])
     assert abs(covered.sum() / raw.sum() - rho) <= SIGMAS * sd_rho
     return rho, mu

@@ -36,8 +36,9 @@ def test_every_rule_holds_at_the_recipe_length_in_both_encodings():
     config = ObjectiveConfig()
     pairs = make_pairs(MIP_LENGTHS)
     for encoding in ("1d", "2d"):
-        sampler = GLMBatchSampler(FakeCorpus(), config, SPECIALS, batch_size=24, seed=7,
-                                  mip_pairs=pairs, position_encoding=encoding)
+        sampler = GLMBatchSampler(
+            FakeCorpus(), config, SPECIALS, batch_size=24, seed=7, mip_pairs=pairs, position_encoding=encoding
+        )
         batches = [sampler.micro_batch(step) for step in range(2)]
         assert batches[0].position_ids.shape == ((24, 2, 2048) if encoding == "2d" else (24, 2048))
         stats = analyse(batches, config, encoding, pairs=sampler.mip_pairs)
@@ -49,8 +50,9 @@ def test_every_rule_holds_at_odd_and_tiny_lengths(length):
     """for_sequence_length down to its minimum (8-token [MASK] segments) and at lengths that do
     not divide by 4 or 512."""
     config = ObjectiveConfig.for_sequence_length(length)
-    sampler = GLMBatchSampler(FakeCorpus(), config, SPECIALS, batch_size=128, seed=length,
-                              mip_pairs=make_pairs([(5, 3), (40, 8)]))
+    sampler = GLMBatchSampler(
+        FakeCorpus(), config, SPECIALS, batch_size=128, seed=length, mip_pairs=make_pairs([(5, 3), (40, 8)])
+    )
     stats = analyse([sampler.micro_batch(0)], config, pairs=sampler.mip_pairs)
     assert set(stats["kinds"]) >= {"gmask", "mask"}
 
@@ -93,8 +95,7 @@ def test_without_mip_pairs_the_mix_is_self_supervised_and_says_so():
 
 def test_corpus_too_small_is_refused():
     with pytest.raises(ConfigError, match="fewer than the 2048"):
-        GLMBatchSampler(FakeCorpus(num_tokens=2047), ObjectiveConfig(), SPECIALS, 4, 0,
-                        mip_pairs=make_pairs([(3, 3)]))
+        GLMBatchSampler(FakeCorpus(num_tokens=2047), ObjectiveConfig(), SPECIALS, 4, 0, mip_pairs=make_pairs([(3, 3)]))
     # [gMASK] only (the trainer's validation mix) reads 2000 tokens per row
     gmask_only = dataclasses.replace(ObjectiveConfig(), gmask_share=1.0, mip_share=0.0)
     GLMBatchSampler(FakeCorpus(num_tokens=2000), gmask_only, SPECIALS, 4, 0).micro_batch(0)
@@ -102,14 +103,16 @@ def test_corpus_too_small_is_refused():
         GLMBatchSampler(FakeCorpus(num_tokens=1999), gmask_only, SPECIALS, 4, 0)
 
 
-
 # ---------------------------------------------------------------------- statistics
 def test_mix_shares_match_the_recipe(small):
     """Counts of each kind are binomial(N, p); 5 sigma = 5 sqrt(p (1-p) / N)."""
     config, _, stats, _ = small
     N = len(stats["kinds"])
-    expected = {"mip": config.mip_share, "gmask": (1 - config.mip_share) * config.gmask_share,
-                "mask": (1 - config.mip_share) * (1 - config.gmask_share)}
+    expected = {
+        "mip": config.mip_share,
+        "gmask": (1 - config.mip_share) * config.gmask_share,
+        "mask": (1 - config.mip_share) * (1 - config.gmask_share),
+    }
     for kind, p in expected.items():
         share = (stats["kinds"] == kind).mean()
         assert abs(share - p) <= SIGMAS * math.sqrt(p * (1 - p) / N), (kind, share, p)
@@ -117,7 +120,6 @@ def test_mix_shares_match_the_recipe(small):
     books = (stats["sources"] == "books").mean()
     p = SOURCE_WEIGHTS["books"]
     assert abs(books - p) <= SIGMAS * math.sqrt(p * (1 - p) / n_self)
-
 
 
 # ---------------------------------------------------------------------- determinism
@@ -143,8 +145,10 @@ def test_validation_batches_are_fixed_and_apart_from_training(small):
 def test_sampler_arguments_are_checked():
     config = ObjectiveConfig.for_sequence_length(256)
     pairs = make_pairs([(3, 3)])
-    for batch_size, seed, message in ((0, 0, "batch_size must be a positive integer"),
-                                      (4, -1, "seed must be a non-negative integer")):
+    for batch_size, seed, message in (
+        (0, 0, "batch_size must be a positive integer"),
+        (4, -1, "seed must be a non-negative integer"),
+    ):
         with pytest.raises(ConfigError, match=message):
             GLMBatchSampler(FakeCorpus(), config, SPECIALS, batch_size, seed, mip_pairs=pairs)
     sampler = GLMBatchSampler(FakeCorpus(), config, SPECIALS, 2, 0, mip_pairs=pairs)

@@ -16,10 +16,20 @@ from tests.objective.helpers import SIGMAS, SPECIALS, check_span_statistics, mak
 # ---------------------------------------------------------------------- config
 def test_recipe_preset_and_scaling():
     recipe = ObjectiveConfig()
-    assert (recipe.sequence_length, recipe.gmask_raw_length, recipe.mask_segments,
-            recipe.mask_segment_length, recipe.mip_segments) == (2048, 2000, 4, 512, 4)
-    assert (recipe.gmask_share, recipe.mip_share, recipe.mask_ratio, recipe.poisson_lambda,
-            recipe.max_span_length) == (0.7, 0.05, 0.15, 3.0, 39)
+    assert (
+        recipe.sequence_length,
+        recipe.gmask_raw_length,
+        recipe.mask_segments,
+        recipe.mask_segment_length,
+        recipe.mip_segments,
+    ) == (2048, 2000, 4, 512, 4)
+    assert (recipe.gmask_share, recipe.mip_share, recipe.mask_ratio, recipe.poisson_lambda, recipe.max_span_length) == (
+        0.7,
+        0.05,
+        0.15,
+        3.0,
+        39,
+    )
     assert ObjectiveConfig.for_sequence_length(2048) == recipe
     small = ObjectiveConfig.for_sequence_length(256)
     assert (small.gmask_raw_length, small.mask_segment_length, small.mip_segments) == (250, 64, 1)
@@ -27,32 +37,43 @@ def test_recipe_preset_and_scaling():
     assert ObjectiveConfig.from_dict(small.to_dict()) == small
 
 
-@pytest.mark.parametrize("fields", [dict(gmask_raw_length=2048), dict(mask_segment_length=600),
-                                    dict(mask_ratio=0.3), dict(max_span_length=300),
-                                    dict(suffix_fraction_min=0.0), dict(mip_share=1.5)])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(gmask_raw_length=2048),
+        dict(mask_segment_length=600),
+        dict(mask_ratio=0.3),
+        dict(max_span_length=300),
+        dict(suffix_fraction_min=0.0),
+        dict(mip_share=1.5),
+    ],
+)
 def test_config_refuses_unbuildable_values(fields):
     with pytest.raises(ConfigError):
         ObjectiveConfig(**fields)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(mask_segments=0), "mask_segments must be a positive integer, got 0"),
-    (dict(sequence_length=True), "sequence_length must be a positive integer, got True"),
-    (dict(gmask_share="0.5"), r"gmask_share must be in \[0, 1\], got '0.5'"),
-    (dict(mask_ratio=0.0), r"mask_ratio must be in \(0, 0.25\) so that spans, masks and <sop>s fit"),
-    (dict(poisson_lambda=-3.0), "poisson_lambda must be a positive number"),
-    (dict(suffix_fraction_min=0.9, suffix_fraction_max=0.5), "0 < min <= max <= 1"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(mask_segments=0), "mask_segments must be a positive integer, got 0"),
+        (dict(sequence_length=True), "sequence_length must be a positive integer, got True"),
+        (dict(gmask_share="0.5"), r"gmask_share must be in \[0, 1\], got '0.5'"),
+        (dict(mask_ratio=0.0), r"mask_ratio must be in \(0, 0.25\) so that spans, masks and <sop>s fit"),
+        (dict(poisson_lambda=-3.0), "poisson_lambda must be a positive number"),
+        (dict(suffix_fraction_min=0.9, suffix_fraction_max=0.5), "0 < min <= max <= 1"),
+    ],
+)
 def test_config_errors_name_the_field_and_the_allowed_values(fields, message):
     with pytest.raises(ConfigError, match=message):
         ObjectiveConfig(**fields)
     with pytest.raises(ConfigError, match="sequence_length must be an integer"):
         ObjectiveConfig.for_sequence_length(512.0)
 
+
 def test_config_names_unknown_fields():
     with pytest.raises(ConfigError, match="unknown ObjectiveConfig field"):
         ObjectiveConfig.from_dict({"sequence_lenght": 512})
-
 
 
 # ---------------------------------------------------------------------- MIP segments
@@ -64,7 +85,6 @@ def test_mip_prompt_is_cut_on_the_left_and_target_kept():
     assert (sample.targets[sample.loss_mask] == np.append(pair.target, SPECIALS.eop)).all()
     with pytest.raises(GLMError, match="does not fit"):
         mip_segment(make_pairs([(0, 63)])[0], 64, SPECIALS)
-
 
 
 # ---------------------------------------------------------------------- statistics
@@ -124,7 +144,6 @@ def test_masked_fraction_and_span_length_at_the_recipe_length():
     assert 0.15 < rho < 0.155  # exact: 15.2 %; the official rule gives 15.3 % of its 500-token chunks
 
 
-
 # ---------------------------------------------------------------------- MIP loader
 class CharTokenizer:
     def encode(self, text):
@@ -142,10 +161,15 @@ def test_load_mip_pairs_reads_text_and_token_lists(tmp_path):
     assert sample.input_ids[-1] in (1000 + ord("t"), 10)
 
 
-@pytest.mark.parametrize("line, message", [('{"prompt": "a"}', "'prompt' and 'target'"),
-                                           ("{not json", "not valid JSON"),
-                                           ('{"prompt": "a", "target": "b"}', "no tokenizer"),
-                                           ('{"prompt": [1, -2], "target": [3]}', "non-negative")])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a"}', "'prompt' and 'target'"),
+        ("{not json", "not valid JSON"),
+        ('{"prompt": "a", "target": "b"}', "no tokenizer"),
+        ('{"prompt": [1, -2], "target": [3]}', "non-negative"),
+    ],
+)
 def test_load_mip_pairs_explains_bad_lines(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(line + "\n")

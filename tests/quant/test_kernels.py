@@ -65,7 +65,9 @@ def test_decode_split_k_and_leading_dims(scheme):
     for split in (1, 2, 3):
         y = triton_quantized_linear(x, packed, scale, bias, scheme, split_k=split)
         assert y.shape == (1, 1, 40)
-        assert relative_error(y.view(1, 40), reference(x.view(1, 192), packed, scale, bias, scheme)) < FP32_RELATIVE_ERROR
+        assert (
+            relative_error(y.view(1, 40), reference(x.view(1, 192), packed, scale, bias, scheme)) < FP32_RELATIVE_ERROR
+        )
 
 
 def test_no_bias_and_input_tail():
@@ -98,7 +100,9 @@ def test_tiled_cpu_path_matches_reference(scheme, monkeypatch):
     x = torch.randn(3, 4, 256, generator=torch.Generator().manual_seed(12))
     y = quantized_linear(x, packed, scale, bias, scheme)
     assert y.shape == (3, 4, 101)
-    assert relative_error(y.view(12, 101), reference(x.view(12, 256), packed, scale, bias, scheme)) < FP32_RELATIVE_ERROR
+    assert (
+        relative_error(y.view(12, 101), reference(x.view(12, 256), packed, scale, bias, scheme)) < FP32_RELATIVE_ERROR
+    )
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
@@ -136,8 +140,9 @@ def test_kernels_refuse_rows_that_are_not_whole_words():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("scheme", [QuantScheme(4), QuantScheme(8), QuantScheme(4, 128), QuantScheme(8, 128)],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "scheme", [QuantScheme(4), QuantScheme(8), QuantScheme(4, 128), QuantScheme(8, 128)], ids=lambda s: s.name
+)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("out_features", [2048, 12288])  # 2048 rows decode with split-K, 12288 without
 def test_autotuned_kernels_on_gpu(scheme, dtype, out_features):

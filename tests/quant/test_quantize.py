@@ -58,8 +58,9 @@ def test_int4_packing_is_bit_exact_with_the_official_layout():
     assert packed.shape == (37, 32) and packed.dtype == torch.int8
     np.testing.assert_array_equal(packed.view(torch.uint8).numpy(), official_pack_bytes(q))
     every_byte = np.arange(256, dtype=np.uint8).reshape(8, 32)  # all 256 byte values
-    np.testing.assert_array_equal(unpack_int4(torch.from_numpy(every_byte).view(torch.int8)).numpy(),
-                                  official_unpack_bytes(every_byte))
+    np.testing.assert_array_equal(
+        unpack_int4(torch.from_numpy(every_byte).view(torch.int8)).numpy(), official_unpack_bytes(every_byte)
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -190,9 +191,13 @@ def test_quantized_model_logits(scheme):
     # Stated bound against the unquantized model: the relative RMS error of the logits is at most the
     # largest relative RMS error of a quantized weight matrix (DeepNorm's alpha-scaled residual
     # carries most of the signal, so each layer's error is diluted; measured margin ~5x).
-    weight_errors = [(exact_w - w).norm() / w.norm() for exact_w, w in zip(
-        (m.weight for n, m in dequantized_copy(fp32, scheme).named_modules() if n.endswith(QUANTIZED_LINEARS)),
-        (m.weight for n, m in fp32.named_modules() if n.endswith(QUANTIZED_LINEARS)))]
+    weight_errors = [
+        (exact_w - w).norm() / w.norm()
+        for exact_w, w in zip(
+            (m.weight for n, m in dequantized_copy(fp32, scheme).named_modules() if n.endswith(QUANTIZED_LINEARS)),
+            (m.weight for n, m in fp32.named_modules() if n.endswith(QUANTIZED_LINEARS)),
+        )
+    ]
     assert (logits - original).norm() / original.norm() < max(weight_errors)
 
 
@@ -247,11 +252,15 @@ def test_quantize_command_and_checkpoint_errors(tmp_path, capsys):
     assert "group size 96 is not supported" in capsys.readouterr().err
 
     weights = tmp_path / "q4" / "model.safetensors"
-    for record, message in [({"method": "gptq", "bits": 4, "group_size": 128}, "unknown method 'gptq'"),
-                            ({"method": "weight-only-absmax-symmetric", "bits": 3, "group_size": None}, "cannot quantize to 3 bits"),
-                            ("not json", "unreadable quantization scheme")]:
+    for record, message in [
+        ({"method": "gptq", "bits": 4, "group_size": 128}, "unknown method 'gptq'"),
+        ({"method": "weight-only-absmax-symmetric", "bits": 3, "group_size": None}, "cannot quantize to 3 bits"),
+        ("not json", "unreadable quantization scheme"),
+    ]:
         state = load_file(str(weights))
-        save_file(state, str(weights), metadata={"quantization": record if isinstance(record, str) else json.dumps(record)})
+        save_file(
+            state, str(weights), metadata={"quantization": record if isinstance(record, str) else json.dumps(record)}
+        )
         with pytest.raises(QuantizationError, match=message):
             load_model(tmp_path / "q4")
 
@@ -295,8 +304,13 @@ def test_streaming_peak_memory_is_below_one_layer(tmp_path):
         shapes = {k: tuple(v.shape) for k, v in GLM(config).state_dict().items()}
     pattern = torch.randn(2**16)
     specs = [(name, torch.float32, shape) for name, shape in shapes.items()]
-    tensors = ((name, pattern.repeat(-(-torch.Size(shape).numel() // pattern.numel()))[:torch.Size(shape).numel()].view(shape))
-               for name, shape in shapes.items())
+    tensors = (
+        (
+            name,
+            pattern.repeat(-(-torch.Size(shape).numel() // pattern.numel()))[: torch.Size(shape).numel()].view(shape),
+        )
+        for name, shape in shapes.items()
+    )
     (tmp_path / "big").mkdir()
     write_streaming(tmp_path / "big" / "model.safetensors", specs, tensors, {"format": "glm130b"})
     save_config(config, tmp_path / "big")
@@ -304,9 +318,12 @@ def test_streaming_peak_memory_is_below_one_layer(tmp_path):
     model_bytes = 4 * sum(torch.Size(s).numel() for s in shapes.values())
     assert model_bytes > 5 * layer_bytes
     save_model(tiny_model(), tmp_path / "tiny")
-    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "tiny"), str(tmp_path / "big"),
-                          str(tmp_path / "q"), "4"],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "tiny"), str(tmp_path / "big"), str(tmp_path / "q"), "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     before, after = map(int, run.stdout.split())
     growth = (after - before) * 1024
     assert growth < layer_bytes, f"peak grew {growth / 2**20:.0f} MiB; one layer is {layer_bytes / 2**20:.0f} MiB"

@@ -44,15 +44,22 @@ def task(rng, letter_ids, tok):
         return s + [tok.gmask], s[::-1]
     gap = rng.randint(1, 3)
     start = rng.randrange(0, len(LETTERS) - 2 - gap)
-    run = letter_ids[start:start + 3 + gap]
+    run = letter_ids[start : start + 3 + gap]
     return [run[0], run[1], tok.mask, run[-1], tok.eos], run[2:-1]
 
 
 def train_model(tokenizer, steps: int = 300, seed: int = 0) -> GLM:
     torch.manual_seed(seed)
-    cfg = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=tokenizer.vocab_size,
-                    inner_hidden_size=128, max_sequence_length=MAX_SEQUENCE, hidden_dropout=0.0,
-                    attention_dropout=0.0)
+    cfg = GLMConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=tokenizer.vocab_size,
+        inner_hidden_size=128,
+        max_sequence_length=MAX_SEQUENCE,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = GLM(cfg)
     torch.nn.init.normal_(model.transformer.word_embeddings.weight, std=0.02)
     tok = tokenizer.specials
@@ -66,8 +73,8 @@ def train_model(tokenizer, steps: int = 300, seed: int = 0) -> GLM:
         targets = torch.zeros_like(batch.input_ids)
         weights = torch.zeros(batch.input_ids.shape)
         for b, (c, t) in enumerate(samples):  # the loss covers the span and its <eop>
-            targets[b, len(c):len(c) + len(t) + 1] = torch.tensor(t + [tok.eop])
-            weights[b, len(c):len(c) + len(t) + 1] = 1.0
+            targets[b, len(c) : len(c) + len(t) + 1] = torch.tensor(t + [tok.eop])
+            weights[b, len(c) : len(c) + len(t) + 1] = 1.0
         logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, check_inputs=False)
         loss = masked_lm_loss(logits, targets, weights)
         opt.zero_grad()

@@ -39,8 +39,9 @@ EXTENSIONS = ("ignore_eos", "num_beams", "length_penalty", "no_repeat_ngram_size
 def complete(client, **fields):
     """client.completions.create with greedy, 8-token defaults; GLM's extensions go in extra_body."""
     extra = {k: fields.pop(k) for k in EXTENSIONS if k in fields}
-    return client.completions.create(model=MODEL_NAME, **{"max_tokens": 8, "temperature": 0, **fields},
-                                     extra_body=extra or None)
+    return client.completions.create(
+        model=MODEL_NAME, **{"max_tokens": 8, "temperature": 0, **fields}, extra_body=extra or None
+    )
 
 
 def by_index(response):
@@ -77,8 +78,9 @@ def test_openai_client_gets_the_answers_of_generate(client, reference):
         assert choice.filled_text == want.text
         assert choice.finish_reason == "stop"
     contexts = [parse_prompt(p, tokenizer).context for p in PROMPTS]
-    generated = sum(len(w.token_ids) - len(c) + sum(t in tokenizer.specials.mask_ids for t in c)
-                    for w, c in zip(expected, contexts))  # each mask token became its span
+    generated = sum(
+        len(w.token_ids) - len(c) + sum(t in tokenizer.specials.mask_ids for t in c) for w, c in zip(expected, contexts)
+    )  # each mask token became its span
     assert response.usage.prompt_tokens == sum(len(c) + 1 for c in contexts)
     assert response.usage.completion_tokens == generated
     assert response.model == MODEL_NAME and response.object == "text_completion"
@@ -88,7 +90,10 @@ def test_concurrent_greedy_requests_equal_the_same_requests_one_by_one(client, s
     """8 requests at once (several sharing the 4 rows, joining and leaving the batch between
     steps) get what each gets alone; the engine really held several at a time."""
     requests = [dict(prompt=p, max_tokens=4 + i) for i, p in enumerate(PROMPTS)]
-    requests += [dict(prompt="abcdefgh", max_tokens=30, ignore_eos=True), dict(prompt="hg", max_tokens=12, ignore_eos=True)]
+    requests += [
+        dict(prompt="abcdefgh", max_tokens=30, ignore_eos=True),
+        dict(prompt="hg", max_tokens=12, ignore_eos=True),
+    ]
     one_by_one = [complete(client, **r).choices[0].text for r in requests]
     busiest, done = [0], threading.Event()
 
@@ -108,16 +113,22 @@ def test_concurrent_greedy_requests_equal_the_same_requests_one_by_one(client, s
     assert together == one_by_one
     assert busiest[0] > 1
     model, tokenizer = reference
-    for r, text in zip(requests[:len(PROMPTS)], together):
+    for r, text in zip(requests[: len(PROMPTS)], together):
         assert text == "".join(generate(model, tokenizer, r["prompt"], Greedy(), r["max_tokens"])[0].blanks)
 
 
-@pytest.mark.parametrize("fields", [
-    dict(prompt="abc"), dict(prompt="a[MASK]d[MASK]h"), dict(prompt=PROMPTS[:4]),
-    dict(prompt="abcdefgh", max_tokens=20, ignore_eos=True, stop=["ab", "gh"]),
-    dict(prompt="cd[MASK]h", echo=True, logprobs=2),
-    dict(prompt="abc", n=3, temperature=1.4, seed=7, max_tokens=12),
-], ids=["gmask", "two-blanks", "four-prompts", "stop-strings", "echo-logprobs", "n3-seeded"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(prompt="abc"),
+        dict(prompt="a[MASK]d[MASK]h"),
+        dict(prompt=PROMPTS[:4]),
+        dict(prompt="abcdefgh", max_tokens=20, ignore_eos=True, stop=["ab", "gh"]),
+        dict(prompt="cd[MASK]h", echo=True, logprobs=2),
+        dict(prompt="abc", n=3, temperature=1.4, seed=7, max_tokens=12),
+    ],
+    ids=["gmask", "two-blanks", "four-prompts", "stop-strings", "echo-logprobs", "n3-seeded"],
+)
 def test_streaming_equals_non_streaming(client, fields):
     whole = complete(client, **fields)
     texts, last = stream_texts(client, **fields)
@@ -125,8 +136,11 @@ def test_streaming_equals_non_streaming(client, fields):
     for choice in by_index(whole):
         assert texts[choice.index] == choice.text
         closing = last[choice.index]
-        assert (closing.finish_reason, closing.blanks, closing.filled_text) == \
-               (choice.finish_reason, choice.blanks, choice.filled_text)
+        assert (closing.finish_reason, closing.blanks, closing.filled_text) == (
+            choice.finish_reason,
+            choice.blanks,
+            choice.filled_text,
+        )
         if choice.logprobs is not None:
             assert closing.logprobs.token_logprobs == choice.logprobs.token_logprobs
 
@@ -142,8 +156,14 @@ def test_mask_infilling_returns_the_spans_of_generate_fill(client, reference):
     model, tokenizer = reference
     prompts = ["bc[MASK]f", "a[MASK]d[MASK]h", "b[MASK]e", "[MASK]cde"]
     contexts = [parse_prompt(p, tokenizer).context for p in prompts]
-    _, spans = fill_blanks(model, contexts, tokenizer.specials, Greedy(), 8,
-                           banned=sorted(set(tokenizer.specials.mask_ids) | {tokenizer.specials.sop, tokenizer.specials.pad}))
+    _, spans = fill_blanks(
+        model,
+        contexts,
+        tokenizer.specials,
+        Greedy(),
+        8,
+        banned=sorted(set(tokenizer.specials.mask_ids) | {tokenizer.specials.sop, tokenizer.specials.pad}),
+    )
     response = complete(client, prompt=prompts)
     for choice, prompt_spans, prompt in zip(by_index(response), spans, prompts):
         blanks = [tokenizer.decode(s) for s in prompt_spans]
@@ -222,11 +242,14 @@ def test_bad_requests_get_4xx_with_a_message_and_the_server_stays_up(http, body,
     error = r.json()["error"]
     assert message in error["message"] and error["type"]
     assert http.get("/health").json()["status"] == "ok"
-    assert http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "abc", "temperature": 0}).status_code == 200
+    assert (
+        http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "abc", "temperature": 0}).status_code == 200
+    )
 
 
 def test_an_oversize_chunked_body_is_refused_before_it_is_read_whole(http):
     """No Content-Length: the limit applies as the chunks arrive."""
+
     def chunks():
         yield b'{"model": "%s", "prompt": "' % MODEL_NAME.encode()
         for _ in range(100):
@@ -240,8 +263,10 @@ def test_an_oversize_chunked_body_is_refused_before_it_is_read_whole(http):
 def test_a_client_that_goes_away_frees_its_row(http, server):
     """A 400-token stream closed after its first event is cancelled: its row frees at once and
     far fewer than 400 tokens are generated."""
-    tokens_before, cancelled_before = metric(http, "glm130b_generated_tokens_total"), \
-        metric(http, 'glm130b_requests_total{status="cancelled"}')
+    tokens_before, cancelled_before = (
+        metric(http, "glm130b_generated_tokens_total"),
+        metric(http, 'glm130b_requests_total{status="cancelled"}'),
+    )
     body = {"model": MODEL_NAME, "prompt": "abc", "max_tokens": 400, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as r:
         assert next(line for line in r.iter_lines() if line).startswith("data: ")
@@ -301,9 +326,14 @@ def test_models_health_metrics_playground_and_schema(http, client):
     usage = complete(client, prompt=PROMPTS[:3]).usage
     assert metric(http, "glm130b_generated_tokens_total") - before == usage.completion_tokens
     text = http.get("/metrics").text
-    for family in ("glm130b_queue_length", "glm130b_batch_occupancy", "glm130b_tokens_per_second",
-                   "glm130b_request_latency_seconds_bucket", "glm130b_time_to_first_token_seconds_bucket",
-                   "glm130b_step_seconds_bucket"):
+    for family in (
+        "glm130b_queue_length",
+        "glm130b_batch_occupancy",
+        "glm130b_tokens_per_second",
+        "glm130b_request_latency_seconds_bucket",
+        "glm130b_time_to_first_token_seconds_bucket",
+        "glm130b_step_seconds_bucket",
+    ):
         assert family in text
     page = http.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

@@ -26,7 +26,11 @@ def recompute_fill(model, tokenizer, text, max_tokens, ignore_eos=False, logprob
     A list passed as `logprobs` receives each generated token's log-prob."""
     specials = tokenizer.specials
     ends = {specials.eop, specials.eos}
-    banned = set(specials.mask_ids) | {specials.sop, specials.pad} | set(range(tokenizer.vocab_size, model.config.vocab_size))
+    banned = (
+        set(specials.mask_ids)
+        | {specials.sop, specials.pad}
+        | set(range(tokenizer.vocab_size, model.config.vocab_size))
+    )
     if ignore_eos:
         banned |= ends
     prompt = parse_prompt(text, tokenizer)
@@ -45,7 +49,7 @@ def recompute_fill(model, tokenizer, text, max_tokens, ignore_eos=False, logprob
             if logprobs is not None:
                 logprobs.append(float(torch.log_softmax(logits, -1)[token]))
         at = next(i for i, t in enumerate(sequence) if t in specials.mask_ids)
-        sequence = sequence[:at] + span + sequence[at + 1:]
+        sequence = sequence[:at] + span + sequence[at + 1 :]
         blanks.append(tokenizer.decode(span))
     return blanks
 
@@ -104,8 +108,9 @@ def test_requests_joining_a_running_batch_get_the_recomputed_answers(reference, 
         assert got.failures == []
         for w, wave in enumerate(WAVES):
             for i, (text, options) in enumerate(wave):
-                expected = recompute_fill(model, tokenizer, text, options.get("max_tokens", 8),
-                                          options.get("ignore_eos", False))
+                expected = recompute_fill(
+                    model, tokenizer, text, options.get("max_tokens", 8), options.get("ignore_eos", False)
+                )
                 result = got.results[(w, i)]
                 assert result.blanks == expected, (text, options)
                 assert "".join(d.text for d in got.deltas.get((w, i), [])) == "".join(expected)
@@ -174,7 +179,10 @@ def test_beam_search_runs_alone_between_steps_and_equals_generate(reference):
         got.pump(lambda: len(got.results) == 2)
     finally:
         engine.stop()
-    assert got.results["beam"].blanks == generate(model, tokenizer, "a[MASK]d[MASK]h", BeamSearch(num_beams=3), 8)[0].blanks
+    assert (
+        got.results["beam"].blanks
+        == generate(model, tokenizer, "a[MASK]d[MASK]h", BeamSearch(num_beams=3), 8)[0].blanks
+    )
     assert got.results["greedy"].blanks == recompute_fill(model, tokenizer, "abcdefgh", 12, ignore_eos=True)
 
 
@@ -231,10 +239,14 @@ def test_batch_invariant_rows_are_bitwise_independent_of_the_others(reference):
 def test_limits_are_refused_with_the_numbers(reference):
     model, tokenizer = reference
     engine = Engine(model, tokenizer, max_batch=1, max_queue=2, max_total_tokens=32)  # not started: nothing runs
-    with pytest.raises(InputError, match=r"asks for up to 10 tokens for each of its 2 blank\(s\): 31 in all, "
-                                         r"more than this server's limit of 30"):
-        Engine(model, tokenizer, max_total_tokens=30).submit([spec(tokenizer, "a[MASK]bcdefgh[MASK]", max_tokens=10)],
-                                                             print)
+    with pytest.raises(
+        InputError,
+        match=r"asks for up to 10 tokens for each of its 2 blank\(s\): 31 in all, "
+        r"more than this server's limit of 30",
+    ):
+        Engine(model, tokenizer, max_total_tokens=30).submit(
+            [spec(tokenizer, "a[MASK]bcdefgh[MASK]", max_tokens=10)], print
+        )
     engine.submit([spec(tokenizer, "abc")], print)
     engine.submit([spec(tokenizer, "abc")], print)
     with pytest.raises(QueueFull, match="2 sequences are waiting"):
@@ -270,7 +282,7 @@ def test_span_text_deltas_join_to_the_text_cut_at_the_first_completed_stop():
         for k in range(1, len(text) + 1):
             hits = [text[:k].find(s) for s in stop if s in text[:k]]
             if hits:
-                expected = text[:min(hits)]
+                expected = text[: min(hits)]
                 break
         span, shown = _stream(list(text), lambda tokens: "".join(tokens), stop)
         assert "".join(shown) == span.text == expected, (text, stop)

@@ -17,10 +17,12 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 PAGE_TIMEOUT_S = 60  # chromium's first start on a busy machine takes several seconds
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, "
-                                       "/usr/bin/chromedriver): apt-get install -y chromium chromium-driver, "
-                                       "as `make install` does")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, "
+    "/usr/bin/chromedriver): apt-get install -y chromium chromium-driver, "
+    "as `make install` does",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,18 @@ def browser():
     profile = tempfile.mkdtemp(prefix="glm130b-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(PAGE_TIMEOUT_S)
@@ -52,8 +63,12 @@ def run_prompt(browser, url, prompt, max_tokens):
     tokens.clear()
     tokens.send_keys(str(max_tokens))
     browser.find_element(By.ID, "run").click()
-    wait.until(lambda d: d.find_element(By.ID, "status").text in ("done", "stopped") or
-               d.find_element(By.ID, "status").text.startswith("error"))
+    wait.until(
+        lambda d: (
+            d.find_element(By.ID, "status").text in ("done", "stopped")
+            or d.find_element(By.ID, "status").text.startswith("error")
+        )
+    )
     assert browser.find_element(By.ID, "status").text == "done"
     output = browser.find_element(By.ID, "output").text
     marks = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#output mark.blank")]

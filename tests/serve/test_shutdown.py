@@ -21,9 +21,29 @@ def test_sigterm_drains_the_running_request_before_exit(model_dir):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "glm130b.cli", "serve", "--model", str(model_dir), "--model-name", MODEL_NAME,
-         "--host", "127.0.0.1", "--port", str(port), "--threads", "1", "--max-batch", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "glm130b.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--model-name",
+            MODEL_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--max-batch",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + STARTUP_S

@@ -18,8 +18,15 @@ import sys
 import types
 from pathlib import Path
 
-STUBBED_MODULES = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "PIL",
-                   "PIL.Image", "requests", "transformers")
+STUBBED_MODULES = (
+    "torchvision",
+    "torchvision.transforms",
+    "torchvision.transforms.functional",
+    "PIL",
+    "PIL.Image",
+    "requests",
+    "transformers",
+)
 
 
 def run_oracle(cases_file: str, out_file: str, *homes: str) -> None:
@@ -36,14 +43,16 @@ def run_oracle(cases_file: str, out_file: str, *homes: str) -> None:
     # SAT's package imports deepspeed; load just its GLM-130B tokenizer folder as a package.
     sat = Path(importlib.util.find_spec("SwissArmyTransformer").submodule_search_locations[0])
     folder = sat / "tokenization" / "icetk_glm_130B"
-    spec = importlib.util.spec_from_file_location("icetk_glm_130B", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(
+        "icetk_glm_130B", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     package = importlib.util.module_from_spec(spec)
     sys.modules["icetk_glm_130B"] = package
     spec.loader.exec_module(package)
     cases = json.loads(Path(cases_file).read_text())
-    Path(out_file).write_text(json.dumps({home: oracle_outputs(icetk_package, package, home, cases) for home in homes},
-                                         ensure_ascii=False))
+    Path(out_file).write_text(
+        json.dumps({home: oracle_outputs(icetk_package, package, home, cases) for home in homes}, ensure_ascii=False)
+    )
 
 
 def oracle_outputs(icetk_package, sat_package, home: str, cases: dict) -> dict:
@@ -103,15 +112,25 @@ PROMPTS = STRINGS["prompts"]
 # Training text for the stand-ins: a third of each group, so most test strings are unseen.
 TRAINING_TEXT = [s for items in STRINGS.values() for s in items[::3]] * 20
 # SAT renders a special as "[" + its table name + "]"; our names for the same ids.
-OFFICIAL_RENDERING = {"[[MASK]]": "[MASK]", "[[gMASK]]": "[gMASK]", "[[sMASK]]": "[sMASK]", "[sop]": "<sop>",
-                      "[</s>]": "</s>"}
+OFFICIAL_RENDERING = {
+    "[[MASK]]": "[MASK]",
+    "[[gMASK]]": "[gMASK]",
+    "[[sMASK]]": "[sMASK]",
+    "[sop]": "<sop>",
+    "[</s>]": "</s>",
+}
 STAND_INS = {
     # icetk's own layout: unk 0, bos 1, eos 2 (id 20002), pad 3, "<n>" at 4 (id 20004); NFKC and
     # whitespace collapsing (SentencePiece's defaults); unknown characters become unk.
     "icetk-like": dict(pad_id=3, user_defined_symbols=["<n>"]),
     # the same ids, text kept as written and unknown characters spelled in bytes.
-    "byte-fallback": dict(pad_id=3, user_defined_symbols=["<n>"], byte_fallback=True,
-                          normalization_rule_name="identity", remove_extra_whitespaces=False),
+    "byte-fallback": dict(
+        pad_id=3,
+        user_defined_symbols=["<n>"],
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    ),
 }
 
 
@@ -119,9 +138,11 @@ def _oracle_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("icetk", "SwissArmyTransformer", "google.protobuf"))
 
 
-pytestmark = pytest.mark.skipif(not _oracle_available(),
-                                reason="the icetk oracle is not installed: run `make install` (icetk 0.0.7 and "
-                                       "SwissArmyTransformer 0.2.12 with --no-deps, protobuf)")
+pytestmark = pytest.mark.skipif(
+    not _oracle_available(),
+    reason="the icetk oracle is not installed: run `make install` (icetk 0.0.7 and "
+    "SwissArmyTransformer 0.2.12 with --no-deps, protobuf)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +154,27 @@ def oracle(tmp_path_factory) -> dict:
         homes[name] = root / name
         folder = homes[name] / ".icetk_models"
         folder.mkdir(parents=True)
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(TRAINING_TEXT), model_prefix=str(folder / "ice_text"),
-                                       model_type="unigram", vocab_size=400, hard_vocab_limit=False,
-                                       character_coverage=1.0, minloglevel=2, num_threads=1, **options)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(TRAINING_TEXT),
+            model_prefix=str(folder / "ice_text"),
+            model_type="unigram",
+            vocab_size=400,
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            minloglevel=2,
+            num_threads=1,
+            **options,
+        )
     cases, out = root / "cases.json", root / "oracle.json"
     cases.write_text(json.dumps({"texts": TEXTS, "prompts": PROMPTS}, ensure_ascii=False))
     env = {**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
-    done = subprocess.run([sys.executable, __file__, str(cases), str(out), *map(str, homes.values())], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, __file__, str(cases), str(out), *map(str, homes.values())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     outputs = json.loads(out.read_text())
     return {name: (home, outputs[str(home)]) for name, home in homes.items()}
@@ -156,10 +190,17 @@ def stand_in(request, oracle):
 def test_layout_matches_official(stand_in):
     folder, official = stand_in
     tok = IceTokenizer(folder)
-    assert official["specials"] == {"[MASK]": tok.specials.mask, "[gMASK]": tok.specials.gmask,
-                                    "[sMASK]": tok.specials.smask, "eod": 150003, "sop": tok.specials.sop,
-                                    "eop": tok.specials.eop, "ENC": 150006, "dBLOCK": 150007,
-                                    "eos": tok.specials.eos}
+    assert official["specials"] == {
+        "[MASK]": tok.specials.mask,
+        "[gMASK]": tok.specials.gmask,
+        "[sMASK]": tok.specials.smask,
+        "eod": 150003,
+        "sop": tok.specials.sop,
+        "eop": tok.specials.eop,
+        "ENC": 150006,
+        "dBLOCK": 150007,
+        "eos": tok.specials.eos,
+    }
     assert tok.specials == GLM130B_TOKENS
     # SAT's own vocab_size (150009) also counts eos, which sits among the text ids.
     assert tok.vocab_size == max(official["specials"].values()) + 1 == official["vocab_size"] - 1
@@ -192,7 +233,9 @@ def test_prompt_ids_match_official(stand_in):
     assert ours == official["prompt"]
     by_ids = [generation_context(tok.encode_prompt(p), tok.specials, default_mask=tok.specials.gmask) for p in PROMPTS]
     assert [p for p, a, b in zip(PROMPTS, by_ids, ours) if a != b] in (
-        [], ["Paris is the [MASK] ", "a blank at the end [MASK]\n"])
+        [],
+        ["Paris is the [MASK] ", "a blank at the end [MASK]\n"],
+    )
 
 
 def test_decode_matches_official(stand_in):

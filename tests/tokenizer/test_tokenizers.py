@@ -50,8 +50,9 @@ def random_text(rng: random.Random, length: int) -> str:
 
 
 def train_tiny(out_dir: Path, vocab_size: int = TINY_VOCAB) -> BilingualTokenizer:
-    return train_tokenizer([s for s in ALL_STRINGS if s] * 10, out_dir, vocab_size=vocab_size,
-                           character_coverage=1.0, num_threads=1)
+    return train_tokenizer(
+        [s for s in ALL_STRINGS if s] * 10, out_dir, vocab_size=vocab_size, character_coverage=1.0, num_threads=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,7 @@ def corpus_records() -> list[dict]:
 @pytest.fixture(scope="module")
 def corpus_tokenizer(corpus_records, tmp_path_factory) -> BilingualTokenizer:
     """Trained on the sample file itself, read through the .jsonl.gz path of train_tokenizer."""
-    return train_tokenizer([VALID_CORPUS], tmp_path_factory.mktemp("corpus"), vocab_size=3000,
-                           character_coverage=0.98)
+    return train_tokenizer([VALID_CORPUS], tmp_path_factory.mktemp("corpus"), vocab_size=3000, character_coverage=0.98)
 
 
 def test_round_trip_fixture_strings(tiny):
@@ -127,8 +127,14 @@ def test_encode_batch_equals_encode(tiny):
 def test_prompt_pieces_are_encoded_on_their_own(tiny):
     s = tiny.specials
     text = "The capital of France is [MASK], of China [sMASK]; go on [gMASK]"
-    expected = (tiny.encode("The capital of France is ") + [s.mask] + tiny.encode(", of China ") + [s.smask]
-                + tiny.encode("; go on ") + [s.gmask])
+    expected = (
+        tiny.encode("The capital of France is ")
+        + [s.mask]
+        + tiny.encode(", of China ")
+        + [s.smask]
+        + tiny.encode("; go on ")
+        + [s.gmask]
+    )
     assert tiny.encode_prompt(text) == expected
     # no dummy prefix: the pieces concatenate, so prompts decode to themselves
     for prompt in STRINGS["prompts"]:
@@ -171,6 +177,7 @@ def test_saved_metadata_is_json_and_a_damaged_one_is_refused(tiny, tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer.json is damaged.*save the tokenizer again"):
         load_tokenizer(tmp_path / "copy")
 
+
 def test_training_is_reproducible(tiny, tmp_path):
     again = train_tiny(tmp_path)
     assert again.fingerprint() == tiny.fingerprint()
@@ -193,8 +200,24 @@ def test_cli_train_and_encode(tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in ALL_STRINGS * 10))
     out = tmp_path / "tok"
-    assert main(["tokenizer", "train", str(corpus), "--out", str(out), "--vocab-size", str(TINY_VOCAB),
-                 "--character-coverage", "1.0", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                str(corpus),
+                "--out",
+                str(out),
+                "--vocab-size",
+                str(TINY_VOCAB),
+                "--character-coverage",
+                "1.0",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     tokenizer = load_tokenizer(out)
     capsys.readouterr()
     assert main(["tokenizer", "encode", str(out), "--prompt", "x [MASK] y"]) == 0

@@ -34,19 +34,38 @@ class CountingSource:
             targets = torch.randint(0, VOCAB, targets.shape, generator=g)
         prefix = torch.arange(LENGTH) < LENGTH // 4
         B = self.micro_batch_size
-        return TrainingBatch(input_ids=tokens[:, :-1], position_ids=torch.arange(LENGTH).expand(B, LENGTH),
-                             targets=targets, loss_mask=(~prefix).float().expand(B, LENGTH),
-                             segment_ids=torch.ones(B, LENGTH, dtype=torch.long),
-                             in_prefix=prefix.expand(B, LENGTH))
+        return TrainingBatch(
+            input_ids=tokens[:, :-1],
+            position_ids=torch.arange(LENGTH).expand(B, LENGTH),
+            targets=targets,
+            loss_mask=(~prefix).float().expand(B, LENGTH),
+            segment_ids=torch.ones(B, LENGTH, dtype=torch.long),
+            in_prefix=prefix.expand(B, LENGTH),
+        )
 
 
 def tiny_run_config(tmp_path, name="run", **overrides) -> TrainConfig:
-    settings = dict(model_preset="glm-tiny",
-                    model=dict(vocab_size=VOCAB, max_sequence_length=LENGTH),  # dropout 0.1 stays on
-                    sequence_length=LENGTH, train_samples=8 * 16, micro_batch_size=4, global_batch_size=8,
-                    rampup_start_batch_size=4, rampup_fraction=0.25, lr=3e-3, min_lr=3e-4,
-                    warmup_fraction=0.1, precision="fp32", out_dir=str(tmp_path / name), eval_every=8,
-                    eval_batches=2, checkpoint_every=5, keep_checkpoints=2, tensorboard=False, device="cpu")
+    settings = dict(
+        model_preset="glm-tiny",
+        model=dict(vocab_size=VOCAB, max_sequence_length=LENGTH),  # dropout 0.1 stays on
+        sequence_length=LENGTH,
+        train_samples=8 * 16,
+        micro_batch_size=4,
+        global_batch_size=8,
+        rampup_start_batch_size=4,
+        rampup_fraction=0.25,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_fraction=0.1,
+        precision="fp32",
+        out_dir=str(tmp_path / name),
+        eval_every=8,
+        eval_batches=2,
+        checkpoint_every=5,
+        keep_checkpoints=2,
+        tensorboard=False,
+        device="cpu",
+    )
     return TrainConfig(**{**settings, **overrides})
 
 

@@ -1,6 +1,5 @@
 """Parameter groups, schedules, batch ramp-up and the fp16 loss scaler against the recipe's rules."""
 
-
 import pytest
 
 from glm130b import GLM, GLMConfig
@@ -16,8 +15,15 @@ from glm130b.train.optim import (
 
 
 def recipe(**overrides) -> TrainConfig:
-    return TrainConfig(**{"train_samples": 100_000, "global_batch_size": 64, "micro_batch_size": 4,
-                          "rampup_start_batch_size": 8, **overrides})
+    return TrainConfig(
+        **{
+            "train_samples": 100_000,
+            "global_batch_size": 64,
+            "micro_batch_size": 4,
+            "rampup_start_batch_size": 8,
+            **overrides,
+        }
+    )
 
 
 def test_no_weight_decay_on_biases_and_layernorms_only():
@@ -63,30 +69,30 @@ def test_embedding_grad_scale_schedule():
 
 
 def test_loss_scale_overflow_halves_and_a_clean_window_doubles():
-    scaler = DynamicLossScaler(initial=2.0 ** 16, window=3, hysteresis=1, minimum=1.0)
+    scaler = DynamicLossScaler(initial=2.0**16, window=3, hysteresis=1, minimum=1.0)
     scaler.update(overflow=True)
-    assert scaler.scale == 2.0 ** 15
+    assert scaler.scale == 2.0**15
     for _ in range(2):
         scaler.update(overflow=False)
-    assert scaler.scale == 2.0 ** 15  # two clean steps are not a window
+    assert scaler.scale == 2.0**15  # two clean steps are not a window
     scaler.update(overflow=False)
-    assert scaler.scale == 2.0 ** 16
+    assert scaler.scale == 2.0**16
     scaler.update(overflow=False)
-    scaler.update(overflow=True)      # an overflow restarts the clean count
+    scaler.update(overflow=True)  # an overflow restarts the clean count
     for _ in range(2):
         scaler.update(overflow=False)
-    assert scaler.scale == 2.0 ** 15
+    assert scaler.scale == 2.0**15
 
 
 def test_loss_scale_hysteresis_and_floor():
     scaler = DynamicLossScaler.from_config(recipe())  # recipe: 2^16, window 2000, hysteresis 2, min 1
-    assert (scaler.scale, scaler.window, scaler.hysteresis, scaler.minimum) == (2.0 ** 16, 2000, 2, 1.0)
+    assert (scaler.scale, scaler.window, scaler.hysteresis, scaler.minimum) == (2.0**16, 2000, 2, 1.0)
     scaler.update(overflow=True)
-    assert scaler.scale == 2.0 ** 16  # the first overflow is tolerated
+    assert scaler.scale == 2.0**16  # the first overflow is tolerated
     scaler.update(overflow=True)
-    assert scaler.scale == 2.0 ** 15
-    scaler.update(overflow=True)      # hysteresis spent: every further overflow halves
-    assert scaler.scale == 2.0 ** 14
+    assert scaler.scale == 2.0**15
+    scaler.update(overflow=True)  # hysteresis spent: every further overflow halves
+    assert scaler.scale == 2.0**14
     for _ in range(40):
         scaler.update(overflow=True)
     assert scaler.scale == 1.0

@@ -28,10 +28,10 @@ def test_rule_flags_non_finite_values_even_without_history():
 
 def test_rule_compares_with_the_median_of_recent_healthy_steps():
     guard = warmed_guard(loss_ratio=1.5, grad_norm_ratio=10.0)
-    assert guard.check(3.5, 5.0) is None            # ordinary noise
-    assert "loss 4.6" in guard.check(4.6, 1.0)      # > 1.5 x median 2.975
+    assert guard.check(3.5, 5.0) is None  # ordinary noise
+    assert "loss 4.6" in guard.check(4.6, 1.0)  # > 1.5 x median 2.975
     assert "gradient norm 11" in guard.check(3.0, 11.0)
-    guard.record(50.0, 1.0)                         # one outlier cannot move a median of many
+    guard.record(50.0, 1.0)  # one outlier cannot move a median of many
     assert guard.check(4.6, 1.0) is not None
 
 
@@ -44,8 +44,13 @@ def test_bad_guard_settings_are_refused():
 
 def test_injected_bad_batch_is_rolled_back_and_skipped(tmp_path):
     # Micro-batch 30 has random targets; by then the model predicts the counting language well.
-    config = tiny_run_config(tmp_path, train_samples=8 * 24, rampup_start_batch_size=None,
-                             spike_guard={"window": 10, "min_history": 5}, lr=1e-2)
+    config = tiny_run_config(
+        tmp_path,
+        train_samples=8 * 24,
+        rampup_start_batch_size=None,
+        spike_guard={"window": 10, "min_history": 5},
+        lr=1e-2,
+    )
     source = CountingSource(bad={30})
     trainer = make_trainer(config, source)
     valid = trainer.train()
@@ -62,8 +67,13 @@ def test_injected_bad_batch_is_rolled_back_and_skipped(tmp_path):
 def test_learning_rate_blow_up_is_rolled_back_with_a_lower_rate(tmp_path, monkeypatch):
     # Once, at 80 samples, the schedule returns a rate 1e4 times too high: the update of that step
     # wrecks the model and the next step's loss or gradient shows it.
-    config = tiny_run_config(tmp_path, train_samples=8 * 20, rampup_start_batch_size=None, checkpoint_every=4,
-                             spike_guard={"window": 10, "min_history": 5, "lr_factor": 0.5})
+    config = tiny_run_config(
+        tmp_path,
+        train_samples=8 * 20,
+        rampup_start_batch_size=None,
+        checkpoint_every=4,
+        spike_guard={"window": 10, "min_history": 5, "lr_factor": 0.5},
+    )
     real = trainer_module.learning_rate
     fired = []
 
@@ -84,8 +94,13 @@ def test_learning_rate_blow_up_is_rolled_back_with_a_lower_rate(tmp_path, monkey
 
 
 def test_endless_spikes_stop_the_run_with_a_clear_error(tmp_path):
-    config = tiny_run_config(tmp_path, train_samples=8 * 40, rampup_start_batch_size=None,
-                             spike_guard={"window": 10, "min_history": 5, "max_rollbacks": 2}, lr=1e-2)
+    config = tiny_run_config(
+        tmp_path,
+        train_samples=8 * 40,
+        rampup_start_batch_size=None,
+        spike_guard={"window": 10, "min_history": 5, "max_rollbacks": 2},
+        lr=1e-2,
+    )
     trainer = make_trainer(config, CountingSource(bad=set(range(30, 200))))
     with pytest.raises(TrainingDiverged, match="max_rollbacks"):
         trainer.train()

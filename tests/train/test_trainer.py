@@ -31,7 +31,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path):
         make_trainer(killed, CountingSource(stop_at=15)).train()
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_00000010"
     resumed = make_trainer(killed)  # fresh process state: new model, new optimizer, reseeded RNG
-    torch.manual_seed(12345)        # whatever the RNG holds now, the checkpoint's state must win
+    torch.manual_seed(12345)  # whatever the RNG holds now, the checkpoint's state must win
     valid = resumed.train()
     assert last_loss_per_step(killed.out_dir) == reference  # exact, dropout included
     assert math.isfinite(valid["count"])
@@ -72,8 +72,9 @@ def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, 
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    config = tiny_run_config(tmp_path, train_samples=8 * 6, checkpoint_every=1, keep_checkpoints=2,
-                             rampup_start_batch_size=None)
+    config = tiny_run_config(
+        tmp_path, train_samples=8 * 6, checkpoint_every=1, keep_checkpoints=2, rampup_start_batch_size=None
+    )
     make_trainer(config).train()
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000005", "step_00000006"]
 
@@ -82,25 +83,31 @@ def test_restarting_without_resume_refuses_to_mix_runs(tmp_path):
     config = tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None)
     make_trainer(config).train()
     with pytest.raises(GLMError, match="resume"):
-        make_trainer(tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None,
-                                     resume=False)).train()
+        make_trainer(tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None, resume=False)).train()
 
 
 def test_fp16_overflow_skips_the_update_and_halves_the_scale(tmp_path):
     # A scale of 2^40 overflows fp16 gradients; hysteresis 1 halves it at every overflow.
-    config = tiny_run_config(tmp_path, precision="fp16", initial_loss_scale=2.0 ** 40, loss_scale_hysteresis=1,
-                             train_samples=8 * 3, rampup_start_batch_size=None, spike_guard={"enabled": False})
+    config = tiny_run_config(
+        tmp_path,
+        precision="fp16",
+        initial_loss_scale=2.0**40,
+        loss_scale_hysteresis=1,
+        train_samples=8 * 3,
+        rampup_start_batch_size=None,
+        spike_guard={"enabled": False},
+    )
     trainer = make_trainer(config)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     record = trainer.step()
-    assert record["skipped_update"] and trainer.scaler.scale == 2.0 ** 39
+    assert record["skipped_update"] and trainer.scaler.scale == 2.0**39
     assert trainer.state.samples == 0  # the schedule does not advance on a skipped update
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     trainer.train()
     records = read_metrics(f"{config.out_dir}/metrics", "train")
     applied = [r for r in records if not r["skipped_update"]]
     assert len(applied) == 3 and all(math.isfinite(r["loss"]) for r in applied)
-    assert applied[0]["loss_scale"] < 2.0 ** 40
+    assert applied[0]["loss_scale"] < 2.0**40
 
 
 def test_training_flops_count_every_matmul_weight_and_the_visible_pairs():
@@ -114,14 +121,15 @@ def test_training_flops_count_every_matmul_weight_and_the_visible_pairs():
     assert training_flops(config, tokens, pairs) == 6 * (blocks + head) * tokens + attention
     # HFU: the recomputed forward of every block (not of the head) comes on top
     assert training_flops(config, tokens, pairs, recompute=True) == (
-        training_flops(config, tokens, pairs) + 2 * blocks * tokens + attention / 3)
+        training_flops(config, tokens, pairs) + 2 * blocks * tokens + attention / 3
+    )
 
 
 def test_throughput_counts_real_tokens_and_visible_pairs(tmp_path):
     """A step's record: tokens/s over the non-pad tokens, MFU over the FLOPs of those tokens and
     the pairs the mask lets them see; HFU adds the recomputation."""
     batch = CountingSource().micro_batch(0)
-    batch.segment_ids[:, LENGTH // 2:] = 0  # the second half of every row is padding (its prefix is the first quarter)
+    batch.segment_ids[:, LENGTH // 2 :] = 0  # the second half of every row is padding (its prefix is the first quarter)
     work = batch_work([batch])
     n, p = LENGTH // 2, LENGTH // 4  # real tokens per row, prefix
     pairs = p * p + (n - p) * p + (n - p) * (n - p + 1) // 2
@@ -134,18 +142,21 @@ def test_throughput_counts_real_tokens_and_visible_pairs(tmp_path):
     assert throughput(config, work, 2.0, None, 1, False)["mfu"] is None  # unknown peak (a CPU): no MFU
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(lr=-1.0), "lr must be a positive number"),
-    (dict(global_batch_size=10, micro_batch_size=4), "not a multiple of micro_batch_size"),
-    (dict(precision="fp8"), "precision must be one of fp32, bf16, fp16"),
-    (dict(min_lr=1.0, lr=0.1), "min_lr 1.0 is above lr"),
-    (dict(warmup_fraction=0.95), "warmup_fraction 0.95 exceeds decay_fraction"),
-    (dict(rampup_start_batch_size=8192), "rampup_start_batch_size must be between"),
-    (dict(train_samples=0), "train_samples must be a positive integer"),
-    (dict(model={"num_attention_heads": 7}), "must divide hidden_size"),
-    (dict(spike_guard={"window": 0}), "spike_guard.window must be a positive integer"),
-    (dict(model_preset="gpt-2"), "model_preset 'gpt-2' is unknown"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(lr=-1.0), "lr must be a positive number"),
+        (dict(global_batch_size=10, micro_batch_size=4), "not a multiple of micro_batch_size"),
+        (dict(precision="fp8"), "precision must be one of fp32, bf16, fp16"),
+        (dict(min_lr=1.0, lr=0.1), "min_lr 1.0 is above lr"),
+        (dict(warmup_fraction=0.95), "warmup_fraction 0.95 exceeds decay_fraction"),
+        (dict(rampup_start_batch_size=8192), "rampup_start_batch_size must be between"),
+        (dict(train_samples=0), "train_samples must be a positive integer"),
+        (dict(model={"num_attention_heads": 7}), "must divide hidden_size"),
+        (dict(spike_guard={"window": 0}), "spike_guard.window must be a positive integer"),
+        (dict(model_preset="gpt-2"), "model_preset 'gpt-2' is unknown"),
+    ],
+)
 def test_bad_config_values_are_named_with_the_fix(fields, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         TrainConfig(**fields)
@@ -163,14 +174,25 @@ def test_command_line_overrides_the_yaml_file(tmp_path):
     TrainConfig(model_preset="glm-tiny", sequence_length=64, lr=1e-3, spike_guard={"window": 30}).save(path)
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--lr", "1e-4", "--model.hidden_dropout", "0", "--spike_guard.window", "27",
-                              "--rampup_start_batch_size", "null"])
+    args = parser.parse_args(
+        [
+            "--lr",
+            "1e-4",
+            "--model.hidden_dropout",
+            "0",
+            "--spike_guard.window",
+            "27",
+            "--rampup_start_batch_size",
+            "null",
+        ]
+    )
     config = TrainConfig.load(path, overrides_from_args(args))
     assert config.lr == 1e-4 and isinstance(config.lr, float)  # YAML alone would read "1e-4" as text
     assert config.model_config().hidden_dropout == 0.0 and config.spike_guard.window == 27
     assert config.rampup_start_batch_size is None and config.sequence_length == 64  # the file's value kept
-    assert TrainConfig.load(path) == TrainConfig(model_preset="glm-tiny", sequence_length=64, lr=1e-3,
-                                                 spike_guard={"window": 30})
+    assert TrainConfig.load(path) == TrainConfig(
+        model_preset="glm-tiny", sequence_length=64, lr=1e-3, spike_guard={"window": 30}
+    )
 
 
 def test_pretrain_command_reports_user_errors_without_a_traceback(capsys):
@@ -183,12 +205,18 @@ def test_pretrain_command_reports_user_errors_without_a_traceback(capsys):
 def test_activation_checkpointing_changes_memory_not_results(tmp_path):
     losses = {}
     for recompute in (False, True):
-        config = tiny_run_config(tmp_path, f"recompute-{recompute}", train_samples=8 * 3, rampup_start_batch_size=None,
-                                 parallel={"activation_checkpointing": recompute})
+        config = tiny_run_config(
+            tmp_path,
+            f"recompute-{recompute}",
+            train_samples=8 * 3,
+            rampup_start_batch_size=None,
+            parallel={"activation_checkpointing": recompute},
+        )
         trainer = make_trainer(config)
         # one process applies parallel.activation_checkpointing too: every block wrapped, or none
-        assert all(hasattr(block, "_checkpoint_wrapped_module") == recompute
-                   for block in trainer.model.transformer.layers)
+        assert all(
+            hasattr(block, "_checkpoint_wrapped_module") == recompute for block in trainer.model.transformer.layers
+        )
         trainer.train()
         losses[recompute] = last_loss_per_step(config.out_dir)
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)  # dropout replayed identically in the recompute

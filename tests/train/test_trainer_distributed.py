@@ -42,9 +42,13 @@ def run_config(tmp_path, name, **overrides):
     """The counting run of test_trainer without dropout (each rank draws its own masks, so only
     dropout-free losses can match a single process) and without ramp-up (every step 2 micro-batches,
     one per dp rank)."""
-    settings = dict(model=dict(vocab_size=64, max_sequence_length=32, hidden_dropout=0.0, attention_dropout=0.0),
-                    train_samples=8 * STEPS, rampup_start_batch_size=None, eval_every=100,
-                    checkpoint_every=RESUME_FROM)
+    settings = dict(
+        model=dict(vocab_size=64, max_sequence_length=32, hidden_dropout=0.0, attention_dropout=0.0),
+        train_samples=8 * STEPS,
+        rampup_start_batch_size=None,
+        eval_every=100,
+        checkpoint_every=RESUME_FROM,
+    )
     return tiny_run_config(tmp_path, name, **{**settings, **overrides})
 
 
@@ -58,8 +62,14 @@ def _train(config, bad=()):
 
 
 def _worker(rank: int, world: int, port: int, tmp_path: str, layouts: list[dict]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     for overrides in layouts:
         bad = overrides.pop("bad", ())
@@ -78,13 +88,22 @@ def runs(tmp_path_factory):
     reference = make_trainer(run_config(tmp_path, "single"))
     assert describe_backend(reference.model.config, reference.device).startswith("prefix-LM kernel loop")
     reference.train()
-    dense = dict(vocab_size=64, max_sequence_length=32, hidden_dropout=0.0, attention_dropout=0.0, attention_backend="sdpa")
+    dense = dict(
+        vocab_size=64, max_sequence_length=32, hidden_dropout=0.0, attention_dropout=0.0, attention_backend="sdpa"
+    )
     make_trainer(run_config(tmp_path, "single_sdpa", model=dense)).train()
     export_model(reference, tmp_path / "single" / "model", metadata={})
     make_trainer(run_config(tmp_path, "single_spike", **SPIKE), CountingSource(bad=BAD)).train()
-    _launch(2, tmp_path, [dict(name="dp", parallel=dict(dp=2)), dict(name="tp", parallel=dict(tp=2, dp=1)),
-                          dict(name="pp", parallel=dict(pp=2, dp=1, pp_microbatches=4)),
-                          dict(name="dp_spike", parallel=dict(dp=2), bad=BAD, **SPIKE)])
+    _launch(
+        2,
+        tmp_path,
+        [
+            dict(name="dp", parallel=dict(dp=2)),
+            dict(name="tp", parallel=dict(tp=2, dp=1)),
+            dict(name="pp", parallel=dict(pp=2, dp=1, pp_microbatches=4)),
+            dict(name="dp_spike", parallel=dict(dp=2), bad=BAD, **SPIKE),
+        ],
+    )
     # The 2-process data-parallel run, cut back to its step-3 checkpoint, resumed by 1 process.
     shutil.copytree(tmp_path / "dp", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / f"step_{STEPS:08d}")
@@ -105,8 +124,9 @@ def losses(out_dir, steps) -> torch.Tensor:
 def test_prefix_attention_run_matches_the_dense_sdpa_run(runs):
     tmp_path, _ = runs
     steps = list(range(1, STEPS + 1))
-    torch.testing.assert_close(losses(tmp_path / "single", steps), losses(tmp_path / "single_sdpa", steps),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        losses(tmp_path / "single", steps), losses(tmp_path / "single_sdpa", steps), rtol=RTOL, atol=ATOL
+    )
 
 
 def test_data_parallel_reproduces_single_process_losses(runs):
@@ -114,15 +134,13 @@ def test_data_parallel_reproduces_single_process_losses(runs):
     steps = list(range(1, STEPS + 1))
     assert sorted(reference) == steps
     assert reference[STEPS] < reference[1] - 0.5  # training moved, so matching losses mean matching updates
-    torch.testing.assert_close(losses(tmp_path / "dp", steps), losses(tmp_path / "single", steps),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(losses(tmp_path / "dp", steps), losses(tmp_path / "single", steps), rtol=RTOL, atol=ATOL)
 
 
 def test_tensor_parallel_reproduces_single_process_losses(runs):
     tmp_path, _ = runs
     steps = list(range(1, STEPS + 1))
-    torch.testing.assert_close(losses(tmp_path / "tp", steps), losses(tmp_path / "single", steps),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(losses(tmp_path / "tp", steps), losses(tmp_path / "single", steps), rtol=RTOL, atol=ATOL)
 
 
 def test_two_process_checkpoint_resumes_with_one_process(runs):
@@ -130,8 +148,9 @@ def test_two_process_checkpoint_resumes_with_one_process(runs):
     resumed_steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics", "train")][STEPS:]
     assert resumed_steps == list(range(RESUME_FROM + 1, STEPS + 1))  # appended after the copied 2-process records
     steps = list(range(RESUME_FROM + 1, STEPS + 1))
-    torch.testing.assert_close(losses(tmp_path / "resumed", steps), losses(tmp_path / "single", steps),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        losses(tmp_path / "resumed", steps), losses(tmp_path / "single", steps), rtol=RTOL, atol=ATOL
+    )
 
 
 def test_exported_models_hold_the_single_process_weights(runs):
@@ -150,8 +169,9 @@ def test_spike_guard_rolls_back_like_the_single_process(runs):
     [event] = read_metrics(tmp_path / "dp_spike" / "metrics", "intervention")  # rank 0 alone writes it
     assert (event["step"], event["rolled_back_to"]) == (reference["step"], reference["rolled_back_to"]) == (16, 15)
     steps = list(range(1, 25))
-    torch.testing.assert_close(losses(tmp_path / "dp_spike", steps), losses(tmp_path / "single_spike", steps),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        losses(tmp_path / "dp_spike", steps), losses(tmp_path / "single_spike", steps), rtol=RTOL, atol=ATOL
+    )
 
 
 def test_only_rank_zero_writes_and_checkpoints_are_complete(runs):
@@ -167,11 +187,10 @@ def test_pipeline_parallel_reproduces_single_process_losses(runs):
     micro-batch (2 pieces of 4), continues on the single-process losses."""
     tmp_path, _ = runs
     steps = list(range(1, STEPS + 1))
-    torch.testing.assert_close(losses(tmp_path / "pp", steps), losses(tmp_path / "single", steps),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(losses(tmp_path / "pp", steps), losses(tmp_path / "single", steps), rtol=RTOL, atol=ATOL)
     steps = list(range(RESUME_FROM + 1, STEPS + 1))
-    torch.testing.assert_close(losses(tmp_path / "pp_resumed", steps), losses(tmp_path / "single", steps),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        losses(tmp_path / "pp_resumed", steps), losses(tmp_path / "single", steps), rtol=RTOL, atol=ATOL
+    )
     valid, reference = (read_metrics(tmp_path / name / "metrics", "valid")[-1] for name in ("pp", "single"))
     torch.testing.assert_close(valid["loss_count"], reference["loss_count"], rtol=RTOL, atol=ATOL)
-

@@ -23,7 +23,7 @@ NOISE_MULTIPLE = 2.0  # a gap must exceed this many seed standard deviations to 
 @dataclass
 class SettingStats:
     setting: dict[str, str]
-    outcomes: list[RunOutcome]   # its finished runs, one per seed
+    outcomes: list[RunOutcome]  # its finished runs, one per seed
 
     @property
     def diverged(self) -> list[RunOutcome]:
@@ -89,14 +89,22 @@ def summarize(grid: Grid, outcomes: list[RunOutcome], rule: SpikeRule) -> list[s
     paragraphs.append(_spikes(grid, outcomes, rule))
     if any(o.run.config.precision == "fp16" for o in outcomes):
         fp16 = [o.loss_scale_skips for o in outcomes if o.run.config.precision == "fp16"]
-        paragraphs.append(f"Loss-scale overflows skipped {mean_range(fp16)} updates per fp16 run "
-                          "(mean, min–max); the skipped steps come on top of the planned ones.")
+        paragraphs.append(
+            f"Loss-scale overflows skipped {mean_range(fp16)} updates per fp16 run "
+            "(mean, min–max); the skipped steps come on top of the planned ones."
+        )
     if grid.base.spike_guard.enabled:
         total = sum(o.interventions for o in outcomes)
-        where = [f"{label(s.setting)}: {sum(o.interventions for o in s.outcomes)}"
-                 for s in stats if any(o.interventions for o in s.outcomes)]
-        paragraphs.append("The spike guard never rolled a run back." if not total else
-                          f"The spike guard rolled back {total} times in all ({'; '.join(where)}).")
+        where = [
+            f"{label(s.setting)}: {sum(o.interventions for o in s.outcomes)}"
+            for s in stats
+            if any(o.interventions for o in s.outcomes)
+        ]
+        paragraphs.append(
+            "The spike guard never rolled a run back."
+            if not total
+            else f"The spike guard rolled back {total} times in all ({'; '.join(where)})."
+        )
     else:
         paragraphs.append("The spike guard was off (spike_guard.enabled: false): no run was rolled back.")
     effects = [_effect(axis, outcomes, stats) for axis, values in grid.axes.items() if len(values) > 1]
@@ -112,12 +120,16 @@ def summarize(grid: Grid, outcomes: list[RunOutcome], rule: SpikeRule) -> list[s
             quiet = f"{calm}, and with one seed per setting no loss difference can be told from seed noise"
         else:
             quiet = f"{calm}, and no switch moved the loss beyond seed noise: it shows nothing"
-        paragraphs.append(f"At this scale {quiet}. That is no evidence against the paper's choices, whose failures "
-                          "it reports at tens of billions of parameters and more; --lr-multiplier, a shorter warmup "
-                          "(--warmup-multiplier) or a larger model bring instability closer.")
+        paragraphs.append(
+            f"At this scale {quiet}. That is no evidence against the paper's choices, whose failures "
+            "it reports at tens of billions of parameters and more; --lr-multiplier, a shorter warmup "
+            "(--warmup-multiplier) or a larger model bring instability closer."
+        )
     if len(outcomes) < len(grid.runs()):
-        paragraphs.append(f"Only {len(outcomes)} of the {len(grid.runs())} runs have finished; run the same command "
-                          "again to train the rest (finished runs are kept).")
+        paragraphs.append(
+            f"Only {len(outcomes)} of the {len(grid.runs())} runs have finished; run the same command "
+            "again to train the rest (finished runs are kept)."
+        )
     return paragraphs
 
 
@@ -127,9 +139,11 @@ def _scale(grid: Grid, outcomes: list[RunOutcome]) -> str:
     tokens = base.train_samples * base.sequence_length
     sizes = sorted({o.result["parameters"] for o in outcomes})  # sandwich adds two LayerNorms a layer
     size = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,} to {sizes[-1]:,}"
-    return (f"Scale: {size}-parameter models, up to {steps} steps of at most "
-            f"{base.global_batch_size} sequences of {base.sequence_length} tokens ({tokens:,} token positions per "
-            f"run), peak learning rate {base.lr:g} with warmup over {base.warmup_samples} samples.")
+    return (
+        f"Scale: {size}-parameter models, up to {steps} steps of at most "
+        f"{base.global_batch_size} sequences of {base.sequence_length} tokens ({tokens:,} token positions per "
+        f"run), peak learning rate {base.lr:g} with warmup over {base.warmup_samples} samples."
+    )
 
 
 def _divergence(stats: list[SettingStats], finished: int) -> str:
@@ -137,14 +151,19 @@ def _divergence(stats: list[SettingStats], finished: int) -> str:
     if not diverged:
         return f"No run diverged (none of {finished} had a non-finite loss or a loss that never came back down)."
     count = sum(len(s.diverged) for s in diverged)
-    parts = [f"{label(s.setting)}: {len(s.diverged)} of {len(s.outcomes)} seeds ({s.diverged[0].divergence})"
-             for s in diverged]
+    parts = [
+        f"{label(s.setting)}: {len(s.diverged)} of {len(s.outcomes)} seeds ({s.diverged[0].divergence})"
+        for s in diverged
+    ]
     return f"{count} of {finished} runs diverged: " + "; ".join(parts) + "."
 
 
 def _spikes(grid: Grid, outcomes: list[RunOutcome], rule: SpikeRule) -> str:
-    return (_events("spike events", lambda o: o.verdict.events, grid, outcomes, rule.factor, rule)
-            + " " + _events("gradient-norm spikes", lambda o: o.grad_spikes, grid, outcomes, rule.grad_factor, rule))
+    return (
+        _events("spike events", lambda o: o.verdict.events, grid, outcomes, rule.factor, rule)
+        + " "
+        + _events("gradient-norm spikes", lambda o: o.grad_spikes, grid, outcomes, rule.grad_factor, rule)
+    )
 
 
 def _events(what: str, events, grid: Grid, outcomes: list[RunOutcome], factor: float, rule: SpikeRule) -> str:
@@ -170,17 +189,27 @@ def _effect(axis: str, outcomes: list[RunOutcome], stats: list[SettingStats]) ->
     what = score_name(outcomes)
     if len(means) < 2:
         return f"{axis}: too few runs that did not diverge to compare its values by {what}.", False
-    text = (f"{axis}: {what} " + ", ".join(f"{v} {m:.3f}" for v, m in means.items())
-            + " (mean over the other switches and the seeds, runs that diverged left out).")
+    text = (
+        f"{axis}: {what} "
+        + ", ".join(f"{v} {m:.3f}" for v, m in means.items())
+        + " (mean over the other switches and the seeds, runs that diverged left out)."
+    )
     best, worst = min(means, key=means.get), max(means, key=means.get)
     gap, spread = means[worst] - means[best], seed_spread(stats)
     if spread is None:
-        return text + f" The gap {worst} - {best} is {gap:.3f}; one seed per setting gives no spread to judge it by.", False
+        return (
+            text + f" The gap {worst} - {best} is {gap:.3f}; one seed per setting gives no spread to judge it by.",
+            False,
+        )
     if gap > NOISE_MULTIPLE * spread:
-        return (text + f" {best} beats {worst} by {gap:.3f}, {gap / spread:.1f} x the seed-to-seed spread "
-                f"({spread:.3f}): a difference at this scale."), True
-    return (text + f" The largest gap, {gap:.3f}, is within {NOISE_MULTIPLE:g} x the seed-to-seed spread "
-            f"({spread:.3f}): no difference shown."), False
+        return (
+            text + f" {best} beats {worst} by {gap:.3f}, {gap / spread:.1f} x the seed-to-seed spread "
+            f"({spread:.3f}): a difference at this scale."
+        ), True
+    return (
+        text + f" The largest gap, {gap:.3f}, is within {NOISE_MULTIPLE:g} x the seed-to-seed spread "
+        f"({spread:.3f}): no difference shown."
+    ), False
 
 
 def _identical(grid: Grid, outcomes: list[RunOutcome]) -> list[str]:
@@ -200,6 +229,8 @@ def _identical(grid: Grid, outcomes: list[RunOutcome]) -> list[str]:
             if seeds and all(curves[(k, i)] == curves[(variants[0], i)] for k in variants for i in seeds):
                 same_where.append(label({k: v for k, v in setting.items() if k != axis}) or "every run")
         if same_where:
-            notes.append(f"Runs differing only in {axis} had bit-identical loss curves where "
-                         f"{'; '.join(same_where)}: the switch changes nothing there.")
+            notes.append(
+                f"Runs differing only in {axis} had bit-identical loss curves where "
+                f"{'; '.join(same_where)}: the switch changes nothing there."
+            )
     return notes

@@ -22,15 +22,18 @@ from glm130b.train.optim import global_batch_size_at
 
 @dataclass(frozen=True)
 class Switch:
-    field: str                           # the TrainConfig field it sets (dotted: inside `model`)
-    choices: tuple[str, ...] | None      # the allowed values; None = a number, checked by TrainConfig
+    field: str  # the TrainConfig field it sets (dotted: inside `model`)
+    choices: tuple[str, ...] | None  # the allowed values; None = a number, checked by TrainConfig
     meaning: str
 
 
 SWITCHES = {
     "layernorm": Switch("model.layernorm_order", LAYERNORM_ORDERS, "where the LayerNorms sit (deepnorm = GLM-130B)"),
-    "softmax": Switch("model.attention_softmax", ATTENTION_SOFTMAX_DTYPES,
-                      "attention softmax in fp32 (GLM-130B) or in the compute dtype"),
+    "softmax": Switch(
+        "model.attention_softmax",
+        ATTENTION_SOFTMAX_DTYPES,
+        "attention softmax in fp32 (GLM-130B) or in the compute dtype",
+    ),
     "egs": Switch("embedding_grad_scale", None, "embedding gradient shrink factor (0.1 = GLM-130B, 1 = off)"),
     "precision": Switch("precision", PRECISIONS, "fp16 with loss scaling (GLM-130B), bf16 or fp32"),
 }
@@ -62,25 +65,34 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
                     raise ConfigError(f"{name}={value} is not a number") from None
         axes[name] = values
     if not axes:
-        raise ConfigError(f"the grid is empty; give at least one switch, e.g. layernorm=deepnorm,pre "
-                          f"(switches: {', '.join(SWITCHES)})")
+        raise ConfigError(
+            f"the grid is empty; give at least one switch, e.g. layernorm=deepnorm,pre "
+            f"(switches: {', '.join(SWITCHES)})"
+        )
     return axes
 
 
-def provoked(config: TrainConfig, steps: int, lr_multiplier: float = 1.0, warmup_multiplier: float = 1.0) -> TrainConfig:
+def provoked(
+    config: TrainConfig, steps: int, lr_multiplier: float = 1.0, warmup_multiplier: float = 1.0
+) -> TrainConfig:
     """The base run of a grid: `steps` updates long, its lr schedule (peak and floor) times
     lr_multiplier and its warmup times warmup_multiplier (below 1: shorter)."""
     check_positive_int("steps", steps)
     check_field("lr multiplier", lr_multiplier, float, lambda v: v > 0, "a positive number")
     check_field("warmup multiplier", warmup_multiplier, float, lambda v: v > 0, "a positive number")
-    config = dataclasses.replace(config, lr=config.lr * lr_multiplier, min_lr=config.min_lr * lr_multiplier,
-                                 warmup_fraction=config.warmup_fraction * warmup_multiplier)
+    config = dataclasses.replace(
+        config,
+        lr=config.lr * lr_multiplier,
+        min_lr=config.min_lr * lr_multiplier,
+        warmup_fraction=config.warmup_fraction * warmup_multiplier,
+    )
     return dataclasses.replace(config, train_samples=samples_for_steps(config, steps))
 
 
 def samples_for_steps(config: TrainConfig, steps: int) -> int:
     """The fewest train_samples that give `steps` updates: the batch ramp-up, whose length is a
     fraction of train_samples, makes the early steps smaller than global_batch_size."""
+
     def updates(total: int) -> int:
         run = dataclasses.replace(config, train_samples=total)
         samples = count = 0
@@ -98,15 +110,15 @@ def samples_for_steps(config: TrainConfig, steps: int) -> int:
 
 @dataclass
 class GridRun:
-    name: str                  # its folder under <out>/runs
-    setting: dict[str, str]    # switch -> value
+    name: str  # its folder under <out>/runs
+    setting: dict[str, str]  # switch -> value
     seed_index: int
     config: TrainConfig
 
 
 @dataclass
 class Grid:
-    base: TrainConfig          # provoked() already applied
+    base: TrainConfig  # provoked() already applied
     axes: dict[str, list[str]]
     seeds: int
     out_dir: Path
@@ -131,8 +143,12 @@ class Grid:
         data = apply_overrides(self.base.to_dict(), overrides)
         # resume: a run interrupted part-way continues from its checkpoint (the runner has checked
         # that the folder holds this very run)
-        data.update(seed=self.base.seed + seed_index, data_seed=self.base.sampler_seed,
-                    out_dir=str(self.out_dir / RUNS_DIR / name), resume=True)
+        data.update(
+            seed=self.base.seed + seed_index,
+            data_seed=self.base.sampler_seed,
+            out_dir=str(self.out_dir / RUNS_DIR / name),
+            resume=True,
+        )
         try:
             config = TrainConfig.from_dict(data)
         except ConfigError as err:

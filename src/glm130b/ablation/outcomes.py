@@ -22,13 +22,13 @@ FINAL_SHARE = 0.1
 @dataclass
 class RunOutcome:
     run: GridRun
-    result: dict                 # runner.train_run's result.json
+    result: dict  # runner.train_run's result.json
     steps: list[int]
     losses: list[float]
     grad_norms: list[float]
-    loss_scale_skips: int        # fp16 steps whose update was skipped for an overflow
-    interventions: int           # spike-guard rollbacks
-    verdict: CurveVerdict        # of the loss curve
+    loss_scale_skips: int  # fp16 steps whose update was skipped for an overflow
+    interventions: int  # spike-guard rollbacks
+    verdict: CurveVerdict  # of the loss curve
     grad_spikes: list[SpikeEvent]  # of the gradient-norm curve
 
     @property
@@ -45,7 +45,7 @@ class RunOutcome:
 
     @property
     def final_train_loss(self) -> float:
-        tail = self.losses[-max(1, round(FINAL_SHARE * len(self.losses))):]
+        tail = self.losses[-max(1, round(FINAL_SHARE * len(self.losses))) :]
         return statistics.fmean(tail) if tail and all(math.isfinite(v) for v in tail) else math.nan
 
 
@@ -59,10 +59,16 @@ def read_outcome(run: GridRun, rule: SpikeRule) -> RunOutcome | None:
     steps, losses = [r["step"] for r in train], [float(r["loss"]) for r in train]
     # fp16 overflow steps have an infinite norm by definition: the loss scaler's business, not a spike
     norms = [(s, float(r["grad_norm"])) for s, r in zip(steps, train) if not r.get("skipped_update")]
-    return RunOutcome(run=run, result=result, steps=steps, losses=losses,
-                      grad_norms=[float(r["grad_norm"]) for r in train],
-                      loss_scale_skips=sum(bool(r.get("skipped_update")) for r in train),
-                      interventions=len(read_metrics(metrics, "intervention")),
-                      verdict=find_spikes(steps, losses, rule),
-                      grad_spikes=find_spikes([s for s, _ in norms], [n for _, n in norms],
-                                              dataclasses.replace(rule, factor=rule.grad_factor)).events)
+    return RunOutcome(
+        run=run,
+        result=result,
+        steps=steps,
+        losses=losses,
+        grad_norms=[float(r["grad_norm"]) for r in train],
+        loss_scale_skips=sum(bool(r.get("skipped_update")) for r in train),
+        interventions=len(read_metrics(metrics, "intervention")),
+        verdict=find_spikes(steps, losses, rule),
+        grad_spikes=find_spikes(
+            [s for s, _ in norms], [n for _, n in norms], dataclasses.replace(rule, factor=rule.grad_factor)
+        ).events,
+    )

@@ -22,12 +22,21 @@ def write_grid_report(grid: Grid, rule: SpikeRule, command: str | None = None) -
     runs = grid.runs()
     outcomes = [o for o in (read_outcome(run, rule) for run in runs) if o is not None]
     curves = plot_curves(outcomes, grid.out_dir / CURVES_FILE) if outcomes else None
-    sections = [("What ran", _what_ran(grid, rule, command)),
-                ("Summary", "\n\n".join(summarize(grid, outcomes, rule))),
-                ("Curves", f"![loss and gradient norm of every run]({curves.name})" if curves else
-                 "No figure: " + ("no run has finished yet." if not outcomes else "matplotlib is not installed.")),
-                ("Per setting (mean ± standard deviation over seeds; diverged runs left out of the losses)", setting_table(grid, outcomes)),
-                ("Per run", run_table(grid, outcomes))]
+    sections = [
+        ("What ran", _what_ran(grid, rule, command)),
+        ("Summary", "\n\n".join(summarize(grid, outcomes, rule))),
+        (
+            "Curves",
+            f"![loss and gradient norm of every run]({curves.name})"
+            if curves
+            else "No figure: " + ("no run has finished yet." if not outcomes else "matplotlib is not installed."),
+        ),
+        (
+            "Per setting (mean ± standard deviation over seeds; diverged runs left out of the losses)",
+            setting_table(grid, outcomes),
+        ),
+        ("Per run", run_table(grid, outcomes)),
+    ]
     return write_report(grid.out_dir / REPORT_FILE, "Stability ablation", sections)
 
 
@@ -38,8 +47,10 @@ def _what_ran(grid: Grid, rule: SpikeRule, command: str | None) -> str:
     def fixed(field: str, value) -> str:
         return "per switch" if field in switched else str(value)
 
-    switches = "\n".join(f"- `{axis}` ({SWITCHES[axis].field}: {SWITCHES[axis].meaning}): {', '.join(values)}"
-                         for axis, values in grid.axes.items())
+    switches = "\n".join(
+        f"- `{axis}` ({SWITCHES[axis].field}: {SWITCHES[axis].meaning}): {', '.join(values)}"
+        for axis, values in grid.axes.items()
+    )
     backend = "reference" if "softmax" in grid.axes else model.attention_backend
     ramp = f"ramped from {base.rampup_start_batch_size}" if base.rampup_start_batch_size else "no ramp-up"
     return f"""
@@ -70,18 +81,34 @@ at the end after {rule.window} steps or more, or a run the spike guard gave up o
 
 
 def setting_table(grid: Grid, outcomes: list[RunOutcome]) -> str:
-    header = [*grid.axes, "seeds done", "final validation loss", "final train loss", "spike events",
-              "grad-norm spikes", "loss-scale skips", "guard rollbacks", "diverged"]
+    header = [
+        *grid.axes,
+        "seeds done",
+        "final validation loss",
+        "final train loss",
+        "spike events",
+        "grad-norm spikes",
+        "loss-scale skips",
+        "guard rollbacks",
+        "diverged",
+    ]
     rows = []
     for stats in by_setting(grid, outcomes):
         done = stats.outcomes
         healthy = [o for o in done if not o.divergence]
-        rows.append([*stats.setting.values(), f"{len(done)}/{grid.seeds}",
-                     mean_spread([o.valid_loss for o in healthy if o.valid_loss is not None]),
-                     mean_spread([o.final_train_loss for o in healthy]),
-                     mean_range([len(o.verdict.events) for o in done]), mean_range([len(o.grad_spikes) for o in done]),
-                     mean_range([o.loss_scale_skips for o in done]),
-                     mean_range([o.interventions for o in done]), f"{len(stats.diverged)}/{len(done)}"])
+        rows.append(
+            [
+                *stats.setting.values(),
+                f"{len(done)}/{grid.seeds}",
+                mean_spread([o.valid_loss for o in healthy if o.valid_loss is not None]),
+                mean_spread([o.final_train_loss for o in healthy]),
+                mean_range([len(o.verdict.events) for o in done]),
+                mean_range([len(o.grad_spikes) for o in done]),
+                mean_range([o.loss_scale_skips for o in done]),
+                mean_range([o.interventions for o in done]),
+                f"{len(stats.diverged)}/{len(done)}",
+            ]
+        )
     return markdown_table(header, rows)
 
 
@@ -93,11 +120,35 @@ def run_table(grid: Grid, outcomes: list[RunOutcome]) -> str:
         if o is None:
             rows.append([run.name, run.config.seed, "not run yet", "", "", "", "", "", "", ""])
             continue
-        rows.append([run.name, run.config.seed, o.result["steps"], _number(o.valid_loss), _number(o.final_train_loss),
-                     len(o.verdict.events), len(o.grad_spikes), o.loss_scale_skips, o.interventions,
-                     o.divergence or "no"])
-    return markdown_table(["run", "seed", "steps", "final validation loss", "final train loss", "spike events",
-                           "grad-norm spikes", "loss-scale skips", "guard rollbacks", "diverged"], rows)
+        rows.append(
+            [
+                run.name,
+                run.config.seed,
+                o.result["steps"],
+                _number(o.valid_loss),
+                _number(o.final_train_loss),
+                len(o.verdict.events),
+                len(o.grad_spikes),
+                o.loss_scale_skips,
+                o.interventions,
+                o.divergence or "no",
+            ]
+        )
+    return markdown_table(
+        [
+            "run",
+            "seed",
+            "steps",
+            "final validation loss",
+            "final train loss",
+            "spike events",
+            "grad-norm spikes",
+            "loss-scale skips",
+            "guard rollbacks",
+            "diverged",
+        ],
+        rows,
+    )
 
 
 def _number(value: float | None) -> str:
@@ -109,6 +160,7 @@ def plot_curves(outcomes: list[RunOutcome], png_path: Path) -> Path | None:
     setting, shared by its seeds; x where a run diverged."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:

@@ -62,8 +62,10 @@ def check_folder(run: GridRun) -> None:
     differs = [k for k in sorted(saved.keys() | planned.keys()) if k != "device" and saved.get(k) != planned.get(k)]
     if differs:
         key = differs[0]
-        raise GLMError(f"{run_folder(run)} holds a run of another base config or grid ({key}: {saved.get(key)!r} "
-                       f"there, {planned.get(key)!r} now); use a new --out, or delete that folder to train it again")
+        raise GLMError(
+            f"{run_folder(run)} holds a run of another base config or grid ({key}: {saved.get(key)!r} "
+            f"there, {planned.get(key)!r} now); use a new --out, or delete that folder to train it again"
+        )
 
 
 def _flat(mapping: dict, prefix: str = "") -> dict:
@@ -78,30 +80,46 @@ def train_run(run: GridRun, data: RunData, show_progress: bool = False) -> dict:
     checkpoints (the report reads only metrics and results). A run the spike guard gives up on
     (TrainingDiverged) is finished too, with the reason in `stopped`."""
     started = time.perf_counter()
-    trainer = Trainer(run.config, build_model_and_optimizer(run.config), data.train, data.valid,
-                      show_progress=show_progress)
+    trainer = Trainer(
+        run.config, build_model_and_optimizer(run.config), data.train, data.valid, show_progress=show_progress
+    )
     stopped = None
     try:
         valid = trainer.train()
     except TrainingDiverged as err:
         valid, stopped = {}, str(err)
         trainer.metrics.close()
-    result = {"name": run.name, "setting": run.setting, "seed": run.config.seed, "steps": trainer.state.step,
-              "parameters": trainer.model.num_parameters(), "valid_loss": valid, "stopped": stopped,
-              "seconds": round(time.perf_counter() - started, 1), "device": str(trainer.device)}
+    result = {
+        "name": run.name,
+        "setting": run.setting,
+        "seed": run.config.seed,
+        "steps": trainer.state.step,
+        "parameters": trainer.model.num_parameters(),
+        "valid_loss": valid,
+        "stopped": stopped,
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": str(trainer.device),
+    }
     write_mapping(run_folder(run) / RESULT_FILE, result)  # atomic: from here on the run is finished
     shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
     return result
 
 
-def run_grid(grid: Grid, data: RunData | None = None, devices: list[str] | None = None,
-             on_finished: Callable[[GridRun, dict], None] | None = None, show_progress: bool = False) -> list[GridRun]:
+def run_grid(
+    grid: Grid,
+    data: RunData | None = None,
+    devices: list[str] | None = None,
+    on_finished: Callable[[GridRun, dict], None] | None = None,
+    show_progress: bool = False,
+) -> list[GridRun]:
     """Train every unfinished run of `grid`; returns the runs trained now. `data`: None = the base
     config's corpus. `devices`: None = the base config's device; several = one worker process per
     device, each taking the next unfinished run. `on_finished(run, result)` after each run."""
     if "RANK" in os.environ:
-        raise GLMError("glm130b ablate trains each run in one process; instead of launching it with torchrun, "
-                       "pass --devices cuda:0,cuda:1,... to train one run per GPU")
+        raise GLMError(
+            "glm130b ablate trains each run in one process; instead of launching it with torchrun, "
+            "pass --devices cuda:0,cuda:1,... to train one run per GPU"
+        )
     runs = grid.runs()
     for run in runs:
         check_folder(run)
@@ -118,8 +136,9 @@ def run_grid(grid: Grid, data: RunData | None = None, devices: list[str] | None 
     return todo
 
 
-def _run_on_devices(todo: list[GridRun], devices: list[str], data: RunData | None,
-                    on_finished: Callable[[GridRun, dict], None]) -> None:
+def _run_on_devices(
+    todo: list[GridRun], devices: list[str], data: RunData | None, on_finished: Callable[[GridRun, dict], None]
+) -> None:
     context = multiprocessing.get_context("spawn")  # a forked child cannot use CUDA
     pending, done = context.Queue(), context.Queue()
     for run in todo:
@@ -152,8 +171,10 @@ def _next_outcome(done, workers) -> tuple[str, str, dict | str]:
                 try:  # a worker's last message is flushed before it exits
                     return done.get(timeout=1.0)
                 except queue.Empty:
-                    raise GLMError("the worker processes exited before the grid was done "
-                                   "(killed? out of memory?); run the command again to continue") from None
+                    raise GLMError(
+                        "the worker processes exited before the grid was done "
+                        "(killed? out of memory?); run the command again to continue"
+                    ) from None
 
 
 def _worker(device: str, pending, done, data: RunData | None) -> None:

@@ -29,8 +29,8 @@ class SpikeRule:
     # The same rule on the gradient norm (before clipping), whose spikes the paper saw come before
     # loss spikes: healthy norms swing by several times, so 10 (the spike guard's default ratio).
     grad_factor: float = 10.0
-    window: int = 50        # healthy steps in the baseline median
-    min_history: int = 20   # no test before this many healthy steps (the first losses fall fast)
+    window: int = 50  # healthy steps in the baseline median
+    min_history: int = 20  # no test before this many healthy steps (the first losses fall fast)
 
     def validate(self) -> SpikeRule:
         check_field("spike factor", self.factor, float, lambda v: v > 1, "a number above 1")
@@ -44,17 +44,17 @@ class SpikeRule:
 
 @dataclass
 class SpikeEvent:
-    start: int             # first step above the threshold
-    peak: int              # step of the highest loss of the event (the first, on ties)
+    start: int  # first step above the threshold
+    peak: int  # step of the highest loss of the event (the first, on ties)
     peak_loss: float
-    baseline: float        # the running median when the event began
+    baseline: float  # the running median when the event began
     end: int | None = None  # first step back at or below the threshold; None = still above at the end
 
 
 @dataclass
 class CurveVerdict:
     events: list[SpikeEvent] = field(default_factory=list)
-    divergence: str | None = None   # why the run counts as diverged; None = it did not
+    divergence: str | None = None  # why the run counts as diverged; None = it did not
 
 
 def find_spikes(steps: list[int], losses: list[float], rule: SpikeRule = SpikeRule()) -> CurveVerdict:
@@ -82,6 +82,8 @@ def find_spikes(steps: list[int], losses: list[float], rule: SpikeRule = SpikeRu
         history.append(loss)
     # steps spent above the threshold counted on the step axis (records may skip step numbers)
     if event is not None and steps[-1] - event.start + 1 >= rule.window:
-        verdict.divergence = (f"loss above {rule.factor:g} x its baseline {event.baseline:.4g} from step "
-                              f"{event.start} to the end: never recovered")
+        verdict.divergence = (
+            f"loss above {rule.factor:g} x its baseline {event.baseline:.4g} from step "
+            f"{event.start} to the end: never recovered"
+        )
     return verdict

@@ -31,8 +31,16 @@ PREFIX_FILE = "prefix.safetensors"
 METHODS = ("lora", "ptuning")
 # GLMConfig fields an adapter depends on: the shapes of what it adds to, and the positions and FFN
 # that its training saw. Dropout and the attention backend may differ between training and use.
-BASE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "inner_hidden_size",
-               "position_encoding", "ffn", "tie_word_embeddings")
+BASE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "inner_hidden_size",
+    "position_encoding",
+    "ffn",
+    "tie_word_embeddings",
+)
 TOKENIZER_DIR = "tokenizer"  # a model directory's tokenizer folder (as glm130b pretrain writes it)
 
 
@@ -48,7 +56,7 @@ def quantization_of(model: nn.Module) -> QuantScheme | None:
 
 
 def adapter_method(model: nn.Module) -> str | None:
-    """"lora" or "ptuning" for a model carrying that adapter, None for a plain one."""
+    """ "lora" or "ptuning" for a model carrying that adapter, None for a plain one."""
     if has_lora(model):
         return "lora"
     return "ptuning" if prefix_length(model) is not None else None
@@ -63,8 +71,11 @@ def save_adapter(model: GLM, directory: str | Path, state: dict[str, torch.Tenso
         raise GLMError("the model carries no adapter to save: add LoRA or a prefix first (glm130b.adapters)")
     directory.mkdir(parents=True, exist_ok=True)
     scheme = quantization_of(model)
-    record = {"method": method, "base_config": model.config.to_dict(),
-              "quantization": None if scheme is None else {"bits": scheme.bits, "group_size": scheme.group_size}}
+    record = {
+        "method": method,
+        "base_config": model.config.to_dict(),
+        "quantization": None if scheme is None else {"bits": scheme.bits, "group_size": scheme.group_size},
+    }
     if method == "lora":
         save_lora(model, directory, state)
     else:
@@ -78,12 +89,15 @@ def save_adapter(model: GLM, directory: str | Path, state: dict[str, torch.Tenso
 def read_adapter_record(directory: str | Path) -> dict:
     directory = Path(directory)
     if not (directory / ADAPTER_FILE).is_file():
-        raise CheckpointError(f"{directory} is not an adapter folder: {ADAPTER_FILE} is missing "
-                              "(glm130b finetune --method lora|ptuning writes one)")
+        raise CheckpointError(
+            f"{directory} is not an adapter folder: {ADAPTER_FILE} is missing "
+            "(glm130b finetune --method lora|ptuning writes one)"
+        )
     record = read_mapping(directory / ADAPTER_FILE, "adapter record")
     if record.get("method") not in METHODS:
-        raise CheckpointError(f"{directory / ADAPTER_FILE}: method must be one of {', '.join(METHODS)}, "
-                              f"got {record.get('method')!r}")
+        raise CheckpointError(
+            f"{directory / ADAPTER_FILE}: method must be one of {', '.join(METHODS)}, got {record.get('method')!r}"
+        )
     return record
 
 
@@ -102,9 +116,11 @@ def attach_adapter(model: GLM, directory: str | Path) -> GLM:
         raise CheckpointError(f"{directory / ADAPTER_FILE} has no readable base_config ({err})") from None
     for name in BASE_FIELDS:
         if getattr(base, name) != getattr(model.config, name):
-            raise CheckpointError(f"the adapter in {directory} was trained on a model with {name} "
-                                  f"{getattr(base, name)!r}, this one has {getattr(model.config, name)!r}; "
-                                  "load it onto its own base model")
+            raise CheckpointError(
+                f"the adapter in {directory} was trained on a model with {name} "
+                f"{getattr(base, name)!r}, this one has {getattr(model.config, name)!r}; "
+                "load it onto its own base model"
+            )
     freeze(model)
     if record["method"] == "lora":
         return load_lora(model, directory)
@@ -117,8 +133,13 @@ def attach_adapter(model: GLM, directory: str | Path) -> GLM:
     return model
 
 
-def load_model_with_adapter(model_dir: str | Path, adapter_dir: str | Path, device: torch.device | str = "cpu",
-                            dtype: torch.dtype | None = None, scheme: QuantScheme | None = None) -> GLM:
+def load_model_with_adapter(
+    model_dir: str | Path,
+    adapter_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    scheme: QuantScheme | None = None,
+) -> GLM:
     """The base model of `model_dir` (glm130b.checkpoint.load_model) with the adapter of
     `adapter_dir` loaded, in eval mode: what `glm130b generate --adapter`, serving and evaluation
     run. A floating-point model directory is quantized on load with `scheme`, by default the one
@@ -134,8 +155,10 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     """A model directory with a LoRA adapter folded into the weights (floating point, the dtype of
     `model_dir`; a quantized base is dequantized), and the base's tokenizer folder when it has one."""
     if read_adapter_record(adapter_dir)["method"] != "lora":
-        raise GLMError(f"{adapter_dir} is a P-tuning v2 prefix: extra keys and values, not a change of weights, "
-                       "so it cannot be merged; load it with --adapter instead")
+        raise GLMError(
+            f"{adapter_dir} is a P-tuning v2 prefix: extra keys and values, not a change of weights, "
+            "so it cannot be merged; load it with --adapter instead"
+        )
     model = load_model_with_adapter(model_dir, adapter_dir)
     model = merge_lora(dequantize_model(model, model.transformer.word_embeddings.weight.dtype))
     out_dir = save_model(model, out_dir, metadata={"merged_adapter": str(adapter_dir)})

@@ -41,8 +41,9 @@ def _peft():
     return peft
 
 
-def lora_config(rank: int = 8, alpha: float = 16.0, dropout: float = 0.05,
-                targets: Sequence[str] = ("query_key_value",)):
+def lora_config(
+    rank: int = 8, alpha: float = 16.0, dropout: float = 0.05, targets: Sequence[str] = ("query_key_value",)
+):
     """A peft.LoraConfig on our module names; targets from LORA_TARGETS (`dense` is the attention
     output, `dense_h_to_4h` / `dense_4h_to_h` the FFN's input and output)."""
     check_positive_int("lora_rank", rank)
@@ -80,8 +81,11 @@ def save_lora(model: nn.Module, directory: Path, state: dict[str, torch.Tensor] 
     model.peft_config[ADAPTER_NAME].save_pretrained(str(directory))
     state = peft.get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER_NAME)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file({PEFT_KEY_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-                  metadata={"format": "pt"})
+        save_file(
+            {PEFT_KEY_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()},
+            str(tmp),
+            metadata={"format": "pt"},
+        )
 
 
 def load_lora(model: nn.Module, directory: Path) -> nn.Module:
@@ -93,12 +97,16 @@ def load_lora(model: nn.Module, directory: Path) -> nn.Module:
         raise CheckpointError(f"{directory / CONFIG_FILE} cannot be read as a LoRA config ({err})") from None
     add_lora(model, config)
     device = next(p for n, p in model.named_parameters() if "lora_" in n).device
-    state = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in load_file(str(directory / WEIGHTS_FILE), str(device)).items()}
+    state = {
+        k.removeprefix(PEFT_KEY_PREFIX): v for k, v in load_file(str(directory / WEIGHTS_FILE), str(device)).items()
+    }
     expected = set(peft.get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
     if set(state) != expected:
         wrong = sorted(set(state) ^ expected)
-        raise CheckpointError(f"{directory / WEIGHTS_FILE} does not fit this model's LoRA layers "
-                              f"(first mismatch: {wrong[0]}); was it trained on another base model?")
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} does not fit this model's LoRA layers "
+            f"(first mismatch: {wrong[0]}); was it trained on another base model?"
+        )
     peft.set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
     return model
 

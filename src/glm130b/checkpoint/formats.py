@@ -19,12 +19,16 @@ def open_source(path: str | Path, preset: str | None = None) -> TensorSource:
     folder (config.json with a model_type) or our model directory."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder; give a model directory, a Hugging Face folder or an "
-                              "official checkpoint folder (the one holding 'latest')")
+        raise CheckpointError(
+            f"{path} is not a folder; give a model directory, a Hugging Face folder or an "
+            "official checkpoint folder (the one holding 'latest')"
+        )
     if (path / "latest").is_file():
         return OfficialCheckpoint(path, GLMConfig.from_preset(preset) if preset else None)
     if (path / CONFIG_FILE).is_file():
         data = read_mapping(path / CONFIG_FILE, "model config")
         return open_huggingface(path, data) if "model_type" in data else open_model_directory(path)
-    raise CheckpointError(f"{path} holds no checkpoint: no config.json (model directory or Hugging Face folder) "
-                          "and no 'latest' (official shards)")
+    raise CheckpointError(
+        f"{path} holds no checkpoint: no config.json (model directory or Hugging Face folder) "
+        "and no 'latest' (official shards)"
+    )

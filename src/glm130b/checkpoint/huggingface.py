@@ -17,19 +17,29 @@ MODEL_TYPE = "glm130b"
 CHATGLM_MODEL_TYPE = "chatglm"
 KEY_PREFIX = "model."  # GLMForCausalLM keeps the GLM under `.model`
 # ChatGLM-6B's config.json fields that are GLMConfig fields under the same name.
-CHATGLM_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "inner_hidden_size",
-                  "max_sequence_length", "layernorm_epsilon")
+CHATGLM_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "inner_hidden_size",
+    "max_sequence_length",
+    "layernorm_epsilon",
+)
 
 
 def chatglm_config(data: dict, where: Path) -> GLMConfig:
     """ChatGLM-6B's config.json as a GLMConfig: the chatglm-6b preset's switches (2-D rotary,
     tanh-GELU FFN, untied head, alpha from 28 layers) with the folder's shape."""
     if data.get("quantization_bit"):
-        raise CheckpointError(f"{where} is ChatGLM's own {data['quantization_bit']}-bit checkpoint; convert its "
-                              "fp16 release and quantize with `glm130b quantize` instead")
+        raise CheckpointError(
+            f"{where} is ChatGLM's own {data['quantization_bit']}-bit checkpoint; convert its "
+            "fp16 release and quantize with `glm130b quantize` instead"
+        )
     if data.get("pre_seq_len"):
-        raise CheckpointError(f"{where} holds a P-tuning prefix (pre_seq_len {data['pre_seq_len']}); "
-                              "load the base model's folder")
+        raise CheckpointError(
+            f"{where} holds a P-tuning prefix (pre_seq_len {data['pre_seq_len']}); load the base model's folder"
+        )
     shape = {k: data[k] for k in CHATGLM_FIELDS if k in data}
     return GLMConfig.from_preset("chatglm-6b", **shape)
 
@@ -38,8 +48,15 @@ def chatglm_specials(data: dict) -> SpecialTokens:
     """ChatGLM-6B's ids: [MASK] at mask_token_id and the rest at fixed offsets from it; eos is <eop>."""
     mask = data.get("mask_token_id", 130000)
     eop = data.get("eos_token_id", mask + 5)
-    return SpecialTokens(mask=mask, gmask=data.get("gmask_token_id", mask + 1), smask=mask + 2,
-                         sop=data.get("bos_token_id", mask + 4), eop=eop, eos=eop, pad=data.get("pad_token_id", 3))
+    return SpecialTokens(
+        mask=mask,
+        gmask=data.get("gmask_token_id", mask + 1),
+        smask=mask + 2,
+        sop=data.get("bos_token_id", mask + 4),
+        eop=eop,
+        eos=eop,
+        pad=data.get("pad_token_id", 3),
+    )
 
 
 def open_huggingface(directory: Path, data: dict) -> TensorSource:
@@ -50,14 +67,18 @@ def open_huggingface(directory: Path, data: dict) -> TensorSource:
     elif model_type == CHATGLM_MODEL_TYPE:
         config, prefix = chatglm_config(data, directory), ""
     else:
-        raise CheckpointError(f"{directory / CONFIG_FILE} has model_type {model_type!r}; glm130b reads "
-                              f"'{MODEL_TYPE}' (its own exports) and '{CHATGLM_MODEL_TYPE}' (ChatGLM-6B)")
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} has model_type {model_type!r}; glm130b reads "
+            f"'{MODEL_TYPE}' (its own exports) and '{CHATGLM_MODEL_TYPE}' (ChatGLM-6B)"
+        )
     if files := safetensors_files(directory):
         return SafetensorsSource(config, files, prefix)
     if files := torch_files(directory):
         return TorchFilesSource(config, files, prefix)
-    raise CheckpointError(f"{directory} has a config.json but no weights (model.safetensors, a safetensors index, "
-                          "pytorch_model.bin or its index)")
+    raise CheckpointError(
+        f"{directory} has a config.json but no weights (model.safetensors, a safetensors index, "
+        "pytorch_model.bin or its index)"
+    )
 
 
 def specials_of(directory: Path, data: dict) -> SpecialTokens:

@@ -43,8 +43,10 @@ def save_model(model: GLM, directory: str | Path, metadata: dict[str, str] | Non
 def load_config(directory: str | Path) -> GLMConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a model directory: {CONFIG_FILE} is missing "
-                              "(save one with glm130b.checkpoint.save_model)")
+        raise CheckpointError(
+            f"{directory} is not a model directory: {CONFIG_FILE} is missing "
+            "(save one with glm130b.checkpoint.save_model)"
+        )
     return GLMConfig.load(path)
 
 
@@ -74,15 +76,18 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu", dtype:
         try:
             state.update(load_file(str(file), device=str(device)))
         except Exception as err:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"{file} cannot be read ({str(err).splitlines()[0]}); it may be truncated: "
-                                  "copy or convert it again") from None
+            raise CheckpointError(
+                f"{file} cannot be read ({str(err).splitlines()[0]}); it may be truncated: copy or convert it again"
+            ) from None
     if dtype is not None:  # packed values stay int8 and quantization scales fp16 whatever the compute dtype
-        state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(SCALE_SUFFIX) else v
-                 for k, v in state.items()}
+        state = {
+            k: v.to(dtype) if v.is_floating_point() and not k.endswith(SCALE_SUFFIX) else v for k, v in state.items()
+        }
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as err:
         quantized = f" quantized as {scheme.name}" if scheme is not None else ""
-        raise CheckpointError(f"the weights in {directory} do not match {CONFIG_FILE}{quantized}: "
-                              f"{str(err).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"the weights in {directory} do not match {CONFIG_FILE}{quantized}: {str(err).splitlines()[0]}"
+        ) from None
     return model.eval()

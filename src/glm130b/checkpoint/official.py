@@ -26,12 +26,27 @@ from glm130b.model.glm import ROTARY_BASE
 
 SHARD_PATTERN = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 # Weights split across ranks by output rows (dim 0) or by input columns (dim 1); the rest replicated.
-ROW_SPLIT = ("word_embeddings.weight", "attention.query_key_value.weight", "attention.query_key_value.bias",
-             "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "lm_head.weight")
+ROW_SPLIT = (
+    "word_embeddings.weight",
+    "attention.query_key_value.weight",
+    "attention.query_key_value.bias",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_h_to_4h.bias",
+    "lm_head.weight",
+)
 COLUMN_SPLIT = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
 # SAT's model_config.json fields that map onto GLMConfig as they are.
-SAT_CONFIG_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "inner_hidden_size",
-                     "max_sequence_length", "layernorm_epsilon", "hidden_dropout", "attention_dropout")
+SAT_CONFIG_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "inner_hidden_size",
+    "max_sequence_length",
+    "layernorm_epsilon",
+    "hidden_dropout",
+    "attention_dropout",
+)
 # SAT keeps the rotary inverse frequencies as a buffer under this name in every shard.
 SAT_ROTARY_KEY = "mixins.rotary-embedding.rotary_emb.inv_freq"
 DEFAULT_ITERATION = "0"  # the `latest` of a checkpoint that did not come from official shards
@@ -42,11 +57,16 @@ def shard_paths(directory: str | Path) -> tuple[str, list[Path]]:
     directory = Path(directory)
     latest = directory / "latest"
     if not latest.is_file():
-        raise CheckpointError(f"{directory} is not an official checkpoint: it has no 'latest' file naming the iteration")
+        raise CheckpointError(
+            f"{directory} is not an official checkpoint: it has no 'latest' file naming the iteration"
+        )
     iteration = latest.read_text().strip()
     folder = directory / iteration
-    ranks = sorted((int(m.group(1)), folder / m.group(0)) for p in folder.glob("mp_rank_*_model_states.pt")
-                   if (m := SHARD_PATTERN.fullmatch(p.name)))
+    ranks = sorted(
+        (int(m.group(1)), folder / m.group(0))
+        for p in folder.glob("mp_rank_*_model_states.pt")
+        if (m := SHARD_PATTERN.fullmatch(p.name))
+    )
     if not ranks:
         raise CheckpointError(f"no mp_rank_XX_model_states.pt files in {folder} (iteration {iteration} from 'latest')")
     if [r for r, _ in ranks] != list(range(len(ranks))):
@@ -88,8 +108,10 @@ def split_tensor(name: str, tensor: torch.Tensor, tp: int, geglu: bool) -> list[
     if tp == 1 or dim is None:
         return [tensor] * tp
     if tensor.shape[dim] % tp:
-        raise CheckpointError(f"{name} has {tensor.shape[dim]} {'rows' if dim == 0 else 'columns'}, which {tp} "
-                              "tensor-parallel ranks cannot split evenly; pick a degree dividing it")
+        raise CheckpointError(
+            f"{name} has {tensor.shape[dim]} {'rows' if dim == 0 else 'columns'}, which {tp} "
+            "tensor-parallel ranks cannot split evenly; pick a degree dividing it"
+        )
     if geglu and "dense_h_to_4h" in name:
         value, gate = tensor.chunk(2, dim=0)
         return [torch.cat((v, g)) for v, g in zip(value.chunk(tp), gate.chunk(tp), strict=True)]
@@ -115,8 +137,10 @@ class OfficialCheckpoint(TensorSource):
         self.names = [k for k in self.modules[0] if not k.endswith("inv_freq")]
         for path, module in zip(paths[1:], self.modules[1:], strict=True):
             if [k for k in module if not k.endswith("inv_freq")] != self.names:
-                raise CheckpointError(f"{path} holds other tensors than {paths[0].name}: the shards come from "
-                                      "different checkpoints; copy all of one checkpoint's shards")
+                raise CheckpointError(
+                    f"{path} holds other tensors than {paths[0].name}: the shards come from "
+                    "different checkpoints; copy all of one checkpoint's shards"
+                )
 
     @property
     def tp(self) -> int:
@@ -139,8 +163,12 @@ class OfficialCheckpoint(TensorSource):
 
 def sat_model_config(config: GLMConfig, tp: int) -> dict:
     """SAT's model_config.json for `config` at tensor-parallel degree `tp`."""
-    return {"model_class": "GLM130B", **{k: getattr(config, k) for k in SAT_CONFIG_FIELDS},
-            "layernorm_order": "post", "model_parallel_size": tp}
+    return {
+        "model_class": "GLM130B",
+        **{k: getattr(config, k) for k in SAT_CONFIG_FIELDS},
+        "layernorm_order": "post",
+        "model_parallel_size": tp,
+    }
 
 
 def rotary_inv_freq(config: GLMConfig) -> torch.Tensor:
@@ -150,8 +178,13 @@ def rotary_inv_freq(config: GLMConfig) -> torch.Tensor:
     return (1.0 / ROTARY_BASE ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).half()
 
 
-def write_official(source: TensorSource, destination: Path, tp: int,
-                   tensors: Iterator[tuple[str, torch.Tensor]], iteration: str = DEFAULT_ITERATION) -> None:
+def write_official(
+    source: TensorSource,
+    destination: Path,
+    tp: int,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    iteration: str = DEFAULT_ITERATION,
+) -> None:
     """Write `tensors` (whole, TP = 1, in any order) as `tp` official shards into the empty folder
     `destination`: each piece goes to a memory-mapped file of its rank first, so host memory holds
     one whole tensor at a time; each rank file is then pickled from those maps, {"module": ...}."""
@@ -176,7 +209,9 @@ def write_official(source: TensorSource, destination: Path, tp: int,
             torch.save({"module": module}, tmp)
         del module
         shutil.rmtree(staging[rank])
-    atomic_write_text(destination / "model_config.json", json.dumps(sat_model_config(source.config, tp), indent=4) + "\n")
+    atomic_write_text(
+        destination / "model_config.json", json.dumps(sat_model_config(source.config, tp), indent=4) + "\n"
+    )
     atomic_write_text(destination / "latest", iteration)
 
 

@@ -32,15 +32,18 @@ def quantized_specs(specs: list[TensorSpec], scheme: QuantScheme) -> list[Tensor
     for spec in specs:
         if QUANTIZED_WEIGHT.fullmatch(spec.name):
             layer = scheme.for_linear(spec.name.removesuffix(".weight"), spec.shape[1])
-            out += [TensorSpec(spec.name, torch.int8, layer.packed_shape(*spec.shape)),
-                    TensorSpec(spec.name + SCALE_SUFFIX, torch.float16, layer.scale_shape(*spec.shape))]
+            out += [
+                TensorSpec(spec.name, torch.int8, layer.packed_shape(*spec.shape)),
+                TensorSpec(spec.name + SCALE_SUFFIX, torch.float16, layer.scale_shape(*spec.shape)),
+            ]
         else:
             out.append(spec)
     return out
 
 
-def quantized_tensors(source: TensorSource, scheme: QuantScheme, dtype: torch.dtype | None = None,
-                      block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+def quantized_tensors(
+    source: TensorSource, scheme: QuantScheme, dtype: torch.dtype | None = None, block_bytes: int = BLOCK_BYTES
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of quantized_specs(source.specs()) in order: packed weights and their scales
     assembled from row blocks (rows quantize independently); the rest cast to `dtype` if given."""
     for spec in source.specs():

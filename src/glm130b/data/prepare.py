@@ -83,23 +83,36 @@ class CorpusLock:
         self.file.close()  # closing releases the lock
 
 
-def _plan(specs: list[SourceSpec], inputs: dict[str, list[InputFile]], tokenizer: CorpusTokenizer,
-          shard_tokens: int) -> dict:
+def _plan(
+    specs: list[SourceSpec], inputs: dict[str, list[InputFile]], tokenizer: CorpusTokenizer, shard_tokens: int
+) -> dict:
     """What decides the bytes of the corpus; a resumed run must have the same plan."""
     return {
         "tokenizer": tokenizer_record(tokenizer),
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "shard_tokens": shard_tokens,
-        "sources": {s.name: {**s.describe(), "inputs": [{"path": str(f.path.resolve()), "size": f.size,
-                                                         "mtime_ns": f.mtime_ns} for f in inputs[s.name]]}
-                    for s in specs},
+        "sources": {
+            s.name: {
+                **s.describe(),
+                "inputs": [
+                    {"path": str(f.path.resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in inputs[s.name]
+                ],
+            }
+            for s in specs
+        },
     }
 
 
 def _plan_of(manifest: dict) -> dict:
-    return {"tokenizer": manifest["tokenizer"], "dtype": manifest["dtype"], "shard_tokens": manifest["shard_tokens"],
-            "sources": {n: {k: s[k] for k in ("path", "lang", "text_field", "where", "inputs")}
-                        for n, s in manifest["sources"].items()}}
+    return {
+        "tokenizer": manifest["tokenizer"],
+        "dtype": manifest["dtype"],
+        "shard_tokens": manifest["shard_tokens"],
+        "sources": {
+            n: {k: s[k] for k in ("path", "lang", "text_field", "where", "inputs")}
+            for n, s in manifest["sources"].items()
+        },
+    }
 
 
 def _fresh_manifest(plan: dict) -> dict:
@@ -127,10 +140,16 @@ def _remove_temporaries(out_dir: Path) -> None:
         tmp.unlink()
 
 
-def prepare_corpus(sources: Iterable[SourceSpec | tuple], tokenizer_dir: str | Path, out_dir: str | Path,
-                   workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                   metadata: dict | None = None, overwrite: bool = False,
-                   loader: Callable[[str], CorpusTokenizer] = load_tokenizer) -> dict:
+def prepare_corpus(
+    sources: Iterable[SourceSpec | tuple],
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    workers: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+    loader: Callable[[str], CorpusTokenizer] = load_tokenizer,
+) -> dict:
     """Tokenize `sources` (SourceSpecs or (name, path, lang, weight) tuples) into `out_dir`.
 
     Run again after an interruption with the same arguments to finish the work; a finished corpus
@@ -158,8 +177,10 @@ def prepare_corpus(sources: Iterable[SourceSpec | tuple], tokenizer_dir: str | P
             nothing_written = not any(state["documents"] for state in manifest["sources"].values())
             if not (overwrite or nothing_written):
                 changes = "; ".join(differences(_plan_of(manifest), plan))
-                raise DataError(f"{out_dir} holds a corpus prepared differently ({changes}); use another output "
-                                "folder, or overwrite=True (--overwrite) to replace it")
+                raise DataError(
+                    f"{out_dir} holds a corpus prepared differently ({changes}); use another output "
+                    "folder, or overwrite=True (--overwrite) to replace it"
+                )
             _remove_prepared(out_dir, manifest)
             manifest = None
         if manifest is None:
@@ -182,8 +203,9 @@ def prepare_corpus(sources: Iterable[SourceSpec | tuple], tokenizer_dir: str | P
     return manifest
 
 
-def _prepare_source(spec: SourceSpec, files: list[InputFile], manifest: dict, encoder: ChunkEncoder,
-                    out_dir: Path) -> None:
+def _prepare_source(
+    spec: SourceSpec, files: list[InputFile], manifest: dict, encoder: ChunkEncoder, out_dir: Path
+) -> None:
     state = manifest["sources"][spec.name]
     dtype = np.dtype(manifest["dtype"])
     eos = np.array([manifest["tokenizer"]["eos"]], dtype=dtype)
@@ -194,9 +216,13 @@ def _prepare_source(spec: SourceSpec, files: list[InputFile], manifest: dict, en
         nonlocal buffer
         if buffer.doc_lengths:
             index = len(state["shards"])
-            shard = {"tokens_file": f"{spec.name}/{index:05d}.tokens.npy",
-                     "docs_file": f"{spec.name}/{index:05d}.docs.npy", "records": [state["records"], end],
-                     "documents": len(buffer.doc_lengths), "tokens": buffer.num_tokens}
+            shard = {
+                "tokens_file": f"{spec.name}/{index:05d}.tokens.npy",
+                "docs_file": f"{spec.name}/{index:05d}.docs.npy",
+                "records": [state["records"], end],
+                "documents": len(buffer.doc_lengths),
+                "tokens": buffer.num_tokens,
+            }
             tokens = np.concatenate(buffer.tokens)
             offsets = np.concatenate([[0], np.cumsum(buffer.doc_lengths)]).astype(np.int64)
             atomic_write(out_dir / shard["tokens_file"], lambda f: np.save(f, tokens))
@@ -210,8 +236,9 @@ def _prepare_source(spec: SourceSpec, files: list[InputFile], manifest: dict, en
         write_manifest(out_dir, manifest)
         buffer = ShardBuffer.empty()
 
-    with tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True, desc=f"{spec.name} ({spec.lang})",
-              smoothing=0.1) as bar:
+    with tqdm(
+        total=sum(f.size for f in files), unit="B", unit_scale=True, desc=f"{spec.name} ({spec.lang})", smoothing=0.1
+    ) as bar:
         records = read_raw_records(files, spec, bar.update)
         for _ in range(state["records"]):  # committed by an earlier run
             next(records)
@@ -233,12 +260,18 @@ def _prepare_source(spec: SourceSpec, files: list[InputFile], manifest: dict, en
                         commit(end)
         commit(end)
     if state["skipped"]:
-        log.warning("source %s: skipped %d records (%s)", spec.name, sum(state["skipped"].values()),
-                    ", ".join(f"{n} {reason}" for reason, n in sorted(state["skipped"].items())))
+        log.warning(
+            "source %s: skipped %d records (%s)",
+            spec.name,
+            sum(state["skipped"].values()),
+            ", ".join(f"{n} {reason}" for reason, n in sorted(state["skipped"].items())),
+        )
     if state["documents"] == 0:
         reasons = ", ".join(f"{n} {r}" for r, n in state["skipped"].items()) or "no records"
-        raise DataError(f"source {spec.name}: no documents in {spec.path} ({reasons}, {state['excluded']} "
-                        "excluded by where); check the path, text_field and where")
+        raise DataError(
+            f"source {spec.name}: no documents in {spec.path} ({reasons}, {state['excluded']} "
+            "excluded by where); check the path, text_field and where"
+        )
     state["complete"] = True
     write_manifest(out_dir, manifest)
 

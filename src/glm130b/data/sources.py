@@ -52,17 +52,23 @@ class SourceSpec:
         if self.where is not None:
             object.__setattr__(self, "where", tuple(self.where))
         if not SOURCE_NAME.fullmatch(self.name):
-            raise DataError(f"source name {self.name!r} is not usable as a folder name: use letters, digits, "
-                            "'.', '_' and '-'")
-        check_field(f"source {self.name}: weight", self.weight, float, lambda v: v > 0 and math.isfinite(v),
-                    "a positive number")
+            raise DataError(
+                f"source name {self.name!r} is not usable as a folder name: use letters, digits, '.', '_' and '-'"
+            )
+        check_field(
+            f"source {self.name}: weight", self.weight, float, lambda v: v > 0 and math.isfinite(v), "a positive number"
+        )
         if not self.lang:
             raise DataError(f"source {self.name}: give its language (e.g. lang=en)")
 
     def describe(self) -> dict:
         """The fields that decide the tokens (not the weight), as stored in the manifest."""
-        return {"path": str(self.path.resolve()), "lang": self.lang, "text_field": self.text_field,
-                "where": list(self.where) if self.where else None}
+        return {
+            "path": str(self.path.resolve()),
+            "lang": self.lang,
+            "text_field": self.text_field,
+            "where": list(self.where) if self.where else None,
+        }
 
 
 SPEC_KEYS = ("name", "path", "lang", "weight", "text_field", "where")
@@ -76,8 +82,10 @@ def parse_source_spec(text: str) -> SourceSpec:
     for part in parts:
         key, sep, value = part.partition("=")
         if not sep or key not in SPEC_KEYS:
-            raise DataError(f"cannot read source {text!r}: expected key=value pairs with keys "
-                            f"{', '.join(SPEC_KEYS)}, e.g. name=en,lang=en,weight=1,path=en.jsonl")
+            raise DataError(
+                f"cannot read source {text!r}: expected key=value pairs with keys "
+                f"{', '.join(SPEC_KEYS)}, e.g. name=en,lang=en,weight=1,path=en.jsonl"
+            )
         fields[key] = value
     missing = [k for k in ("name", "path", "lang") if k not in fields]
     if missing:
@@ -92,8 +100,9 @@ def parse_source_spec(text: str) -> SourceSpec:
         weight = float(fields.get("weight", 1.0))
     except ValueError:
         raise DataError(f"source {fields['name']}: weight {fields['weight']!r} is not a number") from None
-    return SourceSpec(fields["name"], Path(fields["path"]), fields["lang"], weight,
-                      fields.get("text_field", "text"), where)
+    return SourceSpec(
+        fields["name"], Path(fields["path"]), fields["lang"], weight, fields.get("text_field", "text"), where
+    )
 
 
 def as_source_spec(source: SourceSpec | tuple | list) -> SourceSpec:
@@ -143,8 +152,10 @@ def source_inputs(spec: SourceSpec) -> list[InputFile]:
     if path.is_file():
         kind = _kind_of(path)
         if kind is None:
-            raise DataError(f"source {spec.name}: cannot tell the format of {path}; name it *.txt, *.jsonl, "
-                            "*.json (JSON lines), optionally .gz, or *.parquet")
+            raise DataError(
+                f"source {spec.name}: cannot tell the format of {path}; name it *.txt, *.jsonl, "
+                "*.json (JSON lines), optionally .gz, or *.parquet"
+            )
         files = [_input_file(path, kind)]
     else:
         files, ignored = [], 0
@@ -156,8 +167,12 @@ def source_inputs(spec: SourceSpec) -> list[InputFile]:
                 else:
                     files.append(_input_file(p, kind))
         if ignored:
-            log.warning("source %s: ignored %d files under %s that are not .txt, .jsonl, .json, .gz or "
-                        ".parquet", spec.name, ignored, path)
+            log.warning(
+                "source %s: ignored %d files under %s that are not .txt, .jsonl, .json, .gz or .parquet",
+                spec.name,
+                ignored,
+                path,
+            )
         if not files:
             raise DataError(f"source {spec.name}: {path} holds no .txt, .jsonl, .json(.gz) or .parquet files")
     if spec.where and any(f.kind == "text" for f in files):
@@ -204,12 +219,15 @@ def _columns(spec: SourceSpec) -> list[str]:
 def _check_columns(spec: SourceSpec, path: Path, available: list[str]) -> None:
     missing = [c for c in _columns(spec) if c not in available]
     if missing:
-        raise DataError(f"source {spec.name}: {path} has no column {', '.join(missing)} (it has "
-                        f"{', '.join(available)}); set text_field= to the column holding the text")
+        raise DataError(
+            f"source {spec.name}: {path} has no column {', '.join(missing)} (it has "
+            f"{', '.join(available)}); set text_field= to the column holding the text"
+        )
 
 
-def _read_rows(file: InputFile, spec: SourceSpec, blocks: Iterable[dict], num_rows: int,
-               advance: Advance) -> Iterator[RawRecord]:
+def _read_rows(
+    file: InputFile, spec: SourceSpec, blocks: Iterable[dict], num_rows: int, advance: Advance
+) -> Iterator[RawRecord]:
     """Records of the rows in `blocks` (column name -> values of ROWS_PER_READ consecutive rows)."""
     done = row = 0
     for block in blocks:
@@ -240,11 +258,14 @@ def _read_hf(file: InputFile, spec: SourceSpec, advance: Advance) -> Iterator[Ra
         raise DataError(f"{file.path} is a Hugging Face dataset; reading it needs `pip install datasets`") from None
     dataset = datasets.load_from_disk(str(file.path))
     if isinstance(dataset, datasets.DatasetDict):
-        raise DataError(f"source {spec.name}: {file.path} holds several splits ({', '.join(dataset)}); point "
-                        f"path at one of them, e.g. {file.path / next(iter(dataset))}")
+        raise DataError(
+            f"source {spec.name}: {file.path} holds several splits ({', '.join(dataset)}); point "
+            f"path at one of them, e.g. {file.path / next(iter(dataset))}"
+        )
     _check_columns(spec, file.path, dataset.column_names)
-    yield from _read_rows(file, spec, dataset.select_columns(_columns(spec)).iter(batch_size=ROWS_PER_READ),
-                          dataset.num_rows, advance)
+    yield from _read_rows(
+        file, spec, dataset.select_columns(_columns(spec)).iter(batch_size=ROWS_PER_READ), dataset.num_rows, advance
+    )
 
 
 def read_raw_records(files: list[InputFile], spec: SourceSpec, advance: Advance) -> Iterator[RawRecord]:

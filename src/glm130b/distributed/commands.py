@@ -16,8 +16,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         return _plan_inference(args)
     if args.config is None or args.world_size is None:
-        raise ConfigError("give --config RECIPE.yaml --world-size N for a training plan, or --gpus COUNTxMEMORY "
-                          "(with --preset or --model-config) for an inference plan")
+        raise ConfigError(
+            "give --config RECIPE.yaml --world-size N for a training plan, or --gpus COUNTxMEMORY "
+            "(with --preset or --model-config) for an inference plan"
+        )
     recipe = Recipe.load(args.config)
     overrides = {k: getattr(args, k) for k in ("tp", "pp", "dp") if getattr(args, k) is not None}
     if overrides:
@@ -50,8 +52,9 @@ def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
     inference = plan.add_argument_group("inference plan (tensor parallel over the GPUs)")
     inference.add_argument("--gpus", help="COUNTxMEMORY, e.g. 8x40GB or 4x24GB")
     inference.add_argument("--preset", choices=sorted(PRESETS), help="the model, by preset name")
-    inference.add_argument("--model-config", help="the model, as a GLMConfig YAML/JSON (e.g. a model directory's "
-                                                  "config.json)")
+    inference.add_argument(
+        "--model-config", help="the model, as a GLMConfig YAML/JSON (e.g. a model directory's config.json)"
+    )
     inference.add_argument("--bits", type=int, choices=(4, 8), help="weight-only quantization (default: fp16)")
     inference.add_argument("--group-size", type=int, help="quantization group size (default: one scale per row)")
     inference.add_argument("--context", type=int, default=2048, help="tokens per sequence (default: %(default)s)")

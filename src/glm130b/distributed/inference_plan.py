@@ -55,8 +55,7 @@ def linear_shapes(config: GLMConfig) -> dict[str, tuple[int, int]]:
     """[out, in] of the four linear layers of one block (TP = 1)."""
     h, f = config.hidden_size, config.inner_hidden_size
     branches = 2 if config.ffn == "geglu" else 1
-    return {"query_key_value": (3 * h, h), "dense": (h, h), "dense_h_to_4h": (branches * f, h),
-            "dense_4h_to_h": (h, f)}
+    return {"query_key_value": (3 * h, h), "dense": (h, h), "dense_h_to_4h": (branches * f, h), "dense_4h_to_h": (h, f)}
 
 
 def weight_bytes(config: GLMConfig, tp: int, bits: int | None, group_size: int | None, dtype_bytes: int) -> float:
@@ -93,14 +92,15 @@ def activation_bytes(config: GLMConfig, tp: int, batch: int, context: int, dtype
     branches = 2 if config.ffn == "geglu" else 1
     tokens = batch * context
     stream = 3 * tokens * h * dtype_bytes
-    attention = tokens * 3 * h / tp * dtype_bytes + 2 * batch * (config.num_attention_heads / tp) * context ** 2 * 4
+    attention = tokens * 3 * h / tp * dtype_bytes + 2 * batch * (config.num_attention_heads / tp) * context**2 * 4
     ffn = tokens * (branches + 1) * f / tp * dtype_bytes
     logits = batch * v * (dtype_bytes + 4)  # prefill computes the last prompt token's only; + their fp32 copy
     return stream + max(attention, ffn, logits)
 
 
-def dequantize_workspace_bytes(config: GLMConfig, tp: int, bits: int | None, batch: int, context: int,
-                               dtype_bytes: int) -> float:
+def dequantize_workspace_bytes(
+    config: GLMConfig, tp: int, bits: int | None, batch: int, context: int, dtype_bytes: int
+) -> float:
     """Quantized prefill dequantizes weight tiles inside the matmul (glm130b.quant.kernels): at most
     one tile of 2^20 elements plus its output block; nothing without quantization."""
     if bits is None:
@@ -109,40 +109,65 @@ def dequantize_workspace_bytes(config: GLMConfig, tp: int, bits: int | None, bat
     return (2**20 + batch * context * widest) * dtype_bytes
 
 
-def plan_inference(config: GLMConfig, tp: int, bits: int | None = None, group_size: int | None = None,
-                   context: int = 2048, batch: int = 1, dtype_bytes: int = 2,
-                   runtime_bytes: float = CUDA_RUNTIME_BYTES) -> InferenceMemory:
+def plan_inference(
+    config: GLMConfig,
+    tp: int,
+    bits: int | None = None,
+    group_size: int | None = None,
+    context: int = 2048,
+    batch: int = 1,
+    dtype_bytes: int = 2,
+    runtime_bytes: float = CUDA_RUNTIME_BYTES,
+) -> InferenceMemory:
     """Bytes per device of generating for `batch` sequences of `context` tokens at TP degree `tp`."""
     for name, value in (("tp", tp), ("context", context), ("batch", batch)):
         check_positive_int(name, value)
     if config.num_attention_heads % tp or config.inner_hidden_size % tp:
-        raise ConfigError(f"{tp} GPUs cannot split {config.num_attention_heads} heads and an FFN of "
-                          f"{config.inner_hidden_size} evenly; use a GPU count dividing both")
+        raise ConfigError(
+            f"{tp} GPUs cannot split {config.num_attention_heads} heads and an FFN of "
+            f"{config.inner_hidden_size} evenly; use a GPU count dividing both"
+        )
     if context > config.max_sequence_length:
         raise ConfigError(f"context {context} exceeds max_sequence_length {config.max_sequence_length}")
     if bits not in (None, 4, 8):
         raise ConfigError(f"--bits must be 4 or 8 (or left out for {8 * dtype_bytes}-bit weights), got {bits}")
-    return InferenceMemory(weight_bytes(config, tp, bits, group_size, dtype_bytes),
-                           kv_cache_bytes(config, tp, batch, context, dtype_bytes),
-                           activation_bytes(config, tp, batch, context, dtype_bytes),
-                           dequantize_workspace_bytes(config, tp, bits, batch, context, dtype_bytes),
-                           runtime_bytes)
+    return InferenceMemory(
+        weight_bytes(config, tp, bits, group_size, dtype_bytes),
+        kv_cache_bytes(config, tp, batch, context, dtype_bytes),
+        activation_bytes(config, tp, batch, context, dtype_bytes),
+        dequantize_workspace_bytes(config, tp, bits, batch, context, dtype_bytes),
+        runtime_bytes,
+    )
 
 
 def fits(memory: InferenceMemory, devices: Devices) -> bool:
     return memory.total <= (1 - HEADROOM) * devices.memory_bytes
 
 
-def format_inference_plan(config: GLMConfig, devices: Devices, bits: int | None, memory: InferenceMemory,
-                          context: int, batch: int) -> str:
+def format_inference_plan(
+    config: GLMConfig, devices: Devices, bits: int | None, memory: InferenceMemory, context: int, batch: int
+) -> str:
     weights = f"INT{bits}" if bits else "fp16"
-    lines = [f"inference: {config.num_layers} layers, hidden {config.hidden_size}, {weights} weights, "
-             f"tensor parallel over {devices.count} GPU(s) of {devices.memory_bytes / GIB:g} GiB; "
-             f"batch {batch} x context {context}",
-             f"{'weights':>10} {'KV cache':>10} {'activ.':>10} {'workspace':>10} {'runtime':>10} {'total':>10}  (GiB per GPU)",
-             " ".join(f"{x / GIB:>10.2f}" for x in (memory.weights, memory.kv_cache, memory.activations,
-                                                     memory.workspace, memory.runtime, memory.total))]
+    lines = [
+        f"inference: {config.num_layers} layers, hidden {config.hidden_size}, {weights} weights, "
+        f"tensor parallel over {devices.count} GPU(s) of {devices.memory_bytes / GIB:g} GiB; "
+        f"batch {batch} x context {context}",
+        f"{'weights':>10} {'KV cache':>10} {'activ.':>10} {'workspace':>10} {'runtime':>10} {'total':>10}  (GiB per GPU)",
+        " ".join(
+            f"{x / GIB:>10.2f}"
+            for x in (
+                memory.weights,
+                memory.kv_cache,
+                memory.activations,
+                memory.workspace,
+                memory.runtime,
+                memory.total,
+            )
+        ),
+    ]
     verdict = "fits" if fits(memory, devices) else "does NOT fit"
-    lines.append(f"{verdict}: {memory.total / GIB:.1f} GiB of {devices.memory_bytes / GIB:g} GiB per GPU "
-                 f"(keeping {HEADROOM:.0%} free for fragmentation)")
+    lines.append(
+        f"{verdict}: {memory.total / GIB:.1f} GiB of {devices.memory_bytes / GIB:g} GiB per GPU "
+        f"(keeping {HEADROOM:.0%} free for fragmentation)"
+    )
     return "\n".join(lines)

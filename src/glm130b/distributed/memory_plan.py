@@ -29,8 +29,7 @@ from glm130b.model.glm import GLM
 
 GIB = 2**30
 # Parameter names that the TP plan shards over tp ranks (weights and the column-parallel biases).
-TP_SHARDED = ("attention.query_key_value.", "attention.dense.weight", "mlp.dense_h_to_4h.",
-              "mlp.dense_4h_to_h.weight")
+TP_SHARDED = ("attention.query_key_value.", "attention.dense.weight", "mlp.dense_h_to_4h.", "mlp.dense_4h_to_h.weight")
 
 
 @dataclass
@@ -38,8 +37,8 @@ class TrainingSchedule:
     """The recipe's batch and optimizer schedule (SPEC.md section 10); the trainer reads the rest
     of the `training` section itself."""
 
-    global_batch_size: int = 4224       # sequences per optimizer step
-    micro_batch_size: int = 1           # sequences per microbatch on one data-parallel rank
+    global_batch_size: int = 4224  # sequences per optimizer step
+    micro_batch_size: int = 1  # sequences per microbatch on one data-parallel rank
     sequence_length: int = 2048
     extra: dict[str, Any] = field(default_factory=dict)  # lr schedule, ramp-up, etc., passed through
 
@@ -55,22 +54,32 @@ class FinetunePlan(DictConfig):
 
     config_label = "finetune"
 
-    method: str = "lora"             # lora | ptuning (full fine-tuning is the plain recipe)
-    bits: int | None = None          # the frozen base's linears in 4 or 8 bits; null = param_dtype
-    group_size: int | None = None    # quantization scales per group of input columns; null = per row
+    method: str = "lora"  # lora | ptuning (full fine-tuning is the plain recipe)
+    bits: int | None = None  # the frozen base's linears in 4 or 8 bits; null = param_dtype
+    group_size: int | None = None  # quantization scales per group of input columns; null = per row
     lora_rank: int = 8
     lora_targets: list[str] = field(default_factory=lambda: ["query_key_value"])
     prefix_length: int = 128
 
     def __post_init__(self) -> None:
-        check_field("finetune.method", self.method, str, lambda v: v in ADAPTER_METHODS,
-                    f"one of {', '.join(ADAPTER_METHODS)} (full fine-tuning is the recipe without this section)")
+        check_field(
+            "finetune.method",
+            self.method,
+            str,
+            lambda v: v in ADAPTER_METHODS,
+            f"one of {', '.join(ADAPTER_METHODS)} (full fine-tuning is the recipe without this section)",
+        )
         if self.bits not in (None, 4, 8):
             raise ConfigError(f"finetune.bits must be 4, 8 or null, got {self.bits!r}")
         check_positive_int("finetune.lora_rank", self.lora_rank)
         check_positive_int("finetune.prefix_length", self.prefix_length)
-        check_field("finetune.lora_targets", self.lora_targets, list, lambda v: v and set(v) <= set(LORA_TARGETS),
-                    f"a non-empty list of {', '.join(LORA_TARGETS)}")
+        check_field(
+            "finetune.lora_targets",
+            self.lora_targets,
+            list,
+            lambda v: v and set(v) <= set(LORA_TARGETS),
+            f"a non-empty list of {', '.join(LORA_TARGETS)}",
+        )
 
     def trainable_parameters(self, config: GLMConfig) -> int:
         """LoRA: rank x (in + out) per adapted linear; P-tuning v2: a key and a value per layer."""
@@ -80,8 +89,11 @@ class FinetunePlan(DictConfig):
         return config.num_layers * sum(self.lora_rank * (shapes[t][0] + shapes[t][1]) for t in self.lora_targets)
 
     def describe(self, config: GLMConfig, param_dtype: str) -> str:
-        what = (f"LoRA rank {self.lora_rank} on {', '.join(self.lora_targets)}" if self.method == "lora"
-                else f"P-tuning v2, {self.prefix_length} virtual tokens per layer")
+        what = (
+            f"LoRA rank {self.lora_rank} on {', '.join(self.lora_targets)}"
+            if self.method == "lora"
+            else f"P-tuning v2, {self.prefix_length} virtual tokens per layer"
+        )
         base = f"INT{self.bits}" if self.bits else param_dtype
         return f"fine-tuning: {what} over a frozen {base} base, {self.trainable_parameters(config) / 1e6:.1f} M trained parameters"
 
@@ -106,8 +118,10 @@ class Recipe:
         parallel = ParallelConfig.from_dict(dict(data.get("parallel") or {}))
         training = dict(data.get("training") or {})
         known = {f.name for f in dataclasses.fields(TrainingSchedule)} - {"extra"}
-        schedule = TrainingSchedule(**{k: v for k, v in training.items() if k in known},
-                                    extra={k: v for k, v in training.items() if k not in known})
+        schedule = TrainingSchedule(
+            **{k: v for k, v in training.items() if k in known},
+            extra={k: v for k, v in training.items() if k not in known},
+        )
         finetune = data.get("finetune")
         if finetune is not None:
             check_field(f"finetune (in {path})", finetune, dict, expected="a mapping of fields")
@@ -119,12 +133,16 @@ class Recipe:
         pcfg = self.parallel.resolve(world_size)
         per_rank = pcfg.dp * self.training.micro_batch_size
         if self.training.global_batch_size % per_rank:
-            raise ConfigError(f"global_batch_size {self.training.global_batch_size} is not a multiple of "
-                              f"dp {pcfg.dp} x micro_batch_size {self.training.micro_batch_size} = {per_rank}; "
-                              "change the batch or the world size")
+            raise ConfigError(
+                f"global_batch_size {self.training.global_batch_size} is not a multiple of "
+                f"dp {pcfg.dp} x micro_batch_size {self.training.micro_batch_size} = {per_rank}; "
+                "change the batch or the world size"
+            )
         if self.training.sequence_length > self.model.max_sequence_length:
-            raise ConfigError(f"sequence_length {self.training.sequence_length} exceeds the model's "
-                              f"max_sequence_length {self.model.max_sequence_length}")
+            raise ConfigError(
+                f"sequence_length {self.training.sequence_length} exceeds the model's "
+                f"max_sequence_length {self.model.max_sequence_length}"
+            )
         pcfg = pcfg.with_microbatches(self.training.global_batch_size, self.training.micro_batch_size)
         pcfg = pcfg.validate(self.model, world_size)
         return dataclasses.replace(self, parallel=pcfg)
@@ -134,8 +152,8 @@ class Recipe:
 class StageMemory:
     stage: int
     layers: tuple[int, int]
-    params: int            # parameters held by one GPU of this stage (after TP, before FSDP)
-    weights: float         # bytes: gathered compute weights + sharded fp32 master
+    params: int  # parameters held by one GPU of this stage (after TP, before FSDP)
+    weights: float  # bytes: gathered compute weights + sharded fp32 master
     grads: float
     optimizer: float
     activations: float
@@ -165,7 +183,7 @@ def layer_activation_bytes_per_token(config: GLMConfig, tp: int, act_bytes: int)
     h, f = config.hidden_size, config.inner_hidden_size
     branches = 2 if config.ffn == "geglu" else 1
     replicated = 4 * h * act_bytes + 2 * h  # both LayerNorm inputs and outputs; two 1-byte dropout masks
-    sharded = (3 * h + h + h) * act_bytes   # q, k, v after rotary; attention output; its lse-sized extras ~ h
+    sharded = (3 * h + h + h) * act_bytes  # q, k, v after rotary; attention output; its lse-sized extras ~ h
     sharded += (branches * f + 2 * f) * act_bytes  # h_to_4h output, gelu(gate), the product into 4h_to_h
     return replicated + sharded / tp
 
@@ -242,8 +260,12 @@ def _non_layer_params(cfg: GLMConfig, stage: int, pp: int) -> int:
 def format_plan(recipe: Recipe, world_size: int, stages: list[StageMemory], gpu_gib: float | None) -> str:
     cfg, pcfg, tr = recipe.model, recipe.parallel, recipe.training
     total_params = sum(p.numel() for p in _meta_model(cfg).parameters())
-    sharding = (f"FSDP2 over dp ({'ZeRO-3' if pcfg.reshard_after_forward else 'ZeRO-2'}), {pcfg.pp_schedule} with "
-                f"{pcfg.microbatches} microbatches" if recipe.finetune is None else "the frozen base whole on every GPU")
+    sharding = (
+        f"FSDP2 over dp ({'ZeRO-3' if pcfg.reshard_after_forward else 'ZeRO-2'}), {pcfg.pp_schedule} with "
+        f"{pcfg.microbatches} microbatches"
+        if recipe.finetune is None
+        else "the frozen base whole on every GPU"
+    )
     lines = [
         f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {total_params / 1e9:.2f} B parameters",
         f"layout: world {world_size} = tp {pcfg.tp} x pp {pcfg.pp} x dp {pcfg.dp}; {sharding}; recompute every "
@@ -254,12 +276,16 @@ def format_plan(recipe: Recipe, world_size: int, stages: list[StageMemory], gpu_
         f"{'stage':>5} {'layers':>9} {'params/GPU':>11} {'weights':>9} {'grads':>9} {'optim':>9} {'activ.':>9} {'total':>9}  (GiB)",
     ]
     for m in stages:
-        lines.append(f"{m.stage:>5} {f'{m.layers[0]}-{m.layers[1] - 1}':>9} {m.params / 1e9:>10.2f}B "
-                     f"{m.weights / GIB:>9.1f} {m.grads / GIB:>9.1f} {m.optimizer / GIB:>9.1f} "
-                     f"{m.activations / GIB:>9.1f} {m.total / GIB:>9.1f}")
+        lines.append(
+            f"{m.stage:>5} {f'{m.layers[0]}-{m.layers[1] - 1}':>9} {m.params / 1e9:>10.2f}B "
+            f"{m.weights / GIB:>9.1f} {m.grads / GIB:>9.1f} {m.optimizer / GIB:>9.1f} "
+            f"{m.activations / GIB:>9.1f} {m.total / GIB:>9.1f}"
+        )
     worst = max(stages, key=lambda m: m.total)
-    lines.append(f"peak per GPU: {worst.total / GIB:.1f} GiB (stage {worst.stage}); an estimate without "
-                 "allocator fragmentation or communication buffers")
+    lines.append(
+        f"peak per GPU: {worst.total / GIB:.1f} GiB (stage {worst.stage}); an estimate without "
+        "allocator fragmentation or communication buffers"
+    )
     if gpu_gib is not None:
         verdict = "fits" if worst.total <= 0.9 * gpu_gib * GIB else "does NOT fit"
         lines.append(f"{verdict} in {gpu_gib:g} GiB per GPU (keeping 10 % free)")

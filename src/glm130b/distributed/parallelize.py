@@ -67,24 +67,42 @@ class ParallelConfig(DictConfig):
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
             check_positive_int(f"parallel.{name}", getattr(self, name))
-        check_field("parallel.dp", self.dp, int, lambda v: v >= 1 or v == -1,
-                    "a positive integer or -1 (infer from the world size)")
+        check_field(
+            "parallel.dp",
+            self.dp,
+            int,
+            lambda v: v >= 1 or v == -1,
+            "a positive integer or -1 (infer from the world size)",
+        )
         for name in ("reshard_after_forward", "activation_checkpointing", "compile"):
             check_field(f"parallel.{name}", getattr(self, name), bool, expected="true or false")
         for name in ("param_dtype", "reduce_dtype"):
-            check_field(f"parallel.{name}", getattr(self, name), str, lambda v: v in DTYPES,
-                        f"one of {', '.join(DTYPES)}")
-        check_field("parallel.pp_schedule", self.pp_schedule, str, lambda v: v in PP_SCHEDULES,
-                    f"one of {', '.join(PP_SCHEDULES)}")
+            check_field(
+                f"parallel.{name}", getattr(self, name), str, lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"
+            )
+        check_field(
+            "parallel.pp_schedule",
+            self.pp_schedule,
+            str,
+            lambda v: v in PP_SCHEDULES,
+            f"one of {', '.join(PP_SCHEDULES)}",
+        )
         if self.pp_microbatches is not None:
-            check_field("parallel.pp_microbatches", self.pp_microbatches, int, lambda v: v > 0,
-                        "a positive integer or null (one per micro-batch)")
+            check_field(
+                "parallel.pp_microbatches",
+                self.pp_microbatches,
+                int,
+                lambda v: v > 0,
+                "a positive integer or null (one per micro-batch)",
+            )
 
     @property
     def microbatches(self) -> int:
         if self.pp_microbatches is None:
-            raise ConfigError("parallel.pp_microbatches is not filled in yet: call "
-                              "ParallelConfig.with_microbatches(global_batch_size, micro_batch_size) first")
+            raise ConfigError(
+                "parallel.pp_microbatches is not filled in yet: call "
+                "ParallelConfig.with_microbatches(global_batch_size, micro_batch_size) first"
+            )
         return self.pp_microbatches
 
     def with_microbatches(self, global_batch_size: int, micro_batch_size: int) -> ParallelConfig:
@@ -95,9 +113,11 @@ class ParallelConfig(DictConfig):
             raise ConfigError("parallel.dp is still -1: call resolve(world_size) before with_microbatches")
         per_step = self.dp * micro_batch_size
         if global_batch_size % per_step:
-            raise ConfigError(f"global_batch_size {global_batch_size} is not a multiple of dp {self.dp} x "
-                              f"micro_batch_size {micro_batch_size} = {per_step}: every data-parallel rank takes "
-                              f"whole micro-batches of each global batch; pick a multiple of {per_step}")
+            raise ConfigError(
+                f"global_batch_size {global_batch_size} is not a multiple of dp {self.dp} x "
+                f"micro_batch_size {micro_batch_size} = {per_step}: every data-parallel rank takes "
+                f"whole micro-batches of each global batch; pick a multiple of {per_step}"
+            )
         return dataclasses.replace(self, pp_microbatches=global_batch_size // per_step)
 
     def resolve(self, world_size: int) -> ParallelConfig:
@@ -105,34 +125,46 @@ class ParallelConfig(DictConfig):
         if world_size < 1:
             raise ConfigError(f"world size must be positive, got {world_size}")
         if world_size % (self.tp * self.pp):
-            raise ConfigError(f"world size {world_size} is not divisible by tp {self.tp} x pp {self.pp} = "
-                              f"{self.tp * self.pp}; launch a multiple of {self.tp * self.pp} processes or change the degrees")
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tp {self.tp} x pp {self.pp} = "
+                f"{self.tp * self.pp}; launch a multiple of {self.tp * self.pp} processes or change the degrees"
+            )
         dp = world_size // (self.tp * self.pp) if self.dp == -1 else self.dp
         if dp * self.tp * self.pp != world_size:
-            raise ConfigError(f"dp {dp} x tp {self.tp} x pp {self.pp} = {dp * self.tp * self.pp} processes, but the "
-                              f"world size is {world_size}; set parallel.dp to {world_size // (self.tp * self.pp)} or -1")
+            raise ConfigError(
+                f"dp {dp} x tp {self.tp} x pp {self.pp} = {dp * self.tp * self.pp} processes, but the "
+                f"world size is {world_size}; set parallel.dp to {world_size // (self.tp * self.pp)} or -1"
+            )
         return dataclasses.replace(self, dp=dp)
 
     def validate(self, model: GLMConfig, world_size: int) -> ParallelConfig:
         """Resolve dp and check every degree against the model shape; returns the resolved copy."""
         resolved = self.resolve(world_size)
         tp = self.tp
-        for what, size in (("num_attention_heads", model.num_attention_heads),
-                           ("inner_hidden_size", model.inner_hidden_size)):
+        for what, size in (
+            ("num_attention_heads", model.num_attention_heads),
+            ("inner_hidden_size", model.inner_hidden_size),
+        ):
             if size % tp:
-                raise ConfigError(f"tp {tp} must divide {what} ({size}): a tensor-parallel shard holds whole "
-                                  f"{'heads' if what == 'num_attention_heads' else 'FFN columns'}; pick tp from "
-                                  f"the divisors of {size}")
+                raise ConfigError(
+                    f"tp {tp} must divide {what} ({size}): a tensor-parallel shard holds whole "
+                    f"{'heads' if what == 'num_attention_heads' else 'FFN columns'}; pick tp from "
+                    f"the divisors of {size}"
+                )
         if model.ffn != "geglu" and model.inner_hidden_size % tp:
             raise ConfigError(f"tp {tp} must divide inner_hidden_size {model.inner_hidden_size}")
         if self.pp > model.num_layers:
-            raise ConfigError(f"pp {self.pp} exceeds num_layers {model.num_layers}: every pipeline stage needs "
-                              "at least one transformer layer")
+            raise ConfigError(
+                f"pp {self.pp} exceeds num_layers {model.num_layers}: every pipeline stage needs "
+                "at least one transformer layer"
+            )
         if self.pp > 1 and self.pp_microbatches is not None and self.pp_microbatches < self.pp:
-            raise ConfigError(f"pp_microbatches {self.pp_microbatches} is smaller than pp {self.pp}: the pipeline "
-                              "would never fill; use at least pp microbatches (set parallel.pp_microbatches, or "
-                              "a smaller micro_batch_size or a larger global batch for the default of one per "
-                              "micro-batch)")
+            raise ConfigError(
+                f"pp_microbatches {self.pp_microbatches} is smaller than pp {self.pp}: the pipeline "
+                "would never fill; use at least pp microbatches (set parallel.pp_microbatches, or "
+                "a smaller micro_batch_size or a larger global batch for the default of one per "
+                "micro-batch)"
+            )
         return resolved
 
 
@@ -140,8 +172,10 @@ def build_mesh(pcfg: ParallelConfig, device_type: str | None = None):
     """One DeviceMesh [pp, dp, tp] over the initialized process group (sizes of 1 are kept, so
     `mesh["dp"]` etc. always exist)."""
     if not dist.is_initialized():
-        raise GLMError("torch.distributed is not initialized: launch with torchrun (or call "
-                       "dist.init_process_group) before building a device mesh")
+        raise GLMError(
+            "torch.distributed is not initialized: launch with torchrun (or call "
+            "dist.init_process_group) before building a device mesh"
+        )
     pcfg = pcfg.resolve(dist.get_world_size())
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
@@ -166,8 +200,13 @@ class GeGLUInput(nn.Module):
         half = linear.out_features // 2
         halves = []
         for rows in (slice(0, half), slice(half, 2 * half)):
-            part = nn.Linear(linear.in_features, half, bias=linear.bias is not None,
-                             device=linear.weight.device, dtype=linear.weight.dtype)
+            part = nn.Linear(
+                linear.in_features,
+                half,
+                bias=linear.bias is not None,
+                device=linear.weight.device,
+                dtype=linear.weight.dtype,
+            )
             part.weight = nn.Parameter(linear.weight.detach()[rows].clone(), linear.weight.requires_grad)
             if linear.bias is not None:
                 part.bias = nn.Parameter(linear.bias.detach()[rows].clone(), linear.bias.requires_grad)
@@ -231,8 +270,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     for block in model.modules():
         if not isinstance(block, GLMBlock):
             continue
-        plan = {"attention.query_key_value": ColwiseParallel(), "attention.dense": RowwiseParallel(),
-                "mlp.dense_4h_to_h": RowwiseParallel()}
+        plan = {
+            "attention.query_key_value": ColwiseParallel(),
+            "attention.dense": RowwiseParallel(),
+            "mlp.dense_4h_to_h": RowwiseParallel(),
+        }
         if isinstance(block.mlp.dense_h_to_4h, GeGLUInput):
             plan.update({"mlp.dense_h_to_4h.value": ColwiseParallel(), "mlp.dense_h_to_4h.gate": ColwiseParallel()})
         else:
@@ -267,8 +309,9 @@ def apply_fsdp(model: nn.Module, dp_mesh, pcfg: ParallelConfig) -> None:
         for i, block in enumerate(blocks):
             # The last block's weights are needed again first in the backward: keep them gathered.
             last = i == len(blocks) - 1
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp,
-                        reshard_after_forward=pcfg.reshard_after_forward and not last)
+            fully_shard(
+                block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward and not last
+            )
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward)
 
 
@@ -300,9 +343,15 @@ def parallelize(model: nn.Module, mesh, pcfg: ParallelConfig) -> nn.Module:
 def _layer_lists(model: nn.Module) -> list[nn.Module]:
     """The containers of transformer blocks (a GLM's ModuleList; a pipeline stage's holds None for
     the layers of other stages, which children() skips)."""
-    return [m for m in model.modules() if isinstance(m, nn.ModuleList)
-            and any(isinstance(c, GLMBlock) or isinstance(getattr(c, "_checkpoint_wrapped_module", None), GLMBlock)
-                    for c in m.children())]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList)
+        and any(
+            isinstance(c, GLMBlock) or isinstance(getattr(c, "_checkpoint_wrapped_module", None), GLMBlock)
+            for c in m.children()
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------- training helpers
@@ -329,8 +378,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, pp_grou
         device = device or norm.device
         squares.append(norm.to(device) ** 2)
     if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() and dist.is_initialized()
-                              and dist.get_backend() == "nccl" else "cpu")
+        device = torch.device(
+            "cuda" if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+        )
     total_sq = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     if pp_group is not None:
         dist.all_reduce(total_sq, group=pp_group)
@@ -356,8 +406,13 @@ def _flattened_optimizer(saved_keys) -> bool:
     return any(k.startswith("optim.param_groups.") and not k.split(".")[2].isdigit() for k in saved_keys)
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict[str, Any] | None = None, flatten_optimizer: bool = False) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+    flatten_optimizer: bool = False,
+) -> Path:
     """Save model (and optimizer) state with torch.distributed.checkpoint: every rank writes its own
     shards, keyed by parameter name and global shape, so any other layout can load it. Call on
     every rank. `extra` holds small picklable state (step, scheduler, data position).
@@ -375,8 +430,11 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     directory = Path(directory)
     if optimizer is not None and not optimizer.state:
         optimizer = None
-    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [],
-                                        options=_state_dict_options(flatten_optimizer=flatten_optimizer))
+    model_sd, optim_sd = get_state_dict(
+        model,
+        optimizer if optimizer is not None else [],
+        options=_state_dict_options(flatten_optimizer=flatten_optimizer),
+    )
     state = {"model": model_sd}
     if optimizer is not None:
         state["optim"] = optim_sd
@@ -386,8 +444,12 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     return directory
 
 
-def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def load_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """Load a save_checkpoint directory into `model` (and `optimizer`) in place, whatever layout
     either side used. `extra`: a dict shaped like the saved one (e.g. {"step": 0}); returned filled."""
     import torch.distributed.checkpoint as dcp  # deferred: see top
@@ -395,8 +457,10 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
     directory = Path(directory)
     if not (directory / ".metadata").is_file():
-        raise CheckpointError(f"{directory} is not a torch.distributed.checkpoint directory (no .metadata); "
-                       "give the directory that save_checkpoint wrote")
+        raise CheckpointError(
+            f"{directory} is not a torch.distributed.checkpoint directory (no .metadata); "
+            "give the directory that save_checkpoint wrote"
+        )
     saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
     if optimizer is not None and not any(key.startswith("optim.") for key in saved):
         optimizer.state.clear()  # saved before the optimizer's first step (save_checkpoint)
@@ -411,10 +475,17 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     try:
         dcp.load(state, checkpoint_id=str(directory))
     except Exception as err:  # DCP raises a CheckpointException listing the missing keys
-        raise CheckpointError(f"could not load {directory} into this model: {err}. The checkpoint must come from "
-                              "a parallelized model of the same GLMConfig (see docs/distributed.md)") from err
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}), options=options)
+        raise CheckpointError(
+            f"could not load {directory} into this model: {err}. The checkpoint must come from "
+            "a parallelized model of the same GLMConfig (see docs/distributed.md)"
+        ) from err
+    set_state_dict(
+        model,
+        optimizer if optimizer is not None else [],
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optim", {}),
+        options=options,
+    )
     return state.get("extra")
 
 
@@ -441,6 +512,17 @@ def init_distributed(backend: str | None = None) -> int:
     return dist.get_rank()
 
 
-__all__ = ["ParallelConfig", "build_mesh", "parallelize", "GeGLUInput", "split_geglu", "to_split_keys",
-           "to_official_keys", "clip_grad_norm_", "save_checkpoint", "load_checkpoint", "full_state_dict",
-           "init_distributed"]
+__all__ = [
+    "ParallelConfig",
+    "build_mesh",
+    "parallelize",
+    "GeGLUInput",
+    "split_geglu",
+    "to_split_keys",
+    "to_official_keys",
+    "clip_grad_norm_",
+    "save_checkpoint",
+    "load_checkpoint",
+    "full_state_dict",
+    "init_distributed",
+]

@@ -52,18 +52,29 @@ def _local_tensor(source, name: str, rank: int, tp: int, geglu: bool) -> torch.T
     return split_tensor(name, read_tensor(source, name), tp, geglu)[rank].clone()
 
 
-def load_sharded_model(path: str | Path, tp: int, rank: int, group=None, device: torch.device | str = "cpu",
-                       dtype: torch.dtype | None = None, preset: str | None = None) -> GLM:
+def load_sharded_model(
+    path: str | Path,
+    tp: int,
+    rank: int,
+    group=None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    preset: str | None = None,
+) -> GLM:
     """Rank `rank` of `tp`'s model from the checkpoint at `path` (any format glm130b reads)."""
     source = open_source(path, preset)
     check_against_config(source, path)
     config = source.config
     if quantization_of(source) is not None:
-        raise CheckpointError(f"{path} is quantized; tensor-parallel loading reads floating-point checkpoints "
-                              "(convert the original weights, then quantize each rank's slice on load)")
+        raise CheckpointError(
+            f"{path} is quantized; tensor-parallel loading reads floating-point checkpoints "
+            "(convert the original weights, then quantize each rank's slice on load)"
+        )
     if config.num_attention_heads % tp or config.inner_hidden_size % tp:
-        raise ConfigError(f"--tp {tp} must divide the {config.num_attention_heads} heads and the FFN width "
-                          f"{config.inner_hidden_size}; pick a degree dividing both")
+        raise ConfigError(
+            f"--tp {tp} must divide the {config.num_attention_heads} heads and the FFN width "
+            f"{config.inner_hidden_size}; pick a degree dividing both"
+        )
     with torch.device("meta"):
         model = GLM(config)
     geglu = config.ffn == "geglu"

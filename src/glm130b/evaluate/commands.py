@@ -39,8 +39,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not args.model:
             return 0
     if not args.model or not (args.tasks or args.suite) or not args.data_root:
-        raise InputError("give --model DIR, --data-root DIR and --tasks FILE_OR_DIR... or --suite paper "
-                         "(or --compare A B, or --convert SRC --data-root DIR)")
+        raise InputError(
+            "give --model DIR, --data-root DIR and --tasks FILE_OR_DIR... or --suite paper "
+            "(or --compare A B, or --convert SRC --data-root DIR)"
+        )
     files = (find_task_files(args.tasks) if args.tasks else []) + (suite_task_files(args.suite) if args.suite else [])
     configs = [load_task(f) for f in files]
     if "RANK" in os.environ:
@@ -69,15 +71,24 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", help="task YAML files (official format) or folders of them")
     p.add_argument("--suite", choices=tuple(SUITES), help="the built-in tasks of the paper's headline numbers")
     p.add_argument("--data-root", help="folder the tasks' `path` fields are relative to")
-    p.add_argument("--limit", type=int, help="score about N items (lm: windows) per task: the first ceil(N / files) of each file")
+    p.add_argument(
+        "--limit", type=int, help="score about N items (lm: windows) per task: the first ceil(N / files) of each file"
+    )
     p.add_argument("--batch-size", type=int, help="sequences per forward (default: each task's micro-batch-size)")
     p.add_argument("--out", default="eval-results", help="folder for results.json, results.md and a PNG per task")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on cuda, fp32 on cpu")
-    p.add_argument("--decontaminate", metavar="PREPARED_CORPUS",
-                   help="report n-gram overlap of each task's items with this prepared corpus, and the clean score")
+    p.add_argument(
+        "--decontaminate",
+        metavar="PREPARED_CORPUS",
+        help="report n-gram overlap of each task's items with this prepared corpus, and the clean score",
+    )
     p.add_argument("--ngram", type=int, default=DEFAULT_NGRAM, help="n for --decontaminate (GPT-3 used 13)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired bootstrap of two results.json files")
-    p.add_argument("--convert", metavar="SOURCE", help="write the suite's data from the benchmark files in SOURCE "
-                                                       "(the layout of shared/data/eval) into --data-root")
+    p.add_argument(
+        "--convert",
+        metavar="SOURCE",
+        help="write the suite's data from the benchmark files in SOURCE "
+        "(the layout of shared/data/eval) into --data-root",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

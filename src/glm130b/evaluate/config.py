@@ -21,11 +21,15 @@ KNOWN_METRICS = {"mul": ("Accuracy",), "gen": ("EM", "F1", "Accuracy"), "lm": ("
 # The official task classes a config may name in `module`, and the protocol each one runs. Our own
 # protocols may be named directly.
 MODULES = {
-    "evaluation.MultiChoiceTask": None, "evaluation.GenerationTask": None, "evaluation.LanguageModelTask": None,
+    "evaluation.MultiChoiceTask": None,
+    "evaluation.GenerationTask": None,
+    "evaluation.LanguageModelTask": None,
     "tasks.lambada.task.LAMBADA": "lambada",
     "tasks.mmlu.task.MMLU": "mmlu",
     "tasks.language-modeling.pile.Pile": "pile",
-    "lambada": "lambada", "mmlu": "mmlu", "lambada_loglikelihood": "lambada_loglikelihood",
+    "lambada": "lambada",
+    "mmlu": "mmlu",
+    "lambada_loglikelihood": "lambada_loglikelihood",
 }
 SAMPLING_STRATEGIES = ("BaseStrategy", "BeamSearchStrategy")
 # Multiple-choice scores: summed log-probs (the official rule), per token, per UTF-8 byte of the
@@ -37,13 +41,13 @@ SCORINGS = ("sum", "token_mean", "byte_mean", "calibrated")
 class TaskConfig:
     name: str
     type: str
-    path: str                      # under the data root
-    module: str | None = None      # an official task class (see MODULES)
+    path: str  # under the data root
+    module: str | None = None  # an official task class (see MODULES)
     metrics: list[str] = field(default_factory=list)  # empty: the type's defaults
-    use_task_mask: bool = False    # [gMASK] instead of [MASK]
+    use_task_mask: bool = False  # [gMASK] instead of [MASK]
     use_multitask_encoding: bool = False  # mul with [MASK]: choice tokens count on from the mask
-    unidirectional: bool = False   # causal context (needs [gMASK])
-    max_seq_length: int = 2048     # prompts are cut on the left to fit
+    unidirectional: bool = False  # causal context (needs [gMASK])
+    max_seq_length: int = 2048  # prompts are cut on the left to fit
     file_pattern: str | dict[str, str] = "**/*.json*"  # a glob, or group name -> glob
     micro_batch_size: int = 1
     # gen
@@ -58,7 +62,7 @@ class TaskConfig:
     # ours
     scoring: str = "sum"
     prompt_template: str | None = None  # how the data's prompts were built, recorded in results
-    source: str = ""                    # the YAML file this came from
+    source: str = ""  # the YAML file this came from
 
     @property
     def protocol(self) -> str | None:
@@ -77,19 +81,24 @@ class TaskConfig:
         if self.type not in TASK_TYPES:
             raise ConfigError(f"{where}: unknown task type {self.type!r}; use one of {', '.join(TASK_TYPES)}")
         if self.module is not None and self.module not in MODULES:
-            raise ConfigError(f"{where}: module {self.module!r} is not built in; use one of "
-                              f"{', '.join(m for m in MODULES)} or remove the field")
+            raise ConfigError(
+                f"{where}: module {self.module!r} is not built in; use one of "
+                f"{', '.join(m for m in MODULES)} or remove the field"
+            )
         for metric in self.metric_names:
             if self.protocol == "pile" and metric != "BPB":
                 raise ConfigError(f"{where}: the Pile task reports BPB only; drop {metric!r} from metrics")
             if metric not in KNOWN_METRICS[self.type]:
-                raise ConfigError(f"{where}: metric {metric!r} is not defined for type {self.type}; use "
-                                  f"{', '.join(KNOWN_METRICS[self.type])}")
+                raise ConfigError(
+                    f"{where}: metric {metric!r} is not defined for type {self.type}; use "
+                    f"{', '.join(KNOWN_METRICS[self.type])}"
+                )
         if self.unidirectional and not self.use_task_mask:
             raise ConfigError(f"{where}: unidirectional needs use_task_mask: true ([MASK] has no causal form)")
         if self.sampling_strategy not in SAMPLING_STRATEGIES:
-            raise ConfigError(f"{where}: sampling_strategy {self.sampling_strategy!r}; use "
-                              f"{' or '.join(SAMPLING_STRATEGIES)}")
+            raise ConfigError(
+                f"{where}: sampling_strategy {self.sampling_strategy!r}; use {' or '.join(SAMPLING_STRATEGIES)}"
+            )
         if self.scoring not in SCORINGS:
             raise ConfigError(f"{where}: scoring {self.scoring!r}; use one of {', '.join(SCORINGS)}")
         for name in ("max_seq_length", "micro_batch_size", "num_beams", "max_gen_length", "generation_length"):
@@ -98,8 +107,10 @@ class TaskConfig:
             check_field(name, getattr(self, name), int, lambda v: v >= 0, "an integer >= 0")
         check_field("length_penalty", self.length_penalty, float)
         if self.type == "lm" and self.generation_length >= self.max_seq_length - 1:
-            raise ConfigError(f"{where}: generation_length {self.generation_length} must be below max_seq_length - 1 "
-                              f"({self.max_seq_length - 1}): each window needs a prompt")
+            raise ConfigError(
+                f"{where}: generation_length {self.generation_length} must be below max_seq_length - 1 "
+                f"({self.max_seq_length - 1}): each window needs a prompt"
+            )
         if not isinstance(self.file_pattern, (str, dict)):
             raise ConfigError(f"{where}: file-pattern must be a glob or a mapping of group name to glob")
 
@@ -112,9 +123,11 @@ class TaskConfig:
         for group, pattern in patterns.items():
             files = sorted(Path(p) for p in glob.glob(str(base / pattern), recursive=True) if Path(p).is_file())
             if not files:
-                raise ConfigError(f"{self.source or self.name}: no data file under {base} matches {pattern!r} "
-                                  f"(group {group}); check --data-root and `path`, or write the data with "
-                                  "`glm130b evaluate convert`")
+                raise ConfigError(
+                    f"{self.source or self.name}: no data file under {base} matches {pattern!r} "
+                    f"(group {group}); check --data-root and `path`, or write the data with "
+                    "`glm130b evaluate convert`"
+                )
             groups[group] = files
         return groups
 

@@ -35,7 +35,7 @@ def item_grams(text: str, n: int) -> set[tuple[str, ...]]:
     words = normalized_words(text)
     if len(words) < n:
         return {tuple(words)} if words else set()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 class OverlapIndex:
@@ -56,7 +56,7 @@ class OverlapIndex:
         words = normalized_words(text)
         for k in self.lengths:
             for i in range(len(words) - k + 1):
-                owners = self.owners.get(tuple(words[i:i + k]))
+                owners = self.owners.get(tuple(words[i : i + k]))
                 if owners:
                     self.hits.update(owners)
 
@@ -68,15 +68,22 @@ def unit_texts(config: TaskConfig, data_root: str | Path, result: dict, tokenize
     for name, entry in result["files"].items():
         task_file = read_task_file(base / name, config.type, tokenizer, None, config.protocol)
         if config.protocol == "pile":
-            windows_of = [(item, seq) for item in task_file.items
-                          for seq in windows(item.context, result["context_length"], config.generation_length,
-                                             tokenizer.specials)]
-            for u, (_, seq) in enumerate(windows_of[:entry["units"]]):
+            windows_of = [
+                (item, seq)
+                for item in task_file.items
+                for seq in windows(item.context, result["context_length"], config.generation_length, tokenizer.specials)
+            ]
+            for u, (_, seq) in enumerate(windows_of[: entry["units"]]):
                 texts[(config.name, name, u)] = tokenizer.decode(seq.spans[0][1])
             continue
         if config.type == "lm":
-            seqs = windows(task_file.tokens, result["context_length"], config.generation_length, tokenizer.specials,
-                           max_windows=entry["units"])
+            seqs = windows(
+                task_file.tokens,
+                result["context_length"],
+                config.generation_length,
+                tokenizer.specials,
+                max_windows=entry["units"],
+            )
             for u, seq in enumerate(seqs):
                 texts[(config.name, name, u)] = tokenizer.decode(seq.spans[0][1])
             continue
@@ -88,8 +95,14 @@ def unit_texts(config: TaskConfig, data_root: str | Path, result: dict, tokenize
     return texts
 
 
-def contamination_reports(configs: list[TaskConfig], results: list[dict], data_root: str | Path,
-                          corpus_dir: str | Path, tokenizer, n: int = DEFAULT_NGRAM) -> list[dict]:
+def contamination_reports(
+    configs: list[TaskConfig],
+    results: list[dict],
+    data_root: str | Path,
+    corpus_dir: str | Path,
+    tokenizer,
+    n: int = DEFAULT_NGRAM,
+) -> list[dict]:
     """One report per task: contaminated units, their fraction, and each metric on the clean units."""
     index = OverlapIndex(n)
     for config, result in zip(configs, results):
@@ -105,8 +118,10 @@ def contamination_reports(configs: list[TaskConfig], results: list[dict], data_r
                 bar.update()
     reports = []
     for config, result in zip(configs, results):
-        flagged = {name: [u for u in range(entry["units"]) if (config.name, name, u) in index.hits]
-                   for name, entry in result["files"].items()}
+        flagged = {
+            name: [u for u in range(entry["units"]) if (config.name, name, u) in index.hits]
+            for name, entry in result["files"].items()
+        }
         units = sum(entry["units"] for entry in result["files"].values())
         dirty = sum(map(len, flagged.values()))
         clean = []
@@ -114,10 +129,22 @@ def contamination_reports(configs: list[TaskConfig], results: list[dict], data_r
             dropped = set(flagged[name])
             keep = [u for u in range(entry["units"]) if u not in dropped]
             if keep:
-                clean.append({m: UnitScores(s["kind"], [s["num"][u] for u in keep], [s["den"][u] for u in keep])
-                              for m, s in entry["scores"].items()})
-        reports.append({"ngram": n, "corpus": str(Path(corpus_dir).resolve()), "units": units, "contaminated": dirty,
-                        "fraction": dirty / units, "full": result["metrics"],
-                        "clean": summarize(clean, list(result["metrics"])) if clean else None,
-                        "contaminated_units": {k: v for k, v in flagged.items() if v}})
+                clean.append(
+                    {
+                        m: UnitScores(s["kind"], [s["num"][u] for u in keep], [s["den"][u] for u in keep])
+                        for m, s in entry["scores"].items()
+                    }
+                )
+        reports.append(
+            {
+                "ngram": n,
+                "corpus": str(Path(corpus_dir).resolve()),
+                "units": units,
+                "contaminated": dirty,
+                "fraction": dirty / units,
+                "full": result["metrics"],
+                "clean": summarize(clean, list(result["metrics"])) if clean else None,
+                "contaminated_units": {k: v for k, v in flagged.items() if v},
+            }
+        )
     return reports

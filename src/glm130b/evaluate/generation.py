@@ -32,8 +32,10 @@ ICETK_LAMBADA_PREFIXES = ((46010,), (146337,))
 def generation_context(item: Item, config: TaskConfig, specials, limit: int) -> list[int]:
     keep = limit - config.max_gen_length - 2
     if keep < 1:
-        raise ConfigError(f"{config.source or config.name}: max_gen_length {config.max_gen_length} leaves no room for "
-                          f"a context in {limit} tokens; lower max_gen_length")
+        raise ConfigError(
+            f"{config.source or config.name}: max_gen_length {config.max_gen_length} leaves no room for "
+            f"a context in {limit} tokens; lower max_gen_length"
+        )
     text = item.context[-keep:] if len(item.context) + config.max_gen_length + 2 > limit else item.context
     mask = specials.gmask if config.use_task_mask else specials.mask
     if mask in text:  # blank filling: the mask written in the input is the one to fill
@@ -45,10 +47,15 @@ def strategy_for(config: TaskConfig, banned_prefixes: tuple = ()) -> Strategy:
     """The official BaseStrategy of evaluation is top-k 1 (greedy); its beam search is deterministic."""
     if config.sampling_strategy == "BaseStrategy":
         return Greedy()
-    return BeamSearch(num_beams=config.num_beams, length_penalty=config.length_penalty,
-                      no_repeat_ngram_size=config.no_repeat_ngram_size, min_length=config.min_gen_length,
-                      prompt_length_multiple=REFERENCE_PAD_MULTIPLE, reference_stop=True,
-                      banned_prefixes=banned_prefixes)
+    return BeamSearch(
+        num_beams=config.num_beams,
+        length_penalty=config.length_penalty,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        min_length=config.min_gen_length,
+        prompt_length_multiple=REFERENCE_PAD_MULTIPLE,
+        reference_stop=True,
+        banned_prefixes=banned_prefixes,
+    )
 
 
 def lambada_bans(tokenizer, vocab_size: int) -> tuple[list[int], tuple]:
@@ -87,8 +94,9 @@ def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, exe
     limit = min(config.max_seq_length, model.config.max_sequence_length)
     banned, prefixes = lambada_bans(tokenizer, model.config.vocab_size) if config.protocol == "lambada" else ([], ())
     strategy = strategy_for(config, prefixes)
-    run = lambda batch: generate_ids(model, batch, specials, strategy, config.max_gen_length, banned=banned,
-                                     all_hypotheses=True)
+    run = lambda batch: generate_ids(
+        model, batch, specials, strategy, config.max_gen_length, banned=banned, all_hypotheses=True
+    )
     contexts = [generation_context(item, config, specials, limit) for item in task_file.items]
     outputs = executor.map(contexts, run, config.micro_batch_size, desc=f"{config.name} {task_file.path.name}")
     records, per_metric = [], {m: [] for m in config.metric_names}
@@ -107,8 +115,9 @@ def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, exe
     return FileOutcome(records, {m: UnitScores("mean100", v, [1.0] * len(v)) for m, v in per_metric.items()})
 
 
-def evaluate_loglikelihood_file(task_file: TaskFile, config: TaskConfig, model, tokenizer,
-                                executor: Executor) -> FileOutcome:
+def evaluate_loglikelihood_file(
+    task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor
+) -> FileOutcome:
     """The target's log-likelihood after `context + [gMASK]` (bidirectional context, the target a
     causal block counting on from the mask); right when every target token is the most likely one
     (lm-evaluation-harness's lambada_openai rule)."""
@@ -117,14 +126,23 @@ def evaluate_loglikelihood_file(task_file: TaskFile, config: TaskConfig, model, 
     sequences = []
     for item in task_file.items:
         target = item.targets[0]
-        context = item.context[-(limit - len(target) - 2):]
-        sequences.append(pack_choices(context, [target], specials, gmask=True, single_token=False,
-                                      causal_context=config.unidirectional))
-    spans = executor.map(sequences, lambda batch: score_batch(model, batch, specials.pad), config.micro_batch_size,
-                         length=lambda s: len(s.tokens), desc=f"{config.name} {task_file.path.name}")
+        context = item.context[-(limit - len(target) - 2) :]
+        sequences.append(
+            pack_choices(
+                context, [target], specials, gmask=True, single_token=False, causal_context=config.unidirectional
+            )
+        )
+    spans = executor.map(
+        sequences,
+        lambda batch: score_batch(model, batch, specials.pad),
+        config.micro_batch_size,
+        length=lambda s: len(s.tokens),
+        desc=f"{config.name} {task_file.path.name}",
+    )
     records, greedy = [], []
     for item, [span] in zip(task_file.items, spans):
         greedy.append(float(span.greedy))
-        records.append({"index": item.index, **item.meta, "log_prob": span.log_prob, "tokens": span.tokens,
-                        "greedy": span.greedy})
+        records.append(
+            {"index": item.index, **item.meta, "log_prob": span.log_prob, "tokens": span.tokens, "greedy": span.greedy}
+        )
     return FileOutcome(records, {"Accuracy": UnitScores("mean100", greedy, [1.0] * len(greedy))})

@@ -25,7 +25,7 @@ from glm130b.evaluate.packing import pack_choices, score_batch
 from glm130b.generate.decode import generate_ids
 from glm130b.generate.strategies import Greedy
 
-DEFAULT_STRIDE = 256       # rolling windows: the official lm stride
+DEFAULT_STRIDE = 256  # rolling windows: the official lm stride
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -33,10 +33,20 @@ DEFAULT_MAX_GEN_TOKS = 256
 class GLMHarnessLM(TemplateLM):
     backend = "glm"  # not "causal": a continuation is encoded on its own, as GLM scores it
 
-    def __init__(self, model: str | None = None, quantized: str | None = None, tokenizer: str | None = None,
-                 device: str | None = None, dtype: str | None = None, batch_size: int | str = 8,
-                 mask: str = "MASK", stride: int = DEFAULT_STRIDE, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-                 max_batch_size: int | None = None, loaded: tuple | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        quantized: str | None = None,
+        tokenizer: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 8,
+        mask: str = "MASK",
+        stride: int = DEFAULT_STRIDE,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        max_batch_size: int | None = None,
+        loaded: tuple | None = None,
+    ):
         """`loaded`: an already loaded (model, tokenizer) pair instead of a model directory."""
         super().__init__()
         if mask not in ("MASK", "gMASK"):
@@ -85,14 +95,23 @@ class GLMHarnessLM(TemplateLM):
             continuations = [list(requests[i][2]) for i in members]
             keep = self.max_length - sum(len(c) for c in continuations) - 2
             if keep < 0:
-                raise ConfigError(f"continuations of {sum(map(len, continuations))} tokens do not fit the model's "
-                                  f"{self.max_length}-token context")
-            sequences.append(pack_choices(list(context)[-keep:] if keep else [], continuations,
-                                          self.specials, gmask=self.gmask, single_token=False))
+                raise ConfigError(
+                    f"continuations of {sum(map(len, continuations))} tokens do not fit the model's "
+                    f"{self.max_length}-token context"
+                )
+            sequences.append(
+                pack_choices(
+                    list(context)[-keep:] if keep else [],
+                    continuations,
+                    self.specials,
+                    gmask=self.gmask,
+                    single_token=False,
+                )
+            )
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         order = sorted(range(len(sequences)), key=lambda g: -len(sequences[g].tokens))
         for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="glm130b loglikelihood"):
-            chunk = order[start:start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             for g, spans in zip(chunk, score_batch(self.glm, [sequences[g] for g in chunk], self.specials.pad)):
                 for i, span in zip(groups[g][1], spans):
                     out[i] = (span.log_prob, span.greedy)
@@ -106,8 +125,10 @@ class GLMHarnessLM(TemplateLM):
             seqs = windows(self.tok_encode(request.args[0]), self.max_length, self.stride, self.specials)
             total = 0.0
             for start in range(0, len(seqs), self.batch_size):
-                total += sum(span.log_prob for [span] in score_batch(self.glm, seqs[start:start + self.batch_size],
-                                                                     self.specials.pad))
+                total += sum(
+                    span.log_prob
+                    for [span] in score_batch(self.glm, seqs[start : start + self.batch_size], self.specials.pad)
+                )
             totals.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
@@ -123,11 +144,14 @@ class GLMHarnessLM(TemplateLM):
             new_tokens = int(options.get("max_gen_toks", self.max_gen_toks))
             keep = self.max_length - new_tokens - 2  # room for [gMASK], <sop> and the new tokens
             if keep < 1:
-                raise ConfigError(f"max_gen_toks {new_tokens} leaves no room for a context in the model's "
-                                  f"{self.max_length} tokens; lower it")
+                raise ConfigError(
+                    f"max_gen_toks {new_tokens} leaves no room for a context in the model's "
+                    f"{self.max_length} tokens; lower it"
+                )
             ids = self.tok_encode(context)[-keep:]
-            [span] = generate_ids(self.glm, [ids + [self.specials.gmask, self.specials.sop]], self.specials, Greedy(),
-                                  new_tokens)
+            [span] = generate_ids(
+                self.glm, [ids + [self.specials.gmask, self.specials.sop]], self.specials, Greedy(), new_tokens
+            )
             text = self.tok_decode(span)
             for stop in until:
                 text = text.split(stop)[0]

@@ -23,12 +23,12 @@ class TaskDataError(GLMError):
 
 @dataclass
 class Item:
-    index: int                    # position in its file (0-based)
-    context: list[int]            # the encoded input
-    text: str                     # the input text (decoded from ids when the file held ids)
+    index: int  # position in its file (0-based)
+    context: list[int]  # the encoded input
+    text: str  # the input text (decoded from ids when the file held ids)
     choices: list[list[int]] = field(default_factory=list)  # mul
     choice_texts: list[str] = field(default_factory=list)
-    label: int | None = None      # mul: index of the right choice
+    label: int | None = None  # mul: index of the right choice
     targets: list[list[int]] = field(default_factory=list)  # gen: references
     meta: dict = field(default_factory=dict)  # `id`, `few_shot_ids` and the like, carried into results
 
@@ -37,8 +37,8 @@ class Item:
 class TaskFile:
     path: Path
     sha256: str
-    items: list[Item]             # mul / gen
-    text: str = ""                # lm: the raw text
+    items: list[Item]  # mul / gen
+    text: str = ""  # lm: the raw text
     tokens: list[int] = field(default_factory=list)  # lm: its ids
 
 
@@ -60,11 +60,16 @@ def _ids_or_text(record: dict, key: str, where: str, many: bool):
     """(ids, None) when the record holds `key` as ids, else (None, text) from `key`_pretokenized."""
     if key in record:
         value = record[key]
-        ok = (all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value) if many
-              else all(isinstance(t, int) for t in value))
+        ok = (
+            all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value)
+            if many
+            else all(isinstance(t, int) for t in value)
+        )
         if not isinstance(value, list) or not ok:
-            raise TaskDataError(f"{where}: {key!r} must be token ids ({'a list of lists' if many else 'a list'} "
-                                f"of integers); or give the text as {key}_pretokenized")
+            raise TaskDataError(
+                f"{where}: {key!r} must be token ids ({'a list of lists' if many else 'a list'} "
+                f"of integers); or give the text as {key}_pretokenized"
+            )
         return value, None
     text_key = f"{key}_pretokenized"
     if text_key not in record:
@@ -102,8 +107,10 @@ def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) 
     """Items of one mul or gen JSON-lines file (the first `limit` of them)."""
     second = "choices" if task_type == "mul" else "targets"
     records = _json_records(path, limit, f"inputs_pretokenized and {second}_pretokenized")
-    parsed = [(where, record, _ids_or_text(record, "inputs", where, False), _ids_or_text(record, second, where, True))
-              for where, record in records]
+    parsed = [
+        (where, record, _ids_or_text(record, "inputs", where, False), _ids_or_text(record, second, where, True))
+        for where, record in records
+    ]
     texts = [text for _, _, (_, text), _ in parsed if text is not None]
     texts += [t for _, _, _, (_, many) in parsed if many is not None for t in many]
     encoded = iter(encode_texts(tokenizer, texts))
@@ -114,15 +121,18 @@ def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) 
             many_ids = [next(encoded) for _ in many_texts]
         text = text if text is not None else tokenizer.decode(ids)
         if any(len(c) == 0 for c in many_ids) or not many_ids:
-            raise TaskDataError(f"{where}: every {second[:-1]} must encode to at least one token, and there must "
-                                f"be at least one; fix or drop the line")
+            raise TaskDataError(
+                f"{where}: every {second[:-1]} must encode to at least one token, and there must "
+                f"be at least one; fix or drop the line"
+            )
         meta = {k: v for k, v in record.items() if k in ("id", "few_shot_ids")}
         item = Item(i, context, text, meta=meta)
         if task_type == "mul":
             label = record.get("label")
             if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(many_ids):
-                raise TaskDataError(f"{where}: label must be the index of the right choice, 0..{len(many_ids) - 1}; "
-                                    f"got {label!r}")
+                raise TaskDataError(
+                    f"{where}: label must be the index of the right choice, 0..{len(many_ids) - 1}; got {label!r}"
+                )
             item.choices, item.label = many_ids, label
             item.choice_texts = many_texts if many_texts is not None else [tokenizer.decode(c) for c in many_ids]
         else:
@@ -148,16 +158,24 @@ def read_documents(path: Path, tokenizer, limit: int | None = None) -> TaskFile:
         if text is None:
             text = record.get("text_pretokenized")
             if not isinstance(text, str):
-                raise TaskDataError(f"{where}: give text_pretokenized with the text ids (its bytes are the BPB "
-                                    "denominator)")
+                raise TaskDataError(
+                    f"{where}: give text_pretokenized with the text ids (its bytes are the BPB denominator)"
+                )
         subset = (record.get("meta") or {}).get("pile_set_name", "all")
-        items.append(Item(len(items), ids if ids is not None else encode_texts(tokenizer, [text])[0], text,
-                          meta={"subset": subset}))
+        items.append(
+            Item(
+                len(items),
+                ids if ids is not None else encode_texts(tokenizer, [text])[0],
+                text,
+                meta={"subset": subset},
+            )
+        )
     return TaskFile(path, sha256_file(path), [item for item in items if item.context])
 
 
-def read_task_file(path: Path, task_type: str, tokenizer, limit: int | None = None, protocol: str | None = None
-                   ) -> TaskFile:
+def read_task_file(
+    path: Path, task_type: str, tokenizer, limit: int | None = None, protocol: str | None = None
+) -> TaskFile:
     """`limit`: read only the first items (documents) of a file (a plain lm file is always read whole)."""
     if protocol == "pile":
         return read_documents(path, tokenizer, limit)

@@ -25,25 +25,45 @@ def window_count(num_tokens: int, limit: int, stride: int) -> int:
     return max(math.ceil(max(num_tokens - (limit - 1), 0) / stride) + 1, 1)
 
 
-def windows(tokens: list[int], limit: int, stride: int, specials, gmask: bool = True,
-            causal_context: bool = False, max_windows: int | None = None) -> list[ScoredSequence]:
+def windows(
+    tokens: list[int],
+    limit: int,
+    stride: int,
+    specials,
+    gmask: bool = True,
+    causal_context: bool = False,
+    max_windows: int | None = None,
+) -> list[ScoredSequence]:
     count = window_count(len(tokens), limit, stride)
     out = []
     for i in range(count if max_windows is None else min(count, max_windows)):
-        part = tokens[i * stride:i * stride + limit - 1]
+        part = tokens[i * stride : i * stride + limit - 1]
         cut = 0 if i == 0 else limit - 1 - stride
         out.append(pack_window(part[:cut], part[cut:], specials, gmask=gmask, causal_context=causal_context))
     return out
 
 
-def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor,
-                  max_windows: int | None = None) -> FileOutcome:
+def evaluate_file(
+    task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor, max_windows: int | None = None
+) -> FileOutcome:
     specials = tokenizer.specials
     limit = min(config.max_seq_length, model.config.max_sequence_length)
-    sequences = windows(task_file.tokens, limit, config.generation_length, specials, config.use_task_mask,
-                        config.unidirectional, max_windows)
-    spans = executor.map(sequences, lambda batch: score_batch(model, batch, specials.pad), config.micro_batch_size,
-                         length=lambda s: len(s.tokens), desc=f"{config.name} {task_file.path.name}")
+    sequences = windows(
+        task_file.tokens,
+        limit,
+        config.generation_length,
+        specials,
+        config.use_task_mask,
+        config.unidirectional,
+        max_windows,
+    )
+    spans = executor.map(
+        sequences,
+        lambda batch: score_batch(model, batch, specials.pad),
+        config.micro_batch_size,
+        length=lambda s: len(s.tokens),
+        desc=f"{config.name} {task_file.path.name}",
+    )
     nll = [-span.log_prob for [span] in spans]
     scored = [span.tokens for [span] in spans]
     # A partial run (max_windows) counts the words and bytes of the text it scored, in proportion.
@@ -52,8 +72,10 @@ def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, exe
     n_bytes = len(task_file.text.encode("utf-8")) * share
     records = [{"window": i, "nll": loss, "tokens": n} for i, (loss, n) in enumerate(zip(nll, scored))]
     total = sum(scored)
-    scores = {"PPL": UnitScores("ppl", nll, [words * n / total for n in scored]),
-              "BPB": UnitScores("bpb", nll, [n_bytes * n / total for n in scored])}
+    scores = {
+        "PPL": UnitScores("ppl", nll, [words * n / total for n in scored]),
+        "BPB": UnitScores("bpb", nll, [n_bytes * n / total for n in scored]),
+    }
     return FileOutcome(records, {m: scores[m] for m in config.metric_names})
 
 
@@ -63,20 +85,35 @@ def evaluate_documents(task_file: TaskFile, config: TaskConfig, model, tokenizer
     limit = min(config.max_seq_length, model.config.max_sequence_length)
     sequences, owners = [], []
     for d, item in enumerate(task_file.items):
-        for seq in windows(item.context, limit, config.generation_length, specials, config.use_task_mask,
-                           config.unidirectional):
+        for seq in windows(
+            item.context, limit, config.generation_length, specials, config.use_task_mask, config.unidirectional
+        ):
             sequences.append(seq)
             owners.append(d)
-    spans = executor.map(sequences, lambda batch: score_batch(model, batch, specials.pad), config.micro_batch_size,
-                         length=lambda s: len(s.tokens), desc=f"{config.name} {task_file.path.name}")
+    spans = executor.map(
+        sequences,
+        lambda batch: score_batch(model, batch, specials.pad),
+        config.micro_batch_size,
+        length=lambda s: len(s.tokens),
+        desc=f"{config.name} {task_file.path.name}",
+    )
     records, by_subset = [], {}
     for d, [span] in zip(owners, spans):
         item = task_file.items[d]
         n_bytes = len(item.text.encode("utf-8")) * span.tokens / len(item.context)
-        records.append({"document": item.index, "subset": item.meta["subset"], "nll": -span.log_prob,
-                        "tokens": span.tokens, "bytes": n_bytes})
+        records.append(
+            {
+                "document": item.index,
+                "subset": item.meta["subset"],
+                "nll": -span.log_prob,
+                "tokens": span.tokens,
+                "bytes": n_bytes,
+            }
+        )
         by_subset.setdefault(item.meta["subset"], []).append(records[-1])
     scores = {"BPB": UnitScores("bpb", [r["nll"] for r in records], [r["bytes"] for r in records])}
-    breakdown = {name: UnitScores("bpb", [r["nll"] for r in rs], [r["bytes"] for r in rs])
-                 for name, rs in sorted(by_subset.items())}
+    breakdown = {
+        name: UnitScores("bpb", [r["nll"] for r in rs], [r["bytes"] for r in rs])
+        for name, rs in sorted(by_subset.items())
+    }
     return FileOutcome(records, scores, breakdown)

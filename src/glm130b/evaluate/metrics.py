@@ -70,5 +70,8 @@ def word_count(text: str) -> int:
 
 def group_statistics(values: list[float], weights: list[float]) -> dict[str, float]:
     """Over the files of a group: max, median, and the mean weighted by item count."""
-    return {"max": float(np.max(values)), "median": float(np.median(values)),
-            "weighted_mean": float(np.average(values, weights=weights))}
+    return {
+        "max": float(np.max(values)),
+        "median": float(np.median(values)),
+        "weighted_mean": float(np.average(values, weights=weights)),
+    }

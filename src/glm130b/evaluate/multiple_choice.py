@@ -25,21 +25,33 @@ def truncated_context(item: Item, config: TaskConfig, limit: int, path) -> list[
     if needed == len(item.choices):
         needed = 1
     if needed >= limit - 1:
-        raise TaskDataError(f"{path}: item {item.index}: its choices take {needed} tokens, but the context window "
-                            f"(max_seq_length) is {limit}; shorten the choices or raise max_seq_length")
+        raise TaskDataError(
+            f"{path}: item {item.index}: its choices take {needed} tokens, but the context window "
+            f"(max_seq_length) is {limit}; shorten the choices or raise max_seq_length"
+        )
     keep = limit - needed - 2
     return item.context[-keep:] if len(item.context) + needed + 2 > limit else item.context
 
 
 def item_sequences(items: list[Item], config: TaskConfig, specials, limit: int, path) -> list[ScoredSequence]:
     single = all(len(c) == 1 for item in items for c in item.choices)
-    return [pack_choices(truncated_context(item, config, limit, path), item.choices, specials,
-                         gmask=config.use_task_mask, single_token=single,
-                         multitask_encoding=config.use_multitask_encoding, causal_context=config.unidirectional)
-            for item in items]
+    return [
+        pack_choices(
+            truncated_context(item, config, limit, path),
+            item.choices,
+            specials,
+            gmask=config.use_task_mask,
+            single_token=single,
+            multitask_encoding=config.use_multitask_encoding,
+            causal_context=config.unidirectional,
+        )
+        for item in items
+    ]
 
 
-def choice_scores(item: Item, spans: list[SpanScore], scoring: str, empty_context: list[SpanScore] | None) -> list[float]:
+def choice_scores(
+    item: Item, spans: list[SpanScore], scoring: str, empty_context: list[SpanScore] | None
+) -> list[float]:
     if scoring == "token_mean":
         return [s.log_prob / s.tokens for s in spans]
     if scoring == "byte_mean":
@@ -54,19 +66,41 @@ def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, exe
     limit = min(config.max_seq_length, model.config.max_sequence_length)
     items = task_file.items
     run = lambda batch: score_batch(model, batch, specials.pad)
-    spans = executor.map(item_sequences(items, config, specials, limit, task_file.path), run,
-                         config.micro_batch_size, length=lambda s: len(s.tokens), desc=f"{config.name} {task_file.path.name}")
+    spans = executor.map(
+        item_sequences(items, config, specials, limit, task_file.path),
+        run,
+        config.micro_batch_size,
+        length=lambda s: len(s.tokens),
+        desc=f"{config.name} {task_file.path.name}",
+    )
     empty = {}
     if config.scoring == "calibrated":  # log P(choice | empty context), once per distinct choice set
         sets = sorted({tuple(map(tuple, item.choices)) for item in items})
         blanks = [Item(-1, [], "", choices=[list(c) for c in s]) for s in sets]
-        empty = dict(zip(sets, executor.map(item_sequences(blanks, config, specials, limit, task_file.path), run,
-                                            config.micro_batch_size, length=lambda s: len(s.tokens))))
+        empty = dict(
+            zip(
+                sets,
+                executor.map(
+                    item_sequences(blanks, config, specials, limit, task_file.path),
+                    run,
+                    config.micro_batch_size,
+                    length=lambda s: len(s.tokens),
+                ),
+            )
+        )
     records, correct = [], []
     for item, item_spans in zip(items, spans):
         scores = choice_scores(item, item_spans, config.scoring, empty.get(tuple(map(tuple, item.choices))))
         prediction = int(np.argmax(scores))  # the first best on ties, as the official code
         correct.append(float(prediction == item.label))
-        records.append({"index": item.index, **item.meta, "label": item.label, "prediction": prediction,
-                        "log_probs": [s.log_prob for s in item_spans], "scores": scores})
+        records.append(
+            {
+                "index": item.index,
+                **item.meta,
+                "label": item.label,
+                "prediction": prediction,
+                "log_probs": [s.log_prob for s in item_spans],
+                "scores": scores,
+            }
+        )
     return FileOutcome(records, {"Accuracy": UnitScores("mean100", correct, [1.0] * len(correct))})

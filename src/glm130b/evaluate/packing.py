@@ -21,22 +21,29 @@ from glm130b.tokenizer.specials import SpecialTokens
 class ScoredSequence:
     tokens: list[int]
     positions: list[int]
-    division: int                 # columns [0, division) are the context every row sees
+    division: int  # columns [0, division) are the context every row sees
     causal_context: bool = False  # True: context rows see only earlier context (unidirectional)
-    blocks: list[tuple[int, int]] = field(default_factory=list)   # (first row, length) of each causal block
+    blocks: list[tuple[int, int]] = field(default_factory=list)  # (first row, length) of each causal block
     spans: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (rows, target ids) per scored span
 
 
 @dataclass
 class SpanScore:
-    log_prob: float   # summed over the span's tokens
+    log_prob: float  # summed over the span's tokens
     tokens: int
-    greedy: bool      # every target token was the most likely one
+    greedy: bool  # every target token was the most likely one
 
 
-def pack_choices(context: list[int], choices: list[list[int]], specials: SpecialTokens, *, gmask: bool,
-                 single_token: bool, multitask_encoding: bool = False, causal_context: bool = False
-                 ) -> ScoredSequence:
+def pack_choices(
+    context: list[int],
+    choices: list[list[int]],
+    specials: SpecialTokens,
+    *,
+    gmask: bool,
+    single_token: bool,
+    multitask_encoding: bool = False,
+    causal_context: bool = False,
+) -> ScoredSequence:
     """`context + [M] + ([sop] + c[:-1]) for c in choices`, targets `c`; with `single_token` one
     [sop] whose row gives every choice's log-prob. A mask written in the context (blank filling)
     is used where it is instead of appending one. Positions: [MASK] puts every choice token at the
@@ -60,7 +67,7 @@ def pack_choices(context: list[int], choices: list[list[int]], specials: Special
             positions += range(mask_at, mask_at + length)
         else:
             positions += [mask_at] * length
-        tokens += [specials.sop] + choice[:length - 1]
+        tokens += [specials.sop] + choice[: length - 1]
         seq.blocks.append((start, length))
         if single_token:
             seq.spans = [([start], [c[0]]) for c in choices]
@@ -69,16 +76,18 @@ def pack_choices(context: list[int], choices: list[list[int]], specials: Special
     return seq
 
 
-def pack_window(prompt: list[int], text: list[int], specials: SpecialTokens, *, gmask: bool = True,
-                causal_context: bool = False) -> ScoredSequence:
+def pack_window(
+    prompt: list[int], text: list[int], specials: SpecialTokens, *, gmask: bool = True, causal_context: bool = False
+) -> ScoredSequence:
     """An lm window: `prompt + [M, sop] + text[:-1]`, targets `text`, positions arange; the prompt
     and the mask token form the context, the scored text is one causal block."""
     mask_id = specials.gmask if gmask else specials.mask
     tokens = prompt + [mask_id, specials.sop] + text[:-1]
     division = len(prompt) + 1
     rows = list(range(division, division + len(text)))
-    return ScoredSequence(tokens, list(range(len(tokens))), division, causal_context,
-                          [(division, len(text))], [(rows, list(text))])
+    return ScoredSequence(
+        tokens, list(range(len(tokens))), division, causal_context, [(division, len(text))], [(rows, list(text))]
+    )
 
 
 def attention_masks(sequences: list[ScoredSequence], total: int) -> torch.Tensor:
@@ -88,9 +97,9 @@ def attention_masks(sequences: list[ScoredSequence], total: int) -> torch.Tensor
     label = torch.full((len(sequences), total), -1, dtype=torch.long)
     causal_context = torch.tensor([s.causal_context for s in sequences]).view(-1, 1, 1)
     for b, seq in enumerate(sequences):
-        label[b, :seq.division] = 0
+        label[b, : seq.division] = 0
         for k, (start, length) in enumerate(seq.blocks, 1):
-            label[b, start:start + length] = k
+            label[b, start : start + length] = k
     idx = torch.arange(total)
     earlier = idx.view(1, total) <= idx.view(total, 1)  # [L, L]: key j <= query i
     query, key = label.unsqueeze(2), label.unsqueeze(1)  # [B, L, 1], [B, 1, L]
@@ -106,15 +115,17 @@ def score_batch(model, sequences: list[ScoredSequence], pad_id: int) -> list[lis
     cfg = model.config
     total = max(len(s.tokens) for s in sequences)
     if total > cfg.max_sequence_length:
-        raise InputError(f"a scored sequence has {total} tokens, more than the model's context of "
-                         f"{cfg.max_sequence_length}; lower the task's max_seq_length or shorten the choices")
+        raise InputError(
+            f"a scored sequence has {total} tokens, more than the model's context of "
+            f"{cfg.max_sequence_length}; lower the task's max_seq_length or shorten the choices"
+        )
     device = model.transformer.word_embeddings.weight.device
     ids = torch.full((len(sequences), total), pad_id, dtype=torch.long)
     pos = torch.zeros(len(sequences), total, dtype=torch.long)
     rows, targets, owners = [], [], []
     for b, seq in enumerate(sequences):
-        ids[b, :len(seq.tokens)] = torch.tensor(seq.tokens)
-        pos[b, :len(seq.positions)] = torch.tensor(seq.positions)
+        ids[b, : len(seq.tokens)] = torch.tensor(seq.tokens)
+        pos[b, : len(seq.positions)] = torch.tensor(seq.positions)
         for s, (span_rows, span_targets) in enumerate(seq.spans):
             rows += [(b, r) for r in span_rows]
             targets += span_targets

@@ -21,17 +21,29 @@ class Executor:
         self.world = dist.get_world_size() if self.distributed else 1
         self.progress = progress and self.rank == 0
 
-    def map(self, units: Sequence, run_batch: Callable[[list], list], batch_size: int,
-            length: Callable = len, desc: str = "") -> list:
+    def map(
+        self,
+        units: Sequence,
+        run_batch: Callable[[list], list],
+        batch_size: int,
+        length: Callable = len,
+        desc: str = "",
+    ) -> list:
         """run_batch(units of one batch) -> one result per unit; returns the results of all units in
         their order, on every rank."""
         size = self.batch_size or batch_size
         order = sorted(range(len(units)), key=lambda i: -length(units[i]))
-        batches = [order[s:s + size] for s in range(0, len(order), size)]
-        mine = batches[self.rank::self.world]
+        batches = [order[s : s + size] for s in range(0, len(order), size)]
+        mine = batches[self.rank :: self.world]
         results: dict[int, object] = {}
-        with tqdm(total=sum(map(len, mine)) * self.world, desc=desc, unit="item", disable=not self.progress,
-                  leave=False, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=sum(map(len, mine)) * self.world,
+            desc=desc,
+            unit="item",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar:
             for batch in mine:
                 for i, result in zip(batch, run_batch([units[i] for i in batch])):
                     results[i] = result

@@ -26,10 +26,17 @@ def source_commit() -> dict:
     uncommitted changes."""
     where = Path(glm130b.__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."],
-                                    capture_output=True, text=True, check=True).stdout.strip())
+        commit = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(where), "status", "--porcelain", "--", "."],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}
@@ -37,8 +44,11 @@ def source_commit() -> dict:
 
 def run_record(model_info: dict) -> dict:
     """What produced the results besides the tasks: model, quantization, package version and commit."""
-    return {"model": model_info, "package": {"name": "glm130b", "version": glm130b.__version__, **source_commit()},
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "model": model_info,
+        "package": {"name": "glm130b", "version": glm130b.__version__, **source_commit()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_results(out_dir: str | Path, run: dict, tasks: list[dict]) -> Path:
@@ -59,7 +69,9 @@ def read_results(path: str | Path) -> dict:
     except FileNotFoundError:
         raise GLMError(f"no results at {path}; give a results.json written by `glm130b evaluate`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GLMError(f"{path} is not a results file ({err}); give a results.json written by `glm130b evaluate`") from None
+        raise GLMError(
+            f"{path} is not a results file ({err}); give a results.json written by `glm130b evaluate`"
+        ) from None
     if not isinstance(data, dict) or "tasks" not in data:
         raise GLMError(f"{path} is not a results file (no `tasks`); give a results.json written by `glm130b evaluate`")
     return data
@@ -77,26 +89,47 @@ def _interval(entry: dict) -> str:
 def markdown_report(run: dict, tasks: list[dict]) -> str:
     model = run["model"]
     package = run["package"]
-    lines = ["# Evaluation results", "",
-             f"Model `{model.get('path')}` ({model.get('quantization') or 'not quantized'}, {model.get('dtype')}), "
-             f"glm130b {package['version']} at commit {package['commit'] or 'unknown'}"
-             f"{' (uncommitted changes)' if package.get('dirty') else ''}, {run['created']}.", "",
-             "Scores with 95 % bootstrap intervals; groups: item-weighted mean (median, max) over their files.", ""]
+    lines = [
+        "# Evaluation results",
+        "",
+        f"Model `{model.get('path')}` ({model.get('quantization') or 'not quantized'}, {model.get('dtype')}), "
+        f"glm130b {package['version']} at commit {package['commit'] or 'unknown'}"
+        f"{' (uncommitted changes)' if package.get('dirty') else ''}, {run['created']}.",
+        "",
+        "Scores with 95 % bootstrap intervals; groups: item-weighted mean (median, max) over their files.",
+        "",
+    ]
     rows = []
     for task in tasks:
         for metric, entry in task["metrics"].items():
-            rows.append([task["name"], "all", metric, _interval(entry), sum(f["units"] for f in task["files"].values())])
+            rows.append(
+                [task["name"], "all", metric, _interval(entry), sum(f["units"] for f in task["files"].values())]
+            )
         report = task.get("contamination")
         if report and report["clean"]:
             for metric, entry in report["clean"].items():
-                rows.append([task["name"], f"clean ({report['contaminated']} of {report['units']} contaminated, "
-                             f"{report['ngram']}-grams)", metric, _interval(entry), report["units"] - report["contaminated"]])
+                rows.append(
+                    [
+                        task["name"],
+                        f"clean ({report['contaminated']} of {report['units']} contaminated, {report['ngram']}-grams)",
+                        metric,
+                        _interval(entry),
+                        report["units"] - report["contaminated"],
+                    ]
+                )
         if len(task["groups"]) > 1:
             for group, g in task["groups"].items():
                 for metric, stats in g["statistics"].items():
-                    rows.append([task["name"], group, metric, f"{_interval(g['pooled'][metric])} "
-                                 f"(median {_fmt(stats['median'])}, max {_fmt(stats['max'])})",
-                                 sum(task["files"][f]["units"] for f in g["files"])])
+                    rows.append(
+                        [
+                            task["name"],
+                            group,
+                            metric,
+                            f"{_interval(g['pooled'][metric])} "
+                            f"(median {_fmt(stats['median'])}, max {_fmt(stats['max'])})",
+                            sum(task["files"][f]["units"] for f in g["files"]),
+                        ]
+                    )
     lines.append(markdown_table(["task", "group", "metric", "score", "items"], rows))
     return "\n".join(lines) + "\n"
 
@@ -105,19 +138,23 @@ def plot_groups(task: dict, png_path: str | Path) -> Path | None:
     """Bars of each group's pooled score per metric with its interval; None without matplotlib."""
     try:
         import matplotlib  # optional (the `eval` extra): charts are skipped without it
+
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:
         return None
     metrics = list(task["metrics"])
     groups = list(task["groups"])
-    figure, axes = plt.subplots(1, len(metrics), figsize=(max(4, 1.2 * len(groups)) * len(metrics), 3.5),
-                                dpi=110, squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(metrics), figsize=(max(4, 1.2 * len(groups)) * len(metrics), 3.5), dpi=110, squeeze=False
+    )
     for ax, metric in zip(axes[0], metrics):
         pooled = [task["groups"][g]["pooled"][metric] for g in groups]
         values = [p["value"] for p in pooled]
-        errors = [[v - p["interval"][0] for v, p in zip(values, pooled)],
-                  [p["interval"][1] - v for v, p in zip(values, pooled)]]
+        errors = [
+            [v - p["interval"][0] for v, p in zip(values, pooled)],
+            [p["interval"][1] - v for v, p in zip(values, pooled)],
+        ]
         ax.bar(groups, values, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
         ax.set_title(f"{task['name']}: {metric}")
         ax.tick_params(axis="x", rotation=30)
@@ -136,22 +173,46 @@ def compare_runs(a: dict, b: dict) -> list[dict]:
             continue
         files_a, files_b = task_a["files"], task_b["files"]
         for name in files_a:
-            if name not in files_b or files_a[name]["sha256"] != files_b[name]["sha256"] \
-                    or files_a[name]["units"] != files_b[name]["units"]:
-                raise GLMError(f"task {task_a['name']}: the two runs scored different data in {name} (file, sha256 "
-                               "or item count differ); compare runs over the same files and --limit")
+            if (
+                name not in files_b
+                or files_a[name]["sha256"] != files_b[name]["sha256"]
+                or files_a[name]["units"] != files_b[name]["units"]
+            ):
+                raise GLMError(
+                    f"task {task_a['name']}: the two runs scored different data in {name} (file, sha256 "
+                    "or item count differ); compare runs over the same files and --limit"
+                )
         for metric in task_a["metrics"]:
             if metric not in task_b["metrics"]:
                 continue
-            pooled = [UnitScores.pooled([UnitScores.from_dict(run[n]["scores"][metric]) for n in files_a])
-                      for run in (files_a, files_b)]
-            out.append({"task": task_a["name"], "metric": metric, "a": pooled[0].value(), "b": pooled[1].value(),
-                        **paired_bootstrap(*pooled)})
+            pooled = [
+                UnitScores.pooled([UnitScores.from_dict(run[n]["scores"][metric]) for n in files_a])
+                for run in (files_a, files_b)
+            ]
+            out.append(
+                {
+                    "task": task_a["name"],
+                    "metric": metric,
+                    "a": pooled[0].value(),
+                    "b": pooled[1].value(),
+                    **paired_bootstrap(*pooled),
+                }
+            )
     return out
 
 
 def comparison_table(rows: list[dict]) -> str:
-    return markdown_table(["task", "metric", "A", "B", "B - A [95 %]", "p"],
-                          [[r["task"], r["metric"], _fmt(r["a"]), _fmt(r["b"]),
-                            f"{r['difference']:+.2f} [{r['interval'][0]:+.2f}, {r['interval'][1]:+.2f}]",
-                            f"{r['p_value']:.3f}"] for r in rows])
+    return markdown_table(
+        ["task", "metric", "A", "B", "B - A [95 %]", "p"],
+        [
+            [
+                r["task"],
+                r["metric"],
+                _fmt(r["a"]),
+                _fmt(r["b"]),
+                f"{r['difference']:+.2f} [{r['interval'][0]:+.2f}, {r['interval'][1]:+.2f}]",
+                f"{r['p_value']:.3f}",
+            ]
+            for r in rows
+        ],
+    )

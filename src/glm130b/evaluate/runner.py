@@ -21,8 +21,9 @@ EVALUATORS = {"mul": multiple_choice.evaluate_file, "gen": generation.evaluate_f
 OVERALL_GROUP = "Overall"
 
 
-def score_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor,
-               quota: int | None = None) -> FileOutcome:
+def score_file(
+    task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor, quota: int | None = None
+) -> FileOutcome:
     if config.protocol == "pile":
         return language_model.evaluate_documents(task_file, config, model, tokenizer, executor)
     if config.type == "lm":
@@ -39,8 +40,9 @@ def summarize(scores: list[dict[str, UnitScores]], metrics: list[str]) -> dict:
     return out
 
 
-def evaluate_task(config: TaskConfig, data_root: str | Path, model, tokenizer, executor: Executor,
-                  limit: int | None = None) -> dict:
+def evaluate_task(
+    config: TaskConfig, data_root: str | Path, model, tokenizer, executor: Executor, limit: int | None = None
+) -> dict:
     """The result of one task as a JSON-ready dict. `limit`: about that many items (lm: windows, the
     Pile: documents), the first ceil(limit / files) of each file."""
     groups = config.file_groups(data_root)
@@ -54,13 +56,18 @@ def evaluate_task(config: TaskConfig, data_root: str | Path, model, tokenizer, e
         name = path.relative_to(base).as_posix()
         outcomes[name] = outcome
         few_shot = sorted({i for r in outcome.records for i in r.get("few_shot_ids", [])}, key=str)
-        files[name] = {"sha256": task_file.sha256, "units": len(outcome.records),
-                       "metrics": {m: s.value() for m, s in outcome.scores.items()},
-                       "few_shot_ids": few_shot, "records": outcome.records,
-                       "scores": {m: s.to_dict() for m, s in outcome.scores.items()}}
+        files[name] = {
+            "sha256": task_file.sha256,
+            "units": len(outcome.records),
+            "metrics": {m: s.value() for m, s in outcome.scores.items()},
+            "few_shot_ids": few_shot,
+            "records": outcome.records,
+            "scores": {m: s.to_dict() for m, s in outcome.scores.items()},
+        }
         if outcome.breakdown:  # the Pile's BPB per subset
-            files[name]["breakdown"] = {k: {"value": s.value(), "interval": list(bootstrap_interval(s))}
-                                        for k, s in outcome.breakdown.items()}
+            files[name]["breakdown"] = {
+                k: {"value": s.value(), "interval": list(bootstrap_interval(s))} for k, s in outcome.breakdown.items()
+            }
     metrics = config.metric_names
     group_sets = {g: [f.relative_to(base).as_posix() for f in fs] for g, fs in groups.items()}
     if config.protocol == "mmlu":
@@ -71,9 +78,17 @@ def evaluate_task(config: TaskConfig, data_root: str | Path, model, tokenizer, e
         group_results[group] = {
             "files": names,
             "statistics": {m: group_statistics([files[n]["metrics"][m] for n in names], weights) for m in metrics},
-            "pooled": summarize([outcomes[n].scores for n in names], metrics)}
-    return {"name": config.name, "type": config.type, "protocol": config.protocol,
-            "config": dict(vars(config)), "prompt_template": config.prompt_template,
-            "limit": limit, "context_length": min(config.max_seq_length, model.config.max_sequence_length),
-            "metrics": summarize([o.scores for o in outcomes.values()], metrics),
-            "groups": group_results, "files": files}
+            "pooled": summarize([outcomes[n].scores for n in names], metrics),
+        }
+    return {
+        "name": config.name,
+        "type": config.type,
+        "protocol": config.protocol,
+        "config": dict(vars(config)),
+        "prompt_template": config.prompt_template,
+        "limit": limit,
+        "context_length": min(config.max_seq_length, model.config.max_sequence_length),
+        "metrics": summarize([o.scores for o in outcomes.values()], metrics),
+        "groups": group_results,
+        "files": files,
+    }

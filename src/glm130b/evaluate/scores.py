@@ -26,7 +26,7 @@ def transform(kind: str, ratio: np.ndarray | float):
 class UnitScores:
     """Per-unit numerators and denominators of one metric, and how the ratio becomes the metric."""
 
-    kind: str              # mean100 | ppl | bpb
+    kind: str  # mean100 | ppl | bpb
     num: list[float]
     den: list[float]
 
@@ -48,6 +48,6 @@ class UnitScores:
 
 @dataclass
 class FileOutcome:
-    records: list[dict]             # one per item (or lm window), saved in the results
-    scores: dict[str, UnitScores]   # per metric
+    records: list[dict]  # one per item (or lm window), saved in the results
+    scores: dict[str, UnitScores]  # per metric
     breakdown: dict[str, UnitScores] = field(default_factory=dict)  # e.g. BPB per Pile subset

@@ -12,9 +12,9 @@ import numpy as np
 
 from glm130b.evaluate.scores import UnitScores, transform
 
-RESAMPLES = 1000   # enough for a 95 % interval to ~0.1 point on a few hundred items
+RESAMPLES = 1000  # enough for a 95 % interval to ~0.1 point on a few hundred items
 CONFIDENCE = 0.95
-SEED = 0           # fixed: the same results give the same interval
+SEED = 0  # fixed: the same results give the same interval
 CHUNK = 100
 
 
@@ -32,8 +32,9 @@ def _resampled_ratios(scores: list[UnitScores], resamples: int, seed: int) -> li
     return [np.concatenate(parts) for parts in out]
 
 
-def bootstrap_interval(scores: UnitScores, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
-                       seed: int = SEED) -> tuple[float, float]:
+def bootstrap_interval(
+    scores: UnitScores, resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = SEED
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the metric (over units resampled with replacement)."""
     if len(scores.num) < 2:
         value = scores.value()
@@ -55,5 +56,8 @@ def paired_bootstrap(a: UnitScores, b: UnitScores, resamples: int = RESAMPLES, s
     diffs = transform(b.kind, rb) - transform(a.kind, ra)
     p = float(np.mean(np.abs(diffs - observed) >= abs(observed))) if observed != 0 else 1.0
     tail = (1.0 - CONFIDENCE) / 2
-    return {"difference": observed, "interval": [float(np.quantile(diffs, tail)), float(np.quantile(diffs, 1 - tail))],
-            "p_value": p}
+    return {
+        "difference": observed,
+        "interval": [float(np.quantile(diffs, tail)), float(np.quantile(diffs, 1 - tail))],
+        "p_value": p,
+    }

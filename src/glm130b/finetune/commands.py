@@ -15,13 +15,19 @@ from glm130b.train.config import TrainConfig, apply_overrides
 from glm130b.train.spike_guard import SpikeGuardConfig
 
 # FinetuneConfig fields with their own options (the rest come from --config or --train.<field>).
-OPTIONS = {"model": "the base model directory", "data": "training records (.jsonl)",
-           "valid_data": "held-out records: validation loss, and exact match at the end",
-           "tokenizer": "tokenizer folder (default: MODEL/tokenizer)", "out_dir": "where the run writes",
-           "epochs": "passes over the training sequences", "lora_rank": "LoRA rank",
-           "lora_alpha": "LoRA alpha (scale alpha / rank)", "lora_dropout": "dropout on the LoRA input",
-           "lora_targets": f"comma-separated, from {','.join(LORA_TARGETS)}",
-           "prefix_length": "P-tuning v2 virtual tokens per layer"}
+OPTIONS = {
+    "model": "the base model directory",
+    "data": "training records (.jsonl)",
+    "valid_data": "held-out records: validation loss, and exact match at the end",
+    "tokenizer": "tokenizer folder (default: MODEL/tokenizer)",
+    "out_dir": "where the run writes",
+    "epochs": "passes over the training sequences",
+    "lora_rank": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scale alpha / rank)",
+    "lora_dropout": "dropout on the LoRA input",
+    "lora_targets": f"comma-separated, from {','.join(LORA_TARGETS)}",
+    "prefix_length": "P-tuning v2 virtual tokens per layer",
+}
 # TrainConfig fields a fine-tune takes from the base model or from the method, not from the user.
 FIXED_TRAIN_FIELDS = ("model_preset", "model", "corpus", "valid_corpus", "tokenizer", "mip_data", "out_dir")
 
@@ -33,12 +39,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             data[name] = getattr(args, name)
     if args.merge:
         data["merge"] = True
-    train = [f"{k.removeprefix('train:')}={v}" for k, v in vars(args).items() if k.startswith("train:") and v is not None]
+    train = [
+        f"{k.removeprefix('train:')}={v}" for k, v in vars(args).items() if k.startswith("train:") and v is not None
+    ]
     data["train"] = apply_overrides(data.get("train") or {}, train)
     config = FinetuneConfig.from_dict(data)
     result = run_finetune(config)
-    print(f"{'model' if config.method == 'full' else 'adapter'}: {result.output_dir} "
-          f"({result.trainable_parameters:,} trained parameters)")
+    print(
+        f"{'model' if config.method == 'full' else 'adapter'}: {result.output_dir} "
+        f"({result.trainable_parameters:,} trained parameters)"
+    )
     if result.merged_dir is not None:
         print(f"merged model: {result.merged_dir}")
     for name, loss in result.valid_losses.items():
@@ -50,17 +60,31 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a FinetuneConfig YAML file; options below override it")
-    p.add_argument("--method", choices=METHODS, help="what trains: every weight, LoRA adapters, or P-tuning v2 "
-                                                     "prefixes (default lora)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        help="what trains: every weight, LoRA adapters, or P-tuning v2 prefixes (default lora)",
+    )
     p.add_argument("--quantized", choices=tuple(QUANTIZED), help="quantize the frozen base on load (lora, ptuning)")
     p.add_argument("--merge", action="store_true", help="also write the base with the LoRA adapter folded in")
     for name, text in OPTIONS.items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        p.add_argument(*flags, dest=name, help=text, type=float if name in ("epochs", "lora_alpha", "lora_dropout")
-                       else int if name in ("lora_rank", "prefix_length") else str)
+        p.add_argument(
+            *flags,
+            dest=name,
+            help=text,
+            type=float
+            if name in ("epochs", "lora_alpha", "lora_dropout")
+            else int
+            if name in ("lora_rank", "prefix_length")
+            else str,
+        )
     group = p.add_argument_group("training settings (TrainConfig fields; defaults: glm130b.finetune.config)")
-    names = [f.name for f in dataclasses.fields(TrainConfig)
-             if f.name not in FIXED_TRAIN_FIELDS + ("spike_guard", "parallel")]
+    names = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in FIXED_TRAIN_FIELDS + ("spike_guard", "parallel")
+    ]
     names += [f"spike_guard.{f.name}" for f in dataclasses.fields(SpikeGuardConfig)]
     names += [f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)]
     for name in names:

@@ -25,11 +25,11 @@ TOKENIZER_DIR = "tokenizer"  # the tokenizer folder inside a model directory, th
 # 1.0, the spike guard, fp32 softmax, checkpoints and exact resume) is the recipe's.
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "micro_batch_size": 1,
-    "global_batch_size": 8,           # packed sequences per step (16 K tokens at 2048), a usual SFT batch
+    "global_batch_size": 8,  # packed sequences per step (16 K tokens at 2048), a usual SFT batch
     "rampup_start_batch_size": None,  # the ramp-up eased pretraining's start from random weights
-    "warmup_fraction": 0.03,          # a short warmup, as SFT recipes use
-    "decay_fraction": 1.0,            # cosine over the whole run
-    "embedding_grad_scale": 1.0,      # the shrink tamed early pretraining spikes; this model is trained
+    "warmup_fraction": 0.03,  # a short warmup, as SFT recipes use
+    "decay_fraction": 1.0,  # cosine over the whole run
+    "embedding_grad_scale": 1.0,  # the shrink tamed early pretraining spikes; this model is trained
     # A fine-tune's batches are small, so its loss is noisier from step to step than pretraining's
     # 4224-sequence batches: only a loss 3x the recent median counts as a spike.
     "spike_guard": {"loss_ratio": 3.0},
@@ -53,16 +53,16 @@ DEFAULT_SEQUENCE_LENGTH = 2048
 class FinetuneConfig(DictConfig):
     config_label = "FinetuneConfig"
 
-    model: str = ""             # the base model directory (glm130b.checkpoint)
-    data: str = ""              # training records, JSON lines (glm130b.finetune.records)
-    method: str = "lora"        # full | lora | ptuning
-    valid_data: str = ""        # held-out records: validation loss during the run, exact match at its end
-    tokenizer: str = ""         # default: the model directory's tokenizer folder
+    model: str = ""  # the base model directory (glm130b.checkpoint)
+    data: str = ""  # training records, JSON lines (glm130b.finetune.records)
+    method: str = "lora"  # full | lora | ptuning
+    valid_data: str = ""  # held-out records: validation loss during the run, exact match at its end
+    tokenizer: str = ""  # default: the model directory's tokenizer folder
     # Quantize the frozen base on load: int4 | int8 | null (the base as stored; a directory written
     # by `glm130b quantize` is already quantized). Needs an adapter method: full trains the weights.
     quantized: str | None = None
     out_dir: str = "runs/finetune"
-    epochs: float = 3.0         # passes over the packed training sequences (train.train_samples overrides)
+    epochs: float = 3.0  # passes over the packed training sequences (train.train_samples overrides)
     # LoRA (PEFT): rank, scale alpha / rank, dropout on the adapter input, the layers it adapts
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -70,7 +70,7 @@ class FinetuneConfig(DictConfig):
     lora_targets: list[str] = field(default_factory=lambda: ["query_key_value"])
     # P-tuning v2: virtual tokens per layer (THUDM's ChatGLM-6B script: PRE_SEQ_LEN=128)
     prefix_length: int = 128
-    merge: bool = False         # also write the base with the LoRA adapter folded in (out_dir/merged)
+    merge: bool = False  # also write the base with the LoRA adapter folded in (out_dir/merged)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (lr, global_batch_size, ...)
 
     def __post_init__(self) -> None:
@@ -82,17 +82,29 @@ class FinetuneConfig(DictConfig):
         if self.quantized is not None and self.quantized not in QUANTIZED:
             raise ConfigError(f"quantized must be one of {', '.join(QUANTIZED)} or null; got {self.quantized!r}")
         if self.quantized and self.method == "full":
-            raise ConfigError("full fine-tuning trains every weight and a quantized weight cannot train: "
-                              "use --method lora (or ptuning) over a quantized base")
+            raise ConfigError(
+                "full fine-tuning trains every weight and a quantized weight cannot train: "
+                "use --method lora (or ptuning) over a quantized base"
+            )
         if self.merge and self.method != "lora":
-            raise ConfigError(f"merge folds a LoRA adapter into the weights; method {self.method} has "
-                              + ("nothing to merge" if self.method == "full" else
-                                 "prefixes, which are extra keys and values, not a change of weights"))
+            raise ConfigError(
+                f"merge folds a LoRA adapter into the weights; method {self.method} has "
+                + (
+                    "nothing to merge"
+                    if self.method == "full"
+                    else "prefixes, which are extra keys and values, not a change of weights"
+                )
+            )
         check_field("epochs", self.epochs, float, lambda v: v > 0, "a positive number")
         check_positive_int("prefix_length", self.prefix_length)
         check_positive_int("lora_rank", self.lora_rank)
-        check_field("lora_targets", self.lora_targets, list, lambda v: v and set(v) <= set(LORA_TARGETS),
-                    f"a non-empty list of {', '.join(LORA_TARGETS)}")
+        check_field(
+            "lora_targets",
+            self.lora_targets,
+            list,
+            lambda v: v and set(v) <= set(LORA_TARGETS),
+            f"a non-empty list of {', '.join(LORA_TARGETS)}",
+        )
         check_field("train", self.train, dict, expected="a mapping of TrainConfig fields")
 
     # ------------------------------------------------------------------ derived
@@ -111,8 +123,9 @@ class FinetuneConfig(DictConfig):
         CUDA, fp32 on the CPU; train_samples from `epochs` when `train` does not set it."""
         values: dict[str, Any] = {**FINETUNE_DEFAULTS, **METHOD_DEFAULTS[self.method]}
         values["precision"] = "bf16" if resolve_device(self.train.get("device", "auto")).type == "cuda" else "fp32"
-        values.update(out_dir=self.out_dir, sequence_length=self.sequence_length(base),
-                      model=base.to_dict())  # the base's own config, every field (the preset is replaced)
+        values.update(
+            out_dir=self.out_dir, sequence_length=self.sequence_length(base), model=base.to_dict()
+        )  # the base's own config, every field (the preset is replaced)
         for key, value in self.train.items():  # a section (spike_guard, parallel) merges field by field
             both = isinstance(value, dict) and isinstance(values.get(key), dict)
             values[key] = {**values[key], **value} if both else value

@@ -31,19 +31,24 @@ def encode_record(record: Record, tokenizer, sequence_length: int) -> Sample:
     except InputError as err:
         raise RecordError(f"{where}: {err}") from None
     if len(prompt.markers) > 1:
-        raise RecordError(f"{where}: the prompt holds {len(prompt.markers)} mask markers; a record fills one "
-                          "blank: write one [MASK], or none (then [gMASK] is appended)")
+        raise RecordError(
+            f"{where}: the prompt holds {len(prompt.markers)} mask markers; a record fills one "
+            "blank: write one [MASK], or none (then [gMASK] is appended)"
+        )
     context, specials = prompt.context, tokenizer.specials
     mask_index, is_gmask = mask_position(context, specials)
     if is_gmask and mask_index != len(context) - 1:
-        raise RecordError(f"{where}: [gMASK] continues the text, so it must end the prompt; "
-                          "write [MASK] for a blank inside the text")
+        raise RecordError(
+            f"{where}: [gMASK] continues the text, so it must end the prompt; write [MASK] for a blank inside the text"
+        )
     target = tokenizer.encode(record.target)
     length = len(context) + 1 + len(target)  # <sop> in front of the target
     if length > sequence_length:
-        raise RecordError(f"{where}: the record takes {length} tokens (prompt {len(context)}, <sop>, target "
-                          f"{len(target)}), more than the sequence length {sequence_length}; shorten it or "
-                          "raise sequence_length")
+        raise RecordError(
+            f"{where}: the record takes {length} tokens (prompt {len(context)}, <sop>, target "
+            f"{len(target)}), more than the sequence length {sequence_length}; shorten it or "
+            "raise sequence_length"
+        )
     return blank_segment(np.asarray(context), mask_index, np.asarray(target), specials, counting=is_gmask)
 
 
@@ -84,8 +89,15 @@ class PackedDataset:
     sequences in a seeded order that is shuffled anew each epoch, a function of (seed, index) only,
     so a resumed run sees the same batches. Rows are padded to sequence_length."""
 
-    def __init__(self, packs: Sequence[Sample], micro_batch_size: int, sequence_length: int, pad_id: int,
-                 position_encoding: str = "1d", seed: int = 0):
+    def __init__(
+        self,
+        packs: Sequence[Sample],
+        micro_batch_size: int,
+        sequence_length: int,
+        pad_id: int,
+        position_encoding: str = "1d",
+        seed: int = 0,
+    ):
         check_positive_int("micro_batch_size", micro_batch_size)
         if not packs:
             raise RecordError("no sequences to train on: the data holds no records")
@@ -109,4 +121,4 @@ class PackedDataset:
     def batches(self) -> list[TrainingBatch]:
         """Every sequence once, in order (validation)."""
         m = self.micro_batch_size
-        return [self._collate(self.packs[i:i + m]) for i in range(0, len(self.packs), m)]
+        return [self._collate(self.packs[i : i + m]) for i in range(0, len(self.packs), m)]

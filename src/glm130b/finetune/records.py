@@ -16,8 +16,11 @@ from pathlib import Path
 
 from glm130b.core.errors import GLMError
 
-FORMATS = ("{'prompt', 'target'}", "{'inputs_pretokenized', 'targets_pretokenized'}",
-           "{'inputs_pretokenized', 'choices_pretokenized', 'label'}")
+FORMATS = (
+    "{'prompt', 'target'}",
+    "{'inputs_pretokenized', 'targets_pretokenized'}",
+    "{'inputs_pretokenized', 'choices_pretokenized', 'label'}",
+)
 
 
 class RecordError(GLMError):
@@ -34,8 +37,11 @@ class Record:
 def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
-        raise RecordError(f"fine-tuning data {path} does not exist" if not path.exists()
-                          else f"fine-tuning data {path} is a folder; give the .jsonl file inside it")
+        raise RecordError(
+            f"fine-tuning data {path} does not exist"
+            if not path.exists()
+            else f"fine-tuning data {path} is a folder; give the .jsonl file inside it"
+        )
     records = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -79,8 +85,9 @@ def _official_target(data: dict, where: str) -> str:
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
             raise RecordError(f"{where}: choices_pretokenized must be a non-empty list of strings")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-            raise RecordError(f"{where}: label must be the index of the right choice, 0..{len(choices) - 1}, "
-                              f"got {label!r}")
+            raise RecordError(
+                f"{where}: label must be the index of the right choice, 0..{len(choices) - 1}, got {label!r}"
+            )
         return choices[label]
     raise RecordError(f"{where}: inputs_pretokenized without targets_pretokenized or choices_pretokenized + label")
 

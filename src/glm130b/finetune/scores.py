@@ -23,7 +23,7 @@ def exact_match(model: torch.nn.Module, tokenizer, records: Sequence[Record]) ->
     model.eval()
     hits = 0
     for start in range(0, len(records), BATCH):
-        chunk = records[start:start + BATCH]
+        chunk = records[start : start + BATCH]
         longest = max(len(tokenizer.encode(r.target)) for r in chunk)
         results = generate(model, tokenizer, [r.prompt for r in chunk], Greedy(), max_new_tokens=longest + 1)
         hits += sum(res.blanks[0].strip() == r.target.strip() for res, r in zip(results, chunk))

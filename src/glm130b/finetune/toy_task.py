@@ -29,13 +29,28 @@ WORD_LENGTH = 4  # a fixed length: copying is one attention offset, which 2 laye
 SEQUENCE_LENGTH = 48  # a record is 5 prompt tokens + [gMASK] + <sop> + 4 + <eop>: 4 records a sequence
 TRAIN_WORDS, HELD_OUT_WORDS = 300, 100
 # Settings of every run on the task: small batches, one device, no TensorBoard, rare checkpoints.
-RUN: dict[str, Any] = dict(sequence_length=SEQUENCE_LENGTH, micro_batch_size=8, global_batch_size=8,
-                           log_every=1000, eval_every=1000, checkpoint_every=1000, tensorboard=False)
+RUN: dict[str, Any] = dict(
+    sequence_length=SEQUENCE_LENGTH,
+    micro_batch_size=8,
+    global_batch_size=8,
+    log_every=1000,
+    eval_every=1000,
+    checkpoint_every=1000,
+    tensorboard=False,
+)
 # The base: 400 steps of 16 sequences at 2e-3 learnt both skills to 100 % for every seed tried (0-4);
 # 8 sequences a step, or 300 steps, did not always.
-BASE_RUN: dict[str, Any] = {**RUN, "micro_batch_size": 16, "global_batch_size": 16, "train_samples": 400 * 16,
-                            "lr": 2e-3, "warmup_fraction": 0.05, "weight_decay": 0.0, "seed": 0,
-                            "precision": "fp32"}
+BASE_RUN: dict[str, Any] = {
+    **RUN,
+    "micro_batch_size": 16,
+    "global_batch_size": 16,
+    "train_samples": 400 * 16,
+    "lr": 2e-3,
+    "warmup_fraction": 0.05,
+    "weight_decay": 0.0,
+    "seed": 0,
+    "precision": "fp32",
+}
 
 
 def shift(word: str) -> str:
@@ -55,9 +70,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @dataclass
 class ToyTask:
     root: Path
-    base: Path        # the base model directory, its tokenizer folder inside
-    train: Path       # TRAIN_WORDS records of the task
-    held: Path        # HELD_OUT_WORDS other words
+    base: Path  # the base model directory, its tokenizer folder inside
+    train: Path  # TRAIN_WORDS records of the task
+    held: Path  # HELD_OUT_WORDS other words
     tokenizer: Tokenizer
 
     @classmethod
@@ -79,14 +94,28 @@ def build_toy_task(root: str | Path, device: str = "cpu") -> ToyTask:
     write_jsonl(root / "base.jsonl", base)
     write_jsonl(root / "train.jsonl", [{"prompt": w, "target": shift(w)} for w in task[:TRAIN_WORDS]])
     write_jsonl(root / "held.jsonl", [{"prompt": w, "target": shift(w)} for w in task[TRAIN_WORDS:]])
-    config = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=tokenizer.vocab_size,
-                       inner_hidden_size=128, max_sequence_length=SEQUENCE_LENGTH, hidden_dropout=0.0,
-                       attention_dropout=0.0)
+    config = GLMConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=tokenizer.vocab_size,
+        inner_hidden_size=128,
+        max_sequence_length=SEQUENCE_LENGTH,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     init = GLM(config)
     initialize_glm(init, seed=0)
     save_model(init, root / "init")
     tokenizer.save(root / "init" / TOKENIZER_DIR)
-    run_finetune(FinetuneConfig(model=str(root / "init"), data=str(root / "base.jsonl"), method="full",
-                                out_dir=str(root / "base_run"), train={**BASE_RUN, "device": device}),
-                 show_progress=False)
+    run_finetune(
+        FinetuneConfig(
+            model=str(root / "init"),
+            data=str(root / "base.jsonl"),
+            method="full",
+            out_dir=str(root / "base_run"),
+            train={**BASE_RUN, "device": device},
+        ),
+        show_progress=False,
+    )
     return ToyTask.load(root)

@@ -24,9 +24,9 @@ from glm130b.model.glm import GLM
 
 @dataclass
 class GenerationResult:
-    text: str                # the prompt with each marker replaced by its generated text
-    blanks: list[str]        # the generated text of each blank, in order
-    token_ids: list[int]     # the final sequence: context with every span in place
+    text: str  # the prompt with each marker replaced by its generated text
+    blanks: list[str]  # the generated text of each blank, in order
+    token_ids: list[int]  # the final sequence: context with every span in place
 
 
 def _two_d(model: GLM) -> bool:
@@ -37,16 +37,30 @@ def _as_strategy(strategy: Strategy | str) -> Strategy:
     return strategy_from_name(strategy) if isinstance(strategy, str) else strategy
 
 
-def generate(model: GLM, tokenizer, prompts: str | list[str], strategy: Strategy | str = DEFAULT_STRATEGY,
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, compile: bool = False) -> list[GenerationResult]:
+def generate(
+    model: GLM,
+    tokenizer,
+    prompts: str | list[str],
+    strategy: Strategy | str = DEFAULT_STRATEGY,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    *,
+    compile: bool = False,
+) -> list[GenerationResult]:
     """Generate for a batch of text prompts. Each prompt holds [MASK] blanks (filled left to right),
     [gMASK] (continue; appended when no marker is written) or [sMASK] (warned: never trained); with
     several kinds, the official rule fills one: [MASK] before [sMASK] before [gMASK]."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     parsed = [parse_prompt(p, tokenizer, _two_d(model)) for p in prompts]
     banned = banned_tokens(tokenizer.specials, model.config.vocab_size, tokenizer.vocab_size)
-    sequences, spans = fill_blanks(model, [p.context for p in parsed], tokenizer.specials, _as_strategy(strategy),
-                                   max_new_tokens, banned=banned, compile=compile)
+    sequences, spans = fill_blanks(
+        model,
+        [p.context for p in parsed],
+        tokenizer.specials,
+        _as_strategy(strategy),
+        max_new_tokens,
+        banned=banned,
+        compile=compile,
+    )
     results = []
     for prompt, sequence, item_spans in zip(parsed, sequences, spans):
         blanks = [tokenizer.decode(span) for span in item_spans]
@@ -54,14 +68,28 @@ def generate(model: GLM, tokenizer, prompts: str | list[str], strategy: Strategy
     return results
 
 
-def generate_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str = DEFAULT_STRATEGY,
-                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, compile: bool = False) -> str:
+def generate_text(
+    model: GLM,
+    tokenizer,
+    prompt: str,
+    strategy: Strategy | str = DEFAULT_STRATEGY,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    *,
+    compile: bool = False,
+) -> str:
     """The prompt with its blanks filled (or continued after [gMASK]): one string."""
     return generate(model, tokenizer, prompt, strategy, max_new_tokens, compile=compile)[0].text
 
 
-def stream_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str = DEFAULT_STRATEGY,
-                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, compile: bool = False) -> Iterator[str]:
+def stream_text(
+    model: GLM,
+    tokenizer,
+    prompt: str,
+    strategy: Strategy | str = DEFAULT_STRATEGY,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    *,
+    compile: bool = False,
+) -> Iterator[str]:
     """Yield the answer as it is produced: the prompt's text up to its first blank, the blank's
     text token by token, the text up to the next blank, and so on (a [gMASK] prompt: the prompt,
     then its continuation; markers of a kind not filled come back as written).
@@ -82,14 +110,14 @@ def stream_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str = D
         at = sequence.index(blank)
         context = sequence + [specials.sop]
         if isinstance(strategy, BeamSearch):
-            span = generate_ids(model, [context], specials, strategy, max_new_tokens, banned=banned,
-                                compile=compile)[0]
+            span = generate_ids(model, [context], specials, strategy, max_new_tokens, banned=banned, compile=compile)[0]
             yield tokenizer.decode(span)
         else:
             span, shown = [], ""
             limit = room_to_generate(model, [context], max_new_tokens)
-            for tokens, _ in iterate_tokens(model, [context], specials, strategy, limit, banned, compile,
-                                            check_every=1):
+            for tokens, _ in iterate_tokens(
+                model, [context], specials, strategy, limit, banned, compile, check_every=1
+            ):
                 token = int(tokens[0])  # one sync per token: the price of streaming
                 if token in ends:
                     break
@@ -97,12 +125,12 @@ def stream_text(model: GLM, tokenizer, prompt: str, strategy: Strategy | str = D
                 text = tokenizer.decode(span)
                 # Hold back text that may still change (an incomplete multi-byte character).
                 if text.startswith(shown) and not text.endswith("\ufffd"):
-                    yield text[len(shown):]
+                    yield text[len(shown) :]
                     shown = text
             text = tokenizer.decode(span)
             if text != shown:
                 if not text.startswith(shown):
                     raise GLMError("the tokenizer changed text it had already decoded; use generate_text")
-                yield text[len(shown):]
-        sequence = sequence[:at] + span + sequence[at + 1:]
+                yield text[len(shown) :]
+        sequence = sequence[:at] + span + sequence[at + 1 :]
         yield piece

@@ -27,7 +27,9 @@ def _load_for_cli(args: argparse.Namespace):
     if args.tp > 1:
         checkpoint = Path(args.checkpoint)
         tokenizer = load_tokenizer_for(checkpoint, args.tokenizer)
-        return _load_tensor_parallel(args, checkpoint, default_dtype(args.dtype, resolve_device(args.device))), tokenizer
+        return _load_tensor_parallel(
+            args, checkpoint, default_dtype(args.dtype, resolve_device(args.device))
+        ), tokenizer
     if args.adapter:  # without --quantized: quantized as the adapter was trained, if it was
         checkpoint = Path(args.checkpoint)
         tokenizer = load_tokenizer_for(checkpoint, args.tokenizer)
@@ -35,15 +37,18 @@ def _load_for_cli(args: argparse.Namespace):
         scheme = QuantScheme(args.bits, args.group_size) if args.quantized else None
         model = load_model_with_adapter(checkpoint, args.adapter, device, default_dtype(args.dtype, device), scheme)
         return model, tokenizer
-    return load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype,
-                              args.bits if args.quantized else None, args.group_size)
+    return load_for_inference(
+        args.checkpoint, args.tokenizer, args.device, args.dtype, args.bits if args.quantized else None, args.group_size
+    )
 
 
 def _load_tensor_parallel(args: argparse.Namespace, checkpoint: Path, dtype: torch.dtype) -> GLM:
     """This rank's slice of the model, under torchrun with --nproc_per_node equal to --tp."""
     if "RANK" not in os.environ:
-        raise InputError(f"--tp {args.tp} runs one process per slice: launch with "
-                         f"torchrun --nproc_per_node {args.tp} -m glm130b.cli generate ...")
+        raise InputError(
+            f"--tp {args.tp} runs one process per slice: launch with "
+            f"torchrun --nproc_per_node {args.tp} -m glm130b.cli generate ..."
+        )
     if args.quantized or not args.prompts:
         raise InputError("with --tp, give the prompts on the command line and leave out --quantized")
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
@@ -60,8 +65,12 @@ def _strategy_from_args(args: argparse.Namespace) -> Strategy:
     if args.strategy == "sample":
         return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.strategy == "beam":
-        return BeamSearch(num_beams=args.num_beams, length_penalty=args.length_penalty,
-                          no_repeat_ngram_size=args.no_repeat_ngram, min_length=args.min_length)
+        return BeamSearch(
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram,
+            min_length=args.min_length,
+        )
     return Greedy()
 
 
@@ -81,13 +90,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(args.prompts) > 1 or args.json:  # a batch: all prompts at once, printed in order
             results = generate(model, tokenizer, args.prompts, strategy, args.max_new_tokens, compile=args.compile)
             for prompt, result in zip(args.prompts, results, strict=True):
-                print(json.dumps({"prompt": prompt, "text": result.text, "blanks": result.blanks},
-                                 ensure_ascii=False) if args.json else result.text)
+                print(
+                    json.dumps({"prompt": prompt, "text": result.text, "blanks": result.blanks}, ensure_ascii=False)
+                    if args.json
+                    else result.text
+                )
         else:
             _answer(model, tokenizer, args.prompts[0], args, strategy, sys.stdout)
         return 0
-    print("glm130b generate: type a prompt ([MASK] blanks, [gMASK] to continue); an empty line or Ctrl-D ends.",
-          file=sys.stderr)
+    print(
+        "glm130b generate: type a prompt ([MASK] blanks, [gMASK] to continue); an empty line or Ctrl-D ends.",
+        file=sys.stderr,
+    )
     while True:
         try:
             prompt = input("> ")
@@ -102,18 +116,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompts", nargs="*", help='text with [MASK] or [gMASK] (none: [gMASK] appended); '
-                                              'several prompts run as one batch; none starts an interactive session')
-    p.add_argument("--checkpoint", required=True, help="model directory (config.json + model.safetensors); with "
-                                                        "--tp also official shards or a Hugging Face folder")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: one process per slice of the model, "
-                                                     "under torchrun --nproc_per_node TP (default: %(default)s)")
+    p.add_argument(
+        "prompts",
+        nargs="*",
+        help="text with [MASK] or [gMASK] (none: [gMASK] appended); "
+        "several prompts run as one batch; none starts an interactive session",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model directory (config.json + model.safetensors); with "
+        "--tp also official shards or a Hugging Face folder",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel degree: one process per slice of the model, "
+        "under torchrun --nproc_per_node TP (default: %(default)s)",
+    )
     p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
     p.add_argument("--adapter", help="a LoRA or P-tuning v2 adapter folder (glm130b finetune) to load onto the model")
     p.add_argument("--quantized", action="store_true", help="quantize the linear weights on load (weight-only)")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits for --quantized")
-    p.add_argument("--group-size", type=int, help="scales per group of input columns for --quantized "
-                                                  "(default: one per output row, GLM-130B's scheme)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help="scales per group of input columns for --quantized (default: one per output row, GLM-130B's scheme)",
+    )
     p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="new tokens per blank")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -125,10 +155,15 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-repeat-ngram", type=int, default=3)
     p.add_argument("--min-length", type=int, default=0)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
-                   help="default: the checkpoint's on cuda (fp16 for the GLM-130B release), fp32 on cpu")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        help="default: the checkpoint's on cuda (fp16 for the GLM-130B release), fp32 on cpu",
+    )
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on the GPU)")
     p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of as it arrives")
-    p.add_argument("--json", action="store_true", help="one JSON line per prompt: prompt, text and its blanks "
-                                                       "(answers that hold newlines stay separable)")
-
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON line per prompt: prompt, text and its blanks (answers that hold newlines stay separable)",
+    )

@@ -39,32 +39,33 @@ class DecodeState:
     """Per-batch tensors the decode step reads (fixed for the whole generation)."""
 
     prompt_visible: torch.Tensor  # [B, T] bool: cache slots of each row's own prompt (pads False)
-    gen_start: torch.Tensor       # [] long: slot of generated token 0 (the padded prompt length L)
-    position_base: torch.Tensor   # [B] or [B, 2]: position of generated token 0
-    position_step: torch.Tensor   # like position_base: added per generated token (1 or 0 per row)
+    gen_start: torch.Tensor  # [] long: slot of generated token 0 (the padded prompt length L)
+    position_base: torch.Tensor  # [B] or [B, 2]: position of generated token 0
+    position_step: torch.Tensor  # like position_base: added per generated token (1 or 0 per row)
 
 
-def decode_state(contexts: list[list[int]], specials: SpecialTokens, cache_length: int,
-                 two_d: bool, device: torch.device) -> DecodeState:
+def decode_state(
+    contexts: list[list[int]], specials: SpecialTokens, cache_length: int, two_d: bool, device: torch.device
+) -> DecodeState:
     """Positions come from glm130b.generate.inputs.sequence_positions, so they follow the same rule
     as a full forward: token 0 and 1 of a span give the base and the step."""
     L = max(len(c) for c in contexts)
     visible = torch.zeros(len(contexts), cache_length, dtype=torch.bool)
     base, step = [], []
     for b, context in enumerate(contexts):
-        visible[b, :len(context)] = True
+        visible[b, : len(context)] = True
         pos = sequence_positions(context + [specials.pad, specials.pad], specials, two_d)  # [n + 2] or [2, n + 2]
         base.append(pos[..., -2])
         step.append(pos[..., -1] - pos[..., -2])
-    return DecodeState(visible.to(device), torch.tensor(L, device=device),
-                       torch.stack(base).to(device), torch.stack(step).to(device))
+    return DecodeState(
+        visible.to(device), torch.tensor(L, device=device), torch.stack(base).to(device), torch.stack(step).to(device)
+    )
 
 
 def new_cache(model: GLM, batch: int, length: int) -> KVCache:
     weight = model.transformer.word_embeddings.weight
     heads = model.config.num_attention_heads // model.tensor_parallel_degree  # this rank's share
-    return _mark_static(KVCache(model.config, batch, length, dtype=weight.dtype, device=weight.device,
-                                num_heads=heads))
+    return _mark_static(KVCache(model.config, batch, length, dtype=weight.dtype, device=weight.device, num_heads=heads))
 
 
 def _mark_static(cache: KVCache) -> KVCache:
@@ -80,20 +81,26 @@ def prefill(model: GLM, cache: KVCache, contexts: list[list[int]], specials: Spe
     """Run the prompts (right-padded to L) into cache slots 0..L-1; logits at each row's last
     prompt token (its <sop>) [B, V] in fp32. Inputs are validated here, once."""
     cfg = model.config
-    inputs = build_generation_batch(contexts, specials, cfg.position_encoding, cfg.max_sequence_length,
-                                    cfg.vocab_size)
+    inputs = build_generation_batch(contexts, specials, cfg.position_encoding, cfg.max_sequence_length, cfg.vocab_size)
     device = cache.keys[0].device
     B, L = inputs.input_ids.shape
     mask = F.pad(inputs.attention_mask, (0, cache.max_length - L), value=True)  # [B, 1, L, T]
     slots = torch.arange(L, device=device)
     last = (inputs.lengths - 1).to(device)
-    logits = model(inputs.input_ids.to(device), inputs.position_ids.to(device), mask.to(device),
-                   kv_cache=cache, cache_slots=slots, logits_at=last)  # [B, 1, V]
+    logits = model(
+        inputs.input_ids.to(device),
+        inputs.position_ids.to(device),
+        mask.to(device),
+        kv_cache=cache,
+        cache_slots=slots,
+        logits_at=last,
+    )  # [B, 1, V]
     return logits[:, 0].float()
 
 
-def decode_one_token(model: GLM, cache: KVCache, tokens: torch.Tensor, step: torch.Tensor,
-                     state: DecodeState) -> torch.Tensor:
+def decode_one_token(
+    model: GLM, cache: KVCache, tokens: torch.Tensor, step: torch.Tensor, state: DecodeState
+) -> torch.Tensor:
     """Feed generated token `step` of every row (tokens [B, 1]); logits for the next one [B, V] fp32.
 
     Static shapes throughout: the new keys go to slot L + step, the mask spans all T cache slots
@@ -121,8 +128,11 @@ def compiled_decode_one_token(*args) -> torch.Tensor:
     try:
         return _COMPILED_DECODE(*args)
     except torch._dynamo.exc.Unsupported as err:  # raised while tracing, before the cache is touched
-        warnings.warn(f"the decode step does not compile as one graph ({str(err).splitlines()[0]}); "
-                      "compiling it with graph breaks", stacklevel=2)
+        warnings.warn(
+            f"the decode step does not compile as one graph ({str(err).splitlines()[0]}); "
+            "compiling it with graph breaks",
+            stacklevel=2,
+        )
         _COMPILED_DECODE = torch.compile(decode_one_token, mode="reduce-overhead", dynamic=False)
         return _COMPILED_DECODE(*args)
 
@@ -147,16 +157,22 @@ def room_to_generate(model: GLM, contexts: list[list[int]], max_new_tokens: int)
     limit = model.config.max_sequence_length
     longest = max(len(c) for c in contexts)
     if longest > limit:
-        raise InputError(f"the prompt has {longest} tokens (with its mask, eos and <sop>), more than the "
-                         f"model's context of {limit}; shorten it or cut the context on the left")
+        raise InputError(
+            f"the prompt has {longest} tokens (with its mask, eos and <sop>), more than the "
+            f"model's context of {limit}; shorten it or cut the context on the left"
+        )
     room = limit - longest
     if room < 1:
-        raise InputError(f"the prompt fills the model's whole context ({limit} tokens): no room is left to "
-                         "generate; shorten it")
+        raise InputError(
+            f"the prompt fills the model's whole context ({limit} tokens): no room is left to generate; shorten it"
+        )
     check_positive_int("max_new_tokens", max_new_tokens)
     if max_new_tokens > room:
-        warnings.warn(f"only {room} of the {max_new_tokens} new tokens asked for fit after a {longest}-token "
-                      f"prompt in the {limit}-token context; generating at most {room}", stacklevel=3)
+        warnings.warn(
+            f"only {room} of the {max_new_tokens} new tokens asked for fit after a {longest}-token "
+            f"prompt in the {limit}-token context; generating at most {room}",
+            stacklevel=3,
+        )
     return min(max_new_tokens, room)
 
 
@@ -172,10 +188,16 @@ def _ban_mask(banned: Sequence[int], vocab: int, device) -> torch.Tensor:
     return mask
 
 
-def iterate_tokens(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
-                   strategy: Greedy | Sampling, max_new_tokens: int, banned: Sequence[int],
-                   compile: bool = False, check_every: int = DONE_CHECK_EVERY
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_tokens(
+    model: GLM,
+    contexts: list[list[int]],
+    specials: SpecialTokens,
+    strategy: Greedy | Sampling,
+    max_new_tokens: int,
+    banned: Sequence[int],
+    compile: bool = False,
+    check_every: int = DONE_CHECK_EVERY,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Decoding of a batch under Greedy or Sampling; yields (tokens [B], ended_before [B]) on the device
     each step. A row that ended keeps yielding its end token; the loop stops after max_new_tokens
     or once every row has ended (read from the device every `check_every` steps)."""
@@ -209,8 +231,15 @@ def iterate_tokens(model: GLM, contexts: list[list[int]], specials: SpecialToken
             logits = step_fn(model, cache, tokens.view(B, 1), steps[j], state)
 
 
-def _beam_search_one(model: GLM, context: list[int], specials: SpecialTokens, strategy: BeamSearch,
-                     max_new_tokens: int, banned: Sequence[int], compile: bool = False) -> list[list[int]]:
+def _beam_search_one(
+    model: GLM,
+    context: list[int],
+    specials: SpecialTokens,
+    strategy: BeamSearch,
+    max_new_tokens: int,
+    banned: Sequence[int],
+    compile: bool = False,
+) -> list[list[int]]:
     """Beam search for one context: its num_beams beams are the rows of one batch (KV cache rows,
     reordered in place by parent beam each step). Returns the hypotheses' tokens, best first."""
     device = model.transformer.word_embeddings.weight.device
@@ -244,10 +273,17 @@ def _strip_end(tokens: list[int], ends: Sequence[int]) -> list[int]:
     return tokens
 
 
-def generate_ids(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
-                 strategy: Strategy = DEFAULT_STRATEGY, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
-                 banned: Sequence[int] | None = None, compile: bool = False, all_hypotheses: bool = False
-                 ) -> list[list[int]] | list[list[list[int]]]:
+def generate_ids(
+    model: GLM,
+    contexts: list[list[int]],
+    specials: SpecialTokens,
+    strategy: Strategy = DEFAULT_STRATEGY,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    *,
+    banned: Sequence[int] | None = None,
+    compile: bool = False,
+    all_hypotheses: bool = False,
+) -> list[list[int]] | list[list[list[int]]]:
     """The tokens of the first blank of each context (each a list of ids ending with <sop>, as
     glm130b.generate.inputs.generation_context builds it), without the end token. Tokens after
     <sop> are read as already generated (a causal prompt: `[gMASK, sop] + text`). With
@@ -256,18 +292,26 @@ def generate_ids(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
         raise InputError("no prompts given")
     for c in contexts:
         if specials.sop not in c:
-            raise InputError("a context must end with <sop> (or hold it before tokens read as generated): build it "
-                             "with glm130b.generate.inputs.generation_context")
+            raise InputError(
+                "a context must end with <sop> (or hold it before tokens read as generated): build it "
+                "with glm130b.generate.inputs.generation_context"
+            )
     max_new_tokens = room_to_generate(model, contexts, max_new_tokens)
     if banned is None:
         banned = banned_tokens(specials, model.config.vocab_size)
     ends = end_tokens(specials)
     if isinstance(strategy, BeamSearch):
-        found = [[_strip_end(h, ends) for h in _beam_search_one(model, c, specials, strategy, max_new_tokens,
-                                                                banned, compile)] for c in contexts]
+        found = [
+            [
+                _strip_end(h, ends)
+                for h in _beam_search_one(model, c, specials, strategy, max_new_tokens, banned, compile)
+            ]
+            for c in contexts
+        ]
         return found if all_hypotheses else [h[0] for h in found]
-    columns = [tokens for tokens, _ in iterate_tokens(model, contexts, specials, strategy, max_new_tokens,
-                                                      banned, compile)]
+    columns = [
+        tokens for tokens, _ in iterate_tokens(model, contexts, specials, strategy, max_new_tokens, banned, compile)
+    ]
     generated = torch.stack(columns, dim=1).tolist()  # [B, steps]: the one sync at the end
     return [[_strip_end(row, ends)] if all_hypotheses else _strip_end(row, ends) for row in generated]
 
@@ -289,16 +333,23 @@ def _rows_of(strategy: Strategy, rows: list[int], total: int) -> Strategy:
         values = getattr(strategy, name)
         if isinstance(values, (list, tuple)):
             if len(values) != total:
-                raise InputError(f"{name} has {len(values)} values for {total} prompts; give one value, "
-                                 "or one per prompt")
+                raise InputError(
+                    f"{name} has {len(values)} values for {total} prompts; give one value, or one per prompt"
+                )
             pick[name] = [values[r] for r in rows]
     return replace(strategy, **pick) if pick else strategy
 
 
-def fill_blanks(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
-                strategy: Strategy = DEFAULT_STRATEGY, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
-                banned: Sequence[int] | None = None, compile: bool = False
-                ) -> tuple[list[list[int]], list[list[list[int]]]]:
+def fill_blanks(
+    model: GLM,
+    contexts: list[list[int]],
+    specials: SpecialTokens,
+    strategy: Strategy = DEFAULT_STRATEGY,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    *,
+    banned: Sequence[int] | None = None,
+    compile: bool = False,
+) -> tuple[list[list[int]], list[list[list[int]]]]:
     """Fill every blank of every context (ids without <sop>), left to right: the blanks are the masks
     of the kind `blank_kinds` picks; one generation pass per blank, the sequence rebuilt with the
     span in place of its mask before the next pass (the official rule). Contexts still holding a
@@ -314,10 +365,17 @@ def fill_blanks(model: GLM, contexts: list[list[int]], specials: SpecialTokens,
         if not rows:
             break
         pending = [sequences[i] + [specials.sop] for i in rows]
-        outputs = generate_ids(model, pending, specials, _rows_of(strategy, rows, len(contexts)), max_new_tokens,
-                               banned=banned, compile=compile)
+        outputs = generate_ids(
+            model,
+            pending,
+            specials,
+            _rows_of(strategy, rows, len(contexts)),
+            max_new_tokens,
+            banned=banned,
+            compile=compile,
+        )
         for i, span in zip(rows, outputs):
             at = sequences[i].index(kinds[i])
-            sequences[i] = sequences[i][:at] + span + sequences[i][at + 1:]
+            sequences[i] = sequences[i][:at] + span + sequences[i][at + 1 :]
             spans[i].append(span)
     return sequences, spans

@@ -19,15 +19,19 @@ from glm130b.tokenizer.specials import GLM130B_TOKENS, SpecialTokens
 
 @dataclass
 class ModelInputs:
-    input_ids: torch.Tensor       # [B, L] long, right-padded with pad
-    position_ids: torch.Tensor    # [B, L] or [B, 2, L]
+    input_ids: torch.Tensor  # [B, L] long, right-padded with pad
+    position_ids: torch.Tensor  # [B, L] or [B, 2, L]
     attention_mask: torch.Tensor  # [B, 1, L, L] bool, True = blocked
-    lengths: torch.Tensor         # [B] real length of each row
+    lengths: torch.Tensor  # [B] real length of each row
 
     def step(self, start: int, end: int) -> ModelInputs:
         """Inputs for tokens start..end-1 on top of a KV cache holding tokens 0..start-1."""
-        return ModelInputs(self.input_ids[:, start:end], self.position_ids[..., start:end],
-                           self.attention_mask[:, :, start:end, :end], self.lengths)
+        return ModelInputs(
+            self.input_ids[:, start:end],
+            self.position_ids[..., start:end],
+            self.attention_mask[:, :, start:end, :end],
+            self.lengths,
+        )
 
 
 def mask_priority(tokens: SpecialTokens, two_d: bool = False) -> tuple[int, int, int]:
@@ -46,13 +50,16 @@ def mask_position(context: list[int], tokens: SpecialTokens, two_d: bool = False
     """Index of the first mask of the kind being filled, and whether that kind is [gMASK]."""
     kind = generation_mask(context, tokens, two_d)
     if kind is None:
-        raise InputError("context has no [MASK], [sMASK] or [gMASK] token: add [MASK] where a blank is "
-                         "to be filled, or end the text with [gMASK] to continue it")
+        raise InputError(
+            "context has no [MASK], [sMASK] or [gMASK] token: add [MASK] where a blank is "
+            "to be filled, or end the text with [gMASK] to continue it"
+        )
     return context.index(kind), kind == tokens.gmask
 
 
-def generation_context(context: list[int], tokens: SpecialTokens = GLM130B_TOKENS,
-                       default_mask: int | None = None) -> list[int]:
+def generation_context(
+    context: list[int], tokens: SpecialTokens = GLM130B_TOKENS, default_mask: int | None = None
+) -> list[int]:
     """The official prompt rule on ids: with no mask token, append `default_mask` (or refuse when
     None); a context that does not end with a mask token gets eos; then <sop>. (On text the official
     rule decides eos by the text itself: glm130b.generate.prompts.parse_prompt.)"""
@@ -69,8 +76,9 @@ def generation_context(context: list[int], tokens: SpecialTokens = GLM130B_TOKEN
 def sequence_positions(sequence: list[int], tokens: SpecialTokens, two_d: bool) -> torch.Tensor:
     """Position ids of one `context + <sop> + generated` sequence: [n] (1-D) or [2, n] (2-D)."""
     if tokens.sop not in sequence:
-        raise InputError("sequence has no <sop>: build it as context + [<sop>] + generated tokens "
-                         "(generation_context appends <sop>)")
+        raise InputError(
+            "sequence has no <sop>: build it as context + [<sop>] + generated tokens (generation_context appends <sop>)"
+        )
     sop = sequence.index(tokens.sop)
     mpos, is_gmask = mask_position(sequence[:sop], tokens, two_d)
     n = len(sequence)
@@ -93,9 +101,13 @@ def prefix_lm_mask(prefix_lengths: torch.Tensor, lengths: torch.Tensor, total: i
     return dense_attention_mask(segment_ids, idx < prefix_lengths.unsqueeze(1))
 
 
-def build_generation_batch(sequences: list[list[int]], tokens: SpecialTokens = GLM130B_TOKENS,
-                           position_encoding: str = "1d", max_sequence_length: int | None = None,
-                           vocab_size: int | None = None) -> ModelInputs:
+def build_generation_batch(
+    sequences: list[list[int]],
+    tokens: SpecialTokens = GLM130B_TOKENS,
+    position_encoding: str = "1d",
+    max_sequence_length: int | None = None,
+    vocab_size: int | None = None,
+) -> ModelInputs:
     """Right-padded ids, positions and masks for sequences `context + <sop> + generated`."""
     if not sequences:
         raise InputError("no sequences given")
@@ -104,8 +116,10 @@ def build_generation_batch(sequences: list[list[int]], tokens: SpecialTokens = G
     # Positions never exceed the length - 1, so checking the length bounds them too.
     if max_sequence_length is not None and total > max_sequence_length:
         longest = max(range(len(sequences)), key=lambda b: len(sequences[b]))
-        raise InputError(f"sequence {longest} has {total} tokens, more than max_sequence_length "
-                         f"{max_sequence_length}; shorten the context or generate fewer tokens")
+        raise InputError(
+            f"sequence {longest} has {total} tokens, more than max_sequence_length "
+            f"{max_sequence_length}; shorten the context or generate fewer tokens"
+        )
     ids = torch.full((len(sequences), total), tokens.pad, dtype=torch.long)
     pos = torch.zeros((len(sequences), 2, total) if two_d else (len(sequences), total), dtype=torch.long)
     prefix = torch.empty(len(sequences), dtype=torch.long)
@@ -113,8 +127,8 @@ def build_generation_batch(sequences: list[list[int]], tokens: SpecialTokens = G
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in seq):
             bad = next(t for t in seq if not 0 <= t < vocab_size)
             raise InputError(f"sequence {b}: token id {bad} is outside the vocabulary [0, {vocab_size})")
-        ids[b, :len(seq)] = torch.tensor(seq)
-        pos[b, ..., :len(seq)] = sequence_positions(seq, tokens, two_d)
+        ids[b, : len(seq)] = torch.tensor(seq)
+        pos[b, ..., : len(seq)] = sequence_positions(seq, tokens, two_d)
         prefix[b] = seq.index(tokens.sop)
     lengths = torch.tensor([len(s) for s in sequences])
     return ModelInputs(ids, pos, prefix_lm_mask(prefix, lengths, total), lengths)

@@ -34,31 +34,44 @@ def load_tokenizer_for(model_dir: Path, tokenizer_dir: str | Path | None) -> Tok
     the weights record a different tokenizer or it has more ids than the model has rows."""
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else model_dir / "tokenizer"
     if not tokenizer_dir.exists():
-        raise InputError(f"no tokenizer at {tokenizer_dir}: pass --tokenizer DIR (a folder written by "
-                         "glm130b's tokenizer, or one holding ice_text.model)")
+        raise InputError(
+            f"no tokenizer at {tokenizer_dir}: pass --tokenizer DIR (a folder written by "
+            "glm130b's tokenizer, or one holding ice_text.model)"
+        )
     tokenizer = load_tokenizer(tokenizer_dir)
     trained_with = weights_metadata(model_dir).get("tokenizer_fingerprint")
     if trained_with is not None and trained_with != tokenizer.fingerprint():
-        raise InputError(f"{tokenizer_dir} is not the tokenizer {model_dir} was trained with (its fingerprint "
-                         f"differs); pass the model's own tokenizer folder with --tokenizer")
+        raise InputError(
+            f"{tokenizer_dir} is not the tokenizer {model_dir} was trained with (its fingerprint "
+            f"differs); pass the model's own tokenizer folder with --tokenizer"
+        )
     return tokenizer
 
 
-def load_for_inference(model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | None = None,
-                       dtype: str | None = None, bits: int | None = None,
-                       group_size: int | None = None) -> tuple[GLM, Tokenizer]:
+def load_for_inference(
+    model_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    bits: int | None = None,
+    group_size: int | None = None,
+) -> tuple[GLM, Tokenizer]:
     """(model in eval mode, tokenizer) of a model directory; `bits` quantizes a floating-point model
     on load (a directory written by `glm130b quantize` is quantized already)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise InputError(f"{model_dir} is not a directory: give a model directory "
-                         "(config.json + model.safetensors, as written by glm130b)")
+        raise InputError(
+            f"{model_dir} is not a directory: give a model directory "
+            "(config.json + model.safetensors, as written by glm130b)"
+        )
     tokenizer = load_tokenizer_for(model_dir, tokenizer_dir)
     torch_device = resolve_device(device)
     model = load_model(model_dir, device=torch_device, dtype=default_dtype(dtype, torch_device))
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise InputError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} "
-                         "rows: they do not belong together; pass the model's own --tokenizer")
+        raise InputError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} "
+            "rows: they do not belong together; pass the model's own --tokenizer"
+        )
     if bits is not None and not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         model = quantize_model(model, QuantScheme(bits, group_size))
     return model.eval(), tokenizer

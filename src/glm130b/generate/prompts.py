@@ -28,10 +28,10 @@ def marker_ids(specials: SpecialTokens) -> dict[str, int]:
 @dataclass
 class Prompt:
     text: str
-    pieces: list[str]        # the text between markers
-    markers: list[str]       # every marker written in it ([gMASK] added when there was none)
-    blank: str               # the kind of marker filled: the others stay as written
-    context: list[int]       # ids: mask tokens in place, eos unless the text ends with "MASK]"; no <sop>
+    pieces: list[str]  # the text between markers
+    markers: list[str]  # every marker written in it ([gMASK] added when there was none)
+    blank: str  # the kind of marker filled: the others stay as written
+    context: list[int]  # ids: mask tokens in place, eos unless the text ends with "MASK]"; no <sop>
 
     def filled(self, blanks: list[str]) -> str:
         """The prompt's text with each marker of the filled kind replaced by its blank's text, in
@@ -60,14 +60,22 @@ def check_markers(text: str) -> None:
         # The official rule appends [gMASK] only when the text lacks "MASK]": here it would
         # append nothing, find no mask token and generate nothing.
         what = f"unknown mask marker {', '.join(unknown)}" if unknown else f"'{MASK_SUFFIX}'"
-        raise InputError(f"the prompt holds {what} but no [MASK], [sMASK] or [gMASK]: the official rule would "
-                         "then generate nothing; write [MASK] for a blank to fill, [gMASK] to continue the text")
+        raise InputError(
+            f"the prompt holds {what} but no [MASK], [sMASK] or [gMASK]: the official rule would "
+            "then generate nothing; write [MASK] for a blank to fill, [gMASK] to continue the text"
+        )
     if unknown:
-        warnings.warn(f"{', '.join(unknown)} is not a mask marker and is kept as plain text (as the official "
-                      "code does); mask markers are [MASK], [sMASK] and [gMASK]", stacklevel=4)
+        warnings.warn(
+            f"{', '.join(unknown)} is not a mask marker and is kept as plain text (as the official "
+            "code does); mask markers are [MASK], [sMASK] and [gMASK]",
+            stacklevel=4,
+        )
     if "[sMASK]" in known:
-        warnings.warn("[sMASK] was never trained in GLM-130B (SPEC.md section 2); expect poor spans. "
-                      "Use [MASK] for short blanks or [gMASK] for long generation", stacklevel=4)
+        warnings.warn(
+            "[sMASK] was never trained in GLM-130B (SPEC.md section 2); expect poor spans. "
+            "Use [MASK] for short blanks or [gMASK] for long generation",
+            stacklevel=4,
+        )
 
 
 def parse_prompt(text: str, tokenizer, two_d: bool = False) -> Prompt:

@@ -40,11 +40,13 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        for name, kind, ok, expected in (("temperature", float, lambda v: v >= 0, "a number >= 0"),
-                                         ("top_k", int, lambda v: v >= 0, "an integer >= 0"),
-                                         ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]")):
+        for name, kind, ok, expected in (
+            ("temperature", float, lambda v: v >= 0, "a number >= 0"),
+            ("top_k", int, lambda v: v >= 0, "an integer >= 0"),
+            ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ):
             values = getattr(self, name)
-            for value in (values if isinstance(values, (list, tuple)) else [values]):
+            for value in values if isinstance(values, (list, tuple)) else [values]:
                 check_field(name, value, kind, ok, expected)
 
 
@@ -99,8 +101,9 @@ def per_row(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
     """One option value per row [B], from a scalar or a sequence of batch values."""
     if isinstance(value, (list, tuple)):
         if len(value) != batch:
-            raise InputError(f"a per-prompt option has {len(value)} values for {batch} prompts; give one "
-                             "value, or one per prompt")
+            raise InputError(
+                f"a per-prompt option has {len(value)} values for {batch} prompts; give one value, or one per prompt"
+            )
         return torch.tensor(value, dtype=dtype, device=device)
     return torch.full((batch,), value, dtype=dtype, device=device)
 
@@ -173,16 +176,15 @@ def repeated_ngram_bans(generated: list[int], n: int) -> list[int]:
         return []
     if n == 1:
         return sorted(set(generated))
-    prefix = tuple(generated[len(generated) - n + 1:])
-    return [generated[i + n - 1] for i in range(len(generated) - n + 1)
-            if tuple(generated[i:i + n - 1]) == prefix]
+    prefix = tuple(generated[len(generated) - n + 1 :])
+    return [generated[i + n - 1] for i in range(len(generated) - n + 1) if tuple(generated[i : i + n - 1]) == prefix]
 
 
 @dataclass
 class Hypothesis:
-    score: float          # length-normalised cumulative log-prob
-    tokens: list[int]     # generated tokens, the end token included when it ended on one
-    log_prob: float       # cumulative log-prob
+    score: float  # length-normalised cumulative log-prob
+    tokens: list[int]  # generated tokens, the end token included when it ended on one
+    log_prob: float  # cumulative log-prob
 
 
 class BeamState:
@@ -195,8 +197,14 @@ class BeamState:
     continue, the next non-ending candidate ends the scan (as the reference does).
     """
 
-    def __init__(self, strategy: BeamSearch, prompt_length: int, max_new_tokens: int,
-                 end_tokens: Sequence[int], device: torch.device):
+    def __init__(
+        self,
+        strategy: BeamSearch,
+        prompt_length: int,
+        max_new_tokens: int,
+        end_tokens: Sequence[int],
+        device: torch.device,
+    ):
         self.s = strategy
         self.k = strategy.num_beams
         multiple = strategy.prompt_length_multiple
@@ -256,7 +264,7 @@ class BeamState:
             else:  # as the reference: K beams continue, so the next other candidate ends the scan
                 break  # and end candidates ranked below it are not kept
         self.finished.sort(key=lambda h: h.score, reverse=True)
-        del self.finished[self.k:]
+        del self.finished[self.k :]
         if not parents_out:
             return self._finish()
         while len(parents_out) < self.k:  # fewer live candidates than beams: fill with dead rows
@@ -293,7 +301,7 @@ class BeamState:
                 if score > NEG_INF:
                     self.finished.append(Hypothesis(self._score(score, len(beam)), beam, score))
         self.finished.sort(key=lambda h: h.score, reverse=True)
-        del self.finished[self.k:]
+        del self.finished[self.k :]
         return None
 
     def best(self) -> list[int]:
@@ -304,5 +312,16 @@ class BeamState:
         return [h.tokens for h in self.finished] if self.finished else [self.beams[0]]
 
 
-__all__ = ["Greedy", "Sampling", "BeamSearch", "Strategy", "strategy_from_name", "filter_logits",
-           "draw_no_sync", "TokenChooser", "BeamState", "length_normalized", "repeated_ngram_bans"]
+__all__ = [
+    "Greedy",
+    "Sampling",
+    "BeamSearch",
+    "Strategy",
+    "strategy_from_name",
+    "filter_logits",
+    "draw_no_sync",
+    "TokenChooser",
+    "BeamState",
+    "length_normalized",
+    "repeated_ngram_bans",
+]

@@ -54,21 +54,27 @@ def _plain_tensors(source: TensorSource, dtype: torch.dtype | None) -> Iterator[
         yield spec.name, _cast(spec.name, read_tensor(source, spec.name), dtype)
 
 
-def _plain_blocks(source: TensorSource, dtype: torch.dtype | None
-                  ) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
+def _plain_blocks(source: TensorSource, dtype: torch.dtype | None) -> Iterator[tuple[str, Iterator[torch.Tensor]]]:
     """Each tensor as cast row blocks (what the safetensors writer streams)."""
     for spec in source.specs():
         yield spec.name, (_cast(spec.name, block, dtype) for block in source.row_blocks(spec.name))
 
 
-def _output(source: TensorSource, dtype: torch.dtype | None, scheme: QuantScheme | None, whole: bool
-            ) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor | Iterator[torch.Tensor]]]]:
+def _output(
+    source: TensorSource, dtype: torch.dtype | None, scheme: QuantScheme | None, whole: bool
+) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor | Iterator[torch.Tensor]]]]:
     specs = source.specs()
     if scheme is not None:
         cast = [TensorSpec(s.name, dtype if dtype and s.dtype.is_floating_point else s.dtype, s.shape) for s in specs]
         return quantized_specs(cast, scheme), quantized_tensors(source, scheme, dtype)
-    cast = [TensorSpec(s.name, dtype if dtype and s.dtype.is_floating_point and not s.name.endswith(SCALE_SUFFIX)
-                       else s.dtype, s.shape) for s in specs]
+    cast = [
+        TensorSpec(
+            s.name,
+            dtype if dtype and s.dtype.is_floating_point and not s.name.endswith(SCALE_SUFFIX) else s.dtype,
+            s.shape,
+        )
+        for s in specs
+    ]
     return cast, _plain_tensors(source, dtype) if whole else _plain_blocks(source, dtype)
 
 
@@ -96,9 +102,18 @@ def prepare_destination(destination: Path, overwrite: bool) -> Path:
     return staging
 
 
-def convert(src: str | Path, dst: str | Path, to: str = "dir", tp: int = 1, dtype: torch.dtype | None = None,
-            scheme: QuantScheme | None = None, preset: str | None = None,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, progress: bool = True) -> Path:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str = "dir",
+    tp: int = 1,
+    dtype: torch.dtype | None = None,
+    scheme: QuantScheme | None = None,
+    preset: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Write the checkpoint at `src` to `dst` in format `to`; returns `dst`. Host memory: about one
     output tensor (plus page cache of the memory-mapped input)."""
     if to not in TARGETS:
@@ -111,29 +126,47 @@ def convert(src: str | Path, dst: str | Path, to: str = "dir", tp: int = 1, dtyp
     source = open_source(src, preset)
     check_against_config(source, src)
     if to == "official" and source.config.layernorm_order != "deepnorm":
-        raise CheckpointError(f"{src} has layernorm_order {source.config.layernorm_order!r}; the official format "
-                              "holds DeepNorm models only: convert it to a model directory or a Hugging Face folder")
+        raise CheckpointError(
+            f"{src} has layernorm_order {source.config.layernorm_order!r}; the official format "
+            "holds DeepNorm models only: convert it to a model directory or a Hugging Face folder"
+        )
     if scheme is not None:
         check_quantizable(source, scheme)
     if to != "dir" and (scheme is not None or quantization_of(source) is not None):
-        raise CheckpointError(f"--to {to} holds floating-point weights (the official runtime and transformers "
-                              "quantize after loading); convert to a model directory to quantize")
+        raise CheckpointError(
+            f"--to {to} holds floating-point weights (the official runtime and transformers "
+            "quantize after loading); convert to a model directory to quantize"
+        )
     staging = prepare_destination(dst, overwrite)
     try:
         specs, tensors = _output(source, dtype, scheme, whole=to == "official")
         tensors = tqdm(tensors, total=len(specs), desc=f"convert to {to}", unit="tensor", disable=not progress)
         metadata = {k: v for k, v in source.metadata.items() if k in ("tokenizer_fingerprint", "step")}
-        metadata = {"format": "glm130b", **metadata, **(scheme.to_metadata() if scheme else {}),
-                    **(quantization_of(source).to_metadata() if quantization_of(source) else {})}
+        metadata = {
+            "format": "glm130b",
+            **metadata,
+            **(scheme.to_metadata() if scheme else {}),
+            **(quantization_of(source).to_metadata() if quantization_of(source) else {}),
+        }
         plain = [(s.name, s.dtype, s.shape) for s in specs]
         if to == "official":
             write_official(source, staging, tp, tensors, source.metadata.get("iteration", DEFAULT_ITERATION))
         elif to == "hf":
-            write_sharded(staging, [(KEY_PREFIX + n, d, s) for n, d, s in plain],
-                          ((KEY_PREFIX + n, t) for n, t in tensors), metadata, max_shard_bytes)
+            write_sharded(
+                staging,
+                [(KEY_PREFIX + n, d, s) for n, d, s in plain],
+                ((KEY_PREFIX + n, t) for n, t in tensors),
+                metadata,
+                max_shard_bytes,
+            )
             floating = [s.dtype for s in specs if s.dtype.is_floating_point]
-            write_hf_extras(staging, source.config, *special_tokens(src),
-                            DTYPE_NAMES.get(floating[0], "float32") if floating else "float32", __version__)
+            write_hf_extras(
+                staging,
+                source.config,
+                *special_tokens(src),
+                DTYPE_NAMES.get(floating[0], "float32") if floating else "float32",
+                __version__,
+            )
         else:
             write_sharded(staging, plain, tensors, metadata, max_shard_bytes)
             save_config(source.config, staging)

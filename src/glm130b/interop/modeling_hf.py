@@ -63,24 +63,31 @@ class GLMForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.transformer.word_embeddings
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         if position_ids is not None and attention_mask is not None and attention_mask.dim() == 4:
             logits = self.model(input_ids, position_ids, attention_mask.bool())
         else:
             logits = self._forward_rows(input_ids, attention_mask)
         loss = None
         if labels is not None:  # next-token loss: logits at t predict the label at t + 1
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def _forward_rows(self, input_ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         """Each row on its own (no padding inside a forward), scattered back to the input layout."""
         specials, glm = self.config.specials, self.model.config
-        logits = torch.zeros(*input_ids.shape, glm.vocab_size, dtype=self.model.output_weight.dtype,
-                             device=input_ids.device)
+        logits = torch.zeros(
+            *input_ids.shape, glm.vocab_size, dtype=self.model.output_weight.dtype, device=input_ids.device
+        )
         for b in range(input_ids.shape[0]):
             keep = padding[b].bool() if padding is not None else torch.ones_like(input_ids[b], dtype=torch.bool)
             tokens = input_ids[b][keep].tolist()
@@ -98,8 +105,9 @@ class GLMForCausalLM(PreTrainedModel, GenerationMixin):
             logits[b, keep] = row[0].to(logits.dtype)
         return logits
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                                      **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> dict:
         """No KV cache through this wrapper: every step is a full forward (glm130b.generate is the
         fast path)."""
         return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -16,8 +16,9 @@ from glm130b.model.masks import visibility
 DEFAULT_BLOCK_SIZE = 128
 
 
-def flex_block_mask(segment_ids: torch.Tensor, in_prefix: torch.Tensor,
-                    block_size: int = DEFAULT_BLOCK_SIZE) -> BlockMask:
+def flex_block_mask(
+    segment_ids: torch.Tensor, in_prefix: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE
+) -> BlockMask:
     """BlockMask [B, 1, L, L] allowing exactly what `visibility` allows. Pad rows see nothing
     (flex_attention returns zeros there, the dense mask lets them see themselves; neither is scored)."""
     B, L = segment_ids.shape

@@ -22,14 +22,21 @@ def describe(config: GLMConfig) -> list[str]:
     with torch.device("meta"):
         model = GLM(config)
     total = model.num_parameters()
-    linear = sum(p.numel() for name, p in model.named_parameters()
-                 if name.startswith("transformer.layers.") and name.endswith(".weight") and p.dim() == 2)
-    lines = [f"layers {config.num_layers}, hidden {config.hidden_size}, heads {config.num_attention_heads}, "
-             f"vocab {config.vocab_size}, ffn {config.ffn} {config.inner_hidden_size}, "
-             f"positions {config.position_encoding} up to {config.max_sequence_length}",
-             f"parameters: {total:,}"]
-    lines += [f"weights with {name} linears: {(linear * width + (total - linear) * 2) / GIB:,.2f} GiB"
-              for name, width in WIDTHS]
+    linear = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if name.startswith("transformer.layers.") and name.endswith(".weight") and p.dim() == 2
+    )
+    lines = [
+        f"layers {config.num_layers}, hidden {config.hidden_size}, heads {config.num_attention_heads}, "
+        f"vocab {config.vocab_size}, ffn {config.ffn} {config.inner_hidden_size}, "
+        f"positions {config.position_encoding} up to {config.max_sequence_length}",
+        f"parameters: {total:,}",
+    ]
+    lines += [
+        f"weights with {name} linears: {(linear * width + (total - linear) * 2) / GIB:,.2f} GiB"
+        for name, width in WIDTHS
+    ]
     return lines
 
 
@@ -38,13 +45,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.model is not None:
         folder = Path(args.model)
         if not (folder / CONFIG_FILE).is_file():
-            raise GLMError(f"{folder} is not a model directory ({CONFIG_FILE} is missing); give a folder written "
-                           "by glm130b (pretrain, convert, quantize), or --preset NAME / --config FILE")
+            raise GLMError(
+                f"{folder} is not a model directory ({CONFIG_FILE} is missing); give a folder written "
+                "by glm130b (pretrain, convert, quantize), or --preset NAME / --config FILE"
+            )
         config = GLMConfig.load(folder / CONFIG_FILE)
         lines = describe(config)
         weights = sorted(folder.glob("*.safetensors"))
-        lines.append(f"on disk: {sum(w.stat().st_size for w in weights) / GIB:,.2f} GiB in {len(weights)} "
-                     f"safetensors file(s)")
+        lines.append(
+            f"on disk: {sum(w.stat().st_size for w in weights) / GIB:,.2f} GiB in {len(weights)} safetensors file(s)"
+        )
         lines.append(f"tokenizer: {folder / 'tokenizer' if (folder / 'tokenizer').is_dir() else 'none in the folder'}")
     elif args.config or args.preset:
         lines = describe(GLMConfig.load(args.config) if args.config else GLMConfig.from_preset(args.preset))

@@ -84,40 +84,58 @@ class GLMConfig(DictConfig):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                     "inner_hidden_size", "max_sequence_length"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "vocab_size",
+            "inner_hidden_size",
+            "max_sequence_length",
+        ):
             check_positive_int(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
-                f"({self.hidden_size}); pick a head count such that hidden_size / heads is whole")
+                f"({self.hidden_size}); pick a head count such that hidden_size / heads is whole"
+            )
         rotary_dims = self.head_dim // 2 if self.position_encoding == "2d" else self.head_dim
         if rotary_dims % 2:
             raise ConfigError(
                 f"head dim {self.head_dim} cannot be rotated: rotary needs an even number of "
                 f"dims per {'half ' if self.position_encoding == '2d' else ''}head "
-                f"({'a multiple of 4 for 2-D rotary' if self.position_encoding == '2d' else 'an even head dim'})")
-        for name, allowed in (("position_encoding", POSITION_ENCODINGS), ("rotary_dtype", ROTARY_DTYPES),
-                              ("ffn", FFN_KINDS), ("attention_backend", ATTENTION_BACKENDS),
-                              ("layernorm_order", LAYERNORM_ORDERS), ("attention_softmax", ATTENTION_SOFTMAX_DTYPES),
-                              ("prefix_kernel", PREFIX_KERNELS)):
+                f"({'a multiple of 4 for 2-D rotary' if self.position_encoding == '2d' else 'an even head dim'})"
+            )
+        for name, allowed in (
+            ("position_encoding", POSITION_ENCODINGS),
+            ("rotary_dtype", ROTARY_DTYPES),
+            ("ffn", FFN_KINDS),
+            ("attention_backend", ATTENTION_BACKENDS),
+            ("layernorm_order", LAYERNORM_ORDERS),
+            ("attention_softmax", ATTENTION_SOFTMAX_DTYPES),
+            ("prefix_kernel", PREFIX_KERNELS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.attention_softmax != "fp32" and self.attention_backend != "reference":
-            raise ConfigError(f"attention_softmax {self.attention_softmax!r} needs attention_backend 'reference': "
-                              f"the {self.attention_backend} backend always takes the softmax in fp32")
+            raise ConfigError(
+                f"attention_softmax {self.attention_softmax!r} needs attention_backend 'reference': "
+                f"the {self.attention_backend} backend always takes the softmax in fp32"
+            )
         for name in ("hidden_dropout", "attention_dropout"):
             check_field(name, getattr(self, name), float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
         if self.attention_backend == "prefix" and self.attention_dropout > 0:
-            raise ConfigError(f"attention_backend prefix has no attention dropout (flash varlen and FlexAttention "
-                              f"have none) but attention_dropout is {self.attention_dropout}; set attention_dropout "
-                              "0, or use attention_backend sdpa (or auto, which picks sdpa when dropout is on)")
+            raise ConfigError(
+                f"attention_backend prefix has no attention dropout (flash varlen and FlexAttention "
+                f"have none) but attention_dropout is {self.attention_dropout}; set attention_dropout "
+                "0, or use attention_backend sdpa (or auto, which picks sdpa when dropout is on)"
+            )
         check_field("layernorm_epsilon", self.layernorm_epsilon, float, lambda v: v > 0, "positive")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if self.deepnorm_num_layers is not None:
-            check_field("deepnorm_num_layers", self.deepnorm_num_layers, int, lambda v: v > 0,
-                        "a positive integer or null")
+            check_field(
+                "deepnorm_num_layers", self.deepnorm_num_layers, int, lambda v: v > 0, "a positive integer or null"
+            )
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -130,18 +148,45 @@ class GLMConfig(DictConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     # SPEC section 1. vocab 150528 = 150000 text ids + 8 specials, padded to a multiple of 768
     # (= 8 tensor-parallel shards x 96) so every shard holds the same number of rows.
-    "glm-130b": dict(num_layers=70, hidden_size=12288, num_attention_heads=96, vocab_size=150528,
-                     inner_hidden_size=32768, max_sequence_length=2048),
+    "glm-130b": dict(
+        num_layers=70,
+        hidden_size=12288,
+        num_attention_heads=96,
+        vocab_size=150528,
+        inner_hidden_size=32768,
+        max_sequence_length=2048,
+    ),
     # ChatGLM-6B: 2-D rotary, plain tanh-GELU FFN, untied lm_head, alpha fixed at sqrt(2 * 28).
     # Its reference code also builds rotary tables in fp16.
-    "chatglm-6b": dict(num_layers=28, hidden_size=4096, num_attention_heads=32, vocab_size=130528,
-                       inner_hidden_size=16384, max_sequence_length=2048, position_encoding="2d",
-                       ffn="gelu", tie_word_embeddings=False, deepnorm_num_layers=28),
+    "chatglm-6b": dict(
+        num_layers=28,
+        hidden_size=4096,
+        num_attention_heads=32,
+        vocab_size=130528,
+        inner_hidden_size=16384,
+        max_sequence_length=2048,
+        position_encoding="2d",
+        ffn="gelu",
+        tie_word_embeddings=False,
+        deepnorm_num_layers=28,
+    ),
     # The oracle fixtures' shape: 2 layers, hidden 64; what the parity tests run.
-    "glm-tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=1000,
-                     inner_hidden_size=160, max_sequence_length=128),
+    "glm-tiny": dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=1000,
+        inner_hidden_size=160,
+        max_sequence_length=128,
+    ),
     # ~9M parameters: the CPU demo model. inner 640: GLM-130B's 8/3 x hidden (683) rounded down to a
     # multiple of 128, so INT4/INT8 groups of 128 divide every weight's input dimension.
-    "glm-10m": dict(num_layers=6, hidden_size=256, num_attention_heads=8, vocab_size=16384,
-                    inner_hidden_size=640, max_sequence_length=512),
+    "glm-10m": dict(
+        num_layers=6,
+        hidden_size=256,
+        num_attention_heads=8,
+        vocab_size=16384,
+        inner_hidden_size=640,
+        max_sequence_length=512,
+    ),
 }

@@ -61,8 +61,12 @@ class RotaryAngles:
         table_dtype = torch.float16 if config.rotary_dtype == "fp16" else torch.float32
         if config.position_encoding == "2d":  # position_ids [B, 2, S]
             half = config.head_dim // 2
-            return cls([rotary_cos_sin(position_ids[:, 0], half, table_dtype),
-                        rotary_cos_sin(position_ids[:, 1], half, table_dtype)])
+            return cls(
+                [
+                    rotary_cos_sin(position_ids[:, 0], half, table_dtype),
+                    rotary_cos_sin(position_ids[:, 1], half, table_dtype),
+                ]
+            )
         return cls([rotary_cos_sin(position_ids, config.head_dim, table_dtype)])
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +89,15 @@ class SelfAttention(nn.Module):
         # every query sees ahead of the tokens' own, cached or not. None: plain attention.
         self.prefix: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, rotary: RotaryAngles, mask: torch.Tensor | PrefixLMPlan,
-                kv_cache: KVCache | None, layer: int, cache_slots: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: RotaryAngles,
+        mask: torch.Tensor | PrefixLMPlan,
+        kv_cache: KVCache | None,
+        layer: int,
+        cache_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, S, _ = x.shape
         D = self.config.head_dim
         # Rows of the qkv weight are grouped per head as [q_h; k_h; v_h], not all-q/all-k/all-v.
@@ -223,9 +234,16 @@ class GLM(nn.Module):
             return shrink_gradient(self.transformer.word_embeddings.weight, self.embedding_grad_scale)
         return self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | CompactMask,
-                kv_cache: KVCache | None = None, check_inputs: bool = True,
-                cache_slots: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | CompactMask,
+        kv_cache: KVCache | None = None,
+        check_inputs: bool = True,
+        cache_slots: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """logits_at [B]: one position per row whose logits are wanted (a prefill needs only each
         row's last prompt token: [B, 1, vocab] instead of [B, S, vocab]); None = every position."""
         if check_inputs:  # reads values on the host: hot decode loops validate once and pass False
@@ -262,23 +280,30 @@ class GLM(nn.Module):
         if S == 0:
             raise InputError("input_ids is empty: give at least one token")
         if S > cfg.max_sequence_length:  # with a KV cache, cached + new is bounded by the cache's length
-            raise InputError(f"the input has {S} tokens, more than max_sequence_length {cfg.max_sequence_length}; "
-                             "shorten it or truncate the context on the left")
+            raise InputError(
+                f"the input has {S} tokens, more than max_sequence_length {cfg.max_sequence_length}; "
+                "shorten it or truncate the context on the left"
+            )
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= cfg.vocab_size:
             bad = low if low < 0 else high
-            raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
-                             "check the tokenizer matches the model")
+            raise InputError(
+                f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); check the tokenizer matches the model"
+            )
         want = (B, 2, S) if cfg.position_encoding == "2d" else (B, S)
         if tuple(position_ids.shape) != want:
-            raise InputError(f"position_ids must have shape {want} for {cfg.position_encoding} positions, "
-                             f"got {tuple(position_ids.shape)}")
+            raise InputError(
+                f"position_ids must have shape {want} for {cfg.position_encoding} positions, "
+                f"got {tuple(position_ids.shape)}"
+            )
         if int(position_ids.min()) < 0:
             raise InputError(f"position {int(position_ids.min())} is negative; positions start at 0")
         if int(position_ids.max()) >= cfg.max_sequence_length:
-            raise InputError(f"position {int(position_ids.max())} exceeds max_sequence_length "
-                             f"{cfg.max_sequence_length} (positions 0..{cfg.max_sequence_length - 1}); "
-                             "shorten the input or truncate the context on the left")
+            raise InputError(
+                f"position {int(position_ids.max())} exceeds max_sequence_length "
+                f"{cfg.max_sequence_length} (positions 0..{cfg.max_sequence_length - 1}); "
+                "shorten the input or truncate the context on the left"
+            )
         if isinstance(attention_mask, CompactMask):
             _check_compact_mask(attention_mask, B, S)
             return
@@ -287,21 +312,30 @@ class GLM(nn.Module):
         if cache_slots is not None:
             if kv_cache is None:
                 raise InputError("cache_slots given without a kv_cache: pass the KVCache to write into")
-            if tuple(cache_slots.shape) != (S,) or int(cache_slots.min()) < 0 \
-                    or int(cache_slots.max()) >= kv_cache.max_length:
-                raise InputError(f"cache_slots must be {S} slot indices in [0, {kv_cache.max_length}), one "
-                                 f"per new token; got shape {tuple(cache_slots.shape)}")
+            if (
+                tuple(cache_slots.shape) != (S,)
+                or int(cache_slots.min()) < 0
+                or int(cache_slots.max()) >= kv_cache.max_length
+            ):
+                raise InputError(
+                    f"cache_slots must be {S} slot indices in [0, {kv_cache.max_length}), one "
+                    f"per new token; got shape {tuple(cache_slots.shape)}"
+                )
             if tuple(attention_mask.shape) != (B, 1, S, kv_cache.max_length):
-                raise InputError(f"attention_mask must have shape {(B, 1, S, kv_cache.max_length)} "
-                                 f"([batch, 1, new tokens, cache slots]) with cache_slots, "
-                                 f"got {tuple(attention_mask.shape)}")
+                raise InputError(
+                    f"attention_mask must have shape {(B, 1, S, kv_cache.max_length)} "
+                    f"([batch, 1, new tokens, cache slots]) with cache_slots, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
             return
         past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and past + S > kv_cache.max_length:
             raise InputError(f"KV cache holds {kv_cache.max_length} tokens; {past} cached + {S} new do not fit")
         if tuple(attention_mask.shape) != (B, 1, S, past + S):
-            raise InputError(f"attention_mask must have shape {(B, 1, S, past + S)} "
-                             f"([batch, 1, new tokens, cached + new]), got {tuple(attention_mask.shape)}")
+            raise InputError(
+                f"attention_mask must have shape {(B, 1, S, past + S)} "
+                f"([batch, 1, new tokens, cached + new]), got {tuple(attention_mask.shape)}"
+            )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -310,10 +344,14 @@ class GLM(nn.Module):
 def _check_compact_mask(mask: CompactMask, B: int, S: int) -> None:
     for name, value in zip(mask._fields, mask):
         if tuple(value.shape) != (B, S):
-            raise InputError(f"attention_mask.{name} must have shape {(B, S)} (one per token), got {tuple(value.shape)}")
+            raise InputError(
+                f"attention_mask.{name} must have shape {(B, S)} (one per token), got {tuple(value.shape)}"
+            )
     if mask.in_prefix.dtype != torch.bool or mask.segment_ids.is_floating_point():
-        raise InputError(f"a CompactMask holds integer segment_ids and bool in_prefix, got {mask.segment_ids.dtype} "
-                         f"and {mask.in_prefix.dtype}")
+        raise InputError(
+            f"a CompactMask holds integer segment_ids and bool in_prefix, got {mask.segment_ids.dtype} "
+            f"and {mask.in_prefix.dtype}"
+        )
 
 
 def shrink_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:

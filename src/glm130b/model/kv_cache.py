@@ -20,20 +20,30 @@ class KVCache:
       int moves, so the step can be compiled once and replayed as a CUDA graph (glm130b.generate.decode).
     """
 
-    def __init__(self, config: GLMConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_heads: int | None = None):
+    def __init__(
+        self,
+        config: GLMConfig,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        num_heads: int | None = None,
+    ):
         """num_heads: the heads this process computes (a tensor-parallel rank holds a share); default all."""
         if max_length > config.max_sequence_length:
-            raise InputError(f"KV cache length {max_length} exceeds max_sequence_length "
-                             f"{config.max_sequence_length}; generate fewer tokens or shorten the prompt")
+            raise InputError(
+                f"KV cache length {max_length} exceeds max_sequence_length "
+                f"{config.max_sequence_length}; generate fewer tokens or shorten the prompt"
+            )
         shape = (batch_size, num_heads or config.num_attention_heads, max_length, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.length = 0
         self.max_length = max_length
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-              slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new k, v [B, H, S, D] of `layer`; return the keys and values to attend over
         ([B, H, T, D]: the first length + S, or all max_length slots when `slots` [S] is given)."""
         if slots is not None:
@@ -42,8 +52,8 @@ class KVCache:
             self.values[layer].index_copy_(2, slots, v)
             return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:

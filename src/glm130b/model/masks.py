@@ -49,5 +49,5 @@ def visible_pairs(segment_ids: torch.Tensor, in_prefix: torch.Tensor) -> int:
     own = torch.nn.functional.one_hot(seg, int(seg.max()) + 1)[..., 1:]  # [B, L, segments]; pad has none
     prefix = in_prefix.cpu().unsqueeze(-1)
     prefix_keys = (own * prefix).sum(1, keepdim=True)  # [B, 1, segments]
-    causal_keys = (own * ~prefix).cumsum(1)            # [B, L, segments]: non-prefix keys at or before i
+    causal_keys = (own * ~prefix).cumsum(1)  # [B, L, segments]: non-prefix keys at or before i
     return int(((prefix_keys + causal_keys) * own).sum())

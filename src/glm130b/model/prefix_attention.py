@@ -92,8 +92,14 @@ class PrefixLMPlan:
     _block_mask: object = None
 
     @classmethod
-    def build(cls, segment_ids: torch.Tensor, in_prefix: torch.Tensor, kernel: str = "auto",
-              device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16) -> PrefixLMPlan:
+    def build(
+        cls,
+        segment_ids: torch.Tensor,
+        in_prefix: torch.Tensor,
+        kernel: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> PrefixLMPlan:
         """segment_ids [B, L] (0 = pad), in_prefix [B, L] bool. Each segment must be one contiguous
         run whose prefix is a run at its start (every GLM objective is); `device` and `dtype`: where
         the attention runs and on what (default: where segment_ids is, bf16). Cost: a loop over the
@@ -111,14 +117,18 @@ class PrefixLMPlan:
                 e = s + n
                 if sid != 0:
                     if sid in seen:
-                        raise InputError(f"segment {sid} of row {b} is not contiguous; the prefix-LM kernels need "
-                                         "each segment as one run of tokens (use attention_backend sdpa)")
+                        raise InputError(
+                            f"segment {sid} of row {b} is not contiguous; the prefix-LM kernels need "
+                            "each segment as one run of tokens (use attention_backend sdpa)"
+                        )
                     seen.add(sid)
                     p = s + prefix_count[b][e] - prefix_count[b][s]
                     if prefix_count[b][p] - prefix_count[b][s] != p - s:
-                        raise InputError(f"the prefix of segment {sid} in row {b} is not at the start of the "
-                                         "segment; the prefix-LM kernels need [prefix | causal part] "
-                                         "(use attention_backend sdpa)")
+                        raise InputError(
+                            f"the prefix of segment {sid} in row {b} is not at the start of the "
+                            "segment; the prefix-LM kernels need [prefix | causal part] "
+                            "(use attention_backend sdpa)"
+                        )
                     segments.append((b, s, p, e))
                 s = e
         plan = cls(B, L, segments, segment_ids.to(device), in_prefix.to(device), kernel)
@@ -137,8 +147,9 @@ class PrefixLMPlan:
         return plan
 
     # ------------------------------------------------------------------ attention
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               varlen_fn: Callable | None = None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen_fn: Callable | None = None
+    ) -> torch.Tensor:
         """q, k, v [B, H, L, D] -> [B, H, L, D], softmax scale 1/sqrt(D). varlen_fn: the flash varlen
         call (default torch's; tests pass varlen_reference)."""
         if self.kernel == "varlen":
@@ -152,7 +163,7 @@ class PrefixLMPlan:
     def _tiled(self, q, k, v, varlen_fn) -> torch.Tensor:
         B, H, L, D = q.shape
         qf, kf, vf = (t.transpose(1, 2).reshape(B * L, H, D) for t in (q, k, v))  # [B*L, H, D]
-        out = varlen_fn(qf, kf, vf, *self.tiled_prefix, False)       # prefix rows; 0 elsewhere
+        out = varlen_fn(qf, kf, vf, *self.tiled_prefix, False)  # prefix rows; 0 elsewhere
         out = out + varlen_fn(qf, kf, vf, *self.tiled_suffix, True)  # suffix rows; 0 elsewhere
         out = out + vf * self.pad_flags.to(vf.dtype)[:, None, None]  # a pad row sees only itself
         return out.view(B, L, H, D).transpose(1, 2)
@@ -164,12 +175,25 @@ class PrefixLMPlan:
         pieces = []
         if ix["prefix_rows"].numel():
             rows = ix["prefix_rows"]
-            pieces.append(varlen_fn(qf[rows], kf[rows], vf[rows], ix["cu_prefix"], ix["cu_prefix"],
-                                    ix["max_prefix"], ix["max_prefix"], False))
+            pieces.append(
+                varlen_fn(
+                    qf[rows],
+                    kf[rows],
+                    vf[rows],
+                    ix["cu_prefix"],
+                    ix["cu_prefix"],
+                    ix["max_prefix"],
+                    ix["max_prefix"],
+                    False,
+                )
+            )
         if ix["suffix_rows"].numel():
             rows, keys = ix["suffix_rows"], ix["key_rows"]
-            pieces.append(varlen_fn(qf[rows], kf[keys], vf[keys], ix["cu_suffix"], ix["cu_keys"],
-                                    ix["max_suffix"], ix["max_keys"], True))
+            pieces.append(
+                varlen_fn(
+                    qf[rows], kf[keys], vf[keys], ix["cu_suffix"], ix["cu_keys"], ix["max_suffix"], ix["max_keys"], True
+                )
+            )
         pieces.append(vf[ix["pad_rows"]])  # a pad row sees only itself: its output is its value
         out = torch.cat(pieces)[ix["inverse"]]  # [B*L, H, D] back in row order
         return out.view(B, L, H, D).transpose(1, 2)
@@ -187,7 +211,9 @@ class PrefixLMPlan:
             elif kind == "prefix":
                 out.append(_sdpa_rows(qs[i], ks[i], vs[i]))
             else:  # "suffix" over its segment's prefix run (the run before, if any) and itself
-                keys, values = (torch.cat((t[i - 1], t[i])) if kind == "suffix after prefix" else t[i] for t in (ks, vs))
+                keys, values = (
+                    torch.cat((t[i - 1], t[i])) if kind == "suffix after prefix" else t[i] for t in (ks, vs)
+                )
                 mask = _bottom_right_causal(lengths[i], keys.shape[0], q.device)
                 out.append(_sdpa_rows(qs[i], keys, values, mask))
         return torch.cat(out).view(B, L, H, D).transpose(1, 2)
@@ -249,10 +275,19 @@ def _packed_indices(segments, seg: torch.Tensor, device) -> dict:
     inverse = torch.empty(B * L, dtype=torch.long)
     inverse[order] = torch.arange(B * L)
     to = dict(device=device, non_blocking=True)
-    return dict(prefix_rows=prefix_rows.to(**to), cu_prefix=_int32(cu_p, device), max_prefix=_widest(cu_p),
-                suffix_rows=suffix_rows.to(**to), key_rows=key_rows.to(**to), cu_suffix=_int32(cu_s, device),
-                cu_keys=_int32(cu_k, device), max_suffix=_widest(cu_s), max_keys=_widest(cu_k),
-                pad_rows=pad_rows.to(**to), inverse=inverse.to(**to))
+    return dict(
+        prefix_rows=prefix_rows.to(**to),
+        cu_prefix=_int32(cu_p, device),
+        max_prefix=_widest(cu_p),
+        suffix_rows=suffix_rows.to(**to),
+        key_rows=key_rows.to(**to),
+        cu_suffix=_int32(cu_s, device),
+        cu_keys=_int32(cu_k, device),
+        max_suffix=_widest(cu_s),
+        max_keys=_widest(cu_k),
+        pad_rows=pad_rows.to(**to),
+        inverse=inverse.to(**to),
+    )
 
 
 def _tiled_sequences(segments, B: int, L: int) -> list[tuple[list[int], list[int]]]:
@@ -272,21 +307,21 @@ def _tiled_sequences(segments, B: int, L: int) -> list[tuple[list[int], list[int
     def skip(cq, ck, start, end):
         if end > start:
             add(cq, ck, end, start)  # these queries, no keys
-            add(cq, ck, end, end)    # no queries, these keys
+            add(cq, ck, end, end)  # no queries, these keys
 
     cursor = 0
     for b, s, p, e in segments:  # in row order, as build() found them
         s, p, e = b * L + s, b * L + p, b * L + e
         for cq, ck in ((prefix_q, prefix_k), (suffix_q, suffix_k)):
             skip(cq, ck, cursor, s)
-        add(prefix_q, prefix_k, p, p)          # prefix rows over prefix keys
-        skip(prefix_q, prefix_k, p, e)         # suffix rows: not this call's
+        add(prefix_q, prefix_k, p, p)  # prefix rows over prefix keys
+        skip(prefix_q, prefix_k, p, e)  # suffix rows: not this call's
         if p > s:
-            add(suffix_q, suffix_k, p, s)      # prefix rows: not this call's (no keys)
+            add(suffix_q, suffix_k, p, s)  # prefix rows: not this call's (no keys)
         if e > p:
-            add(suffix_q, suffix_k, e, e)      # suffix rows over the whole segment, causal
+            add(suffix_q, suffix_k, e, e)  # suffix rows over the whole segment, causal
         else:
-            add(suffix_q, suffix_k, e, e)      # (all prefix: the keys are skipped with no queries)
+            add(suffix_q, suffix_k, e, e)  # (all prefix: the keys are skipped with no queries)
         cursor = e
     for cq, ck in ((prefix_q, prefix_k), (suffix_q, suffix_k)):
         skip(cq, ck, cursor, B * L)
@@ -313,8 +348,10 @@ def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch
     if kernel not in KERNELS:
         raise InputError(f"prefix_kernel must be one of {', '.join(KERNELS)} or auto, got {kernel!r}")
     if kernel.startswith("varlen") and not flash:
-        raise InputError(f"prefix_kernel {kernel} needs flash varlen attention (CUDA, torch >= 2.9, fp16 or bf16), "
-                         f"not available on {device} for {dtype}; use prefix_kernel auto, flex or loop")
+        raise InputError(
+            f"prefix_kernel {kernel} needs flash varlen attention (CUDA, torch >= 2.9, fp16 or bf16), "
+            f"not available on {device} for {dtype}; use prefix_kernel auto, flex or loop"
+        )
     return kernel
 
 

@@ -12,12 +12,12 @@ from glm130b.model.masks import CompactMask, dense_attention_mask
 
 @dataclass
 class TrainingBatch:
-    input_ids: torch.Tensor     # [B, L] long
+    input_ids: torch.Tensor  # [B, L] long
     position_ids: torch.Tensor  # [B, L] long (1-D) or [B, 2, L] (2-D)
-    targets: torch.Tensor       # [B, L] long: the token each position predicts
-    loss_mask: torch.Tensor     # [B, L] float: 1 where the target is scored, else 0
-    segment_ids: torch.Tensor   # [B, L] long, 0 = pad
-    in_prefix: torch.Tensor     # [B, L] bool
+    targets: torch.Tensor  # [B, L] long: the token each position predicts
+    loss_mask: torch.Tensor  # [B, L] float: 1 where the target is scored, else 0
+    segment_ids: torch.Tensor  # [B, L] long, 0 = pad
+    in_prefix: torch.Tensor  # [B, L] bool
 
     def attention_mask(self) -> torch.Tensor:
         """The dense bool mask [B, 1, L, L], True = blocked."""

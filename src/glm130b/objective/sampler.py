@@ -30,9 +30,16 @@ class GLMBatchSampler:
     configured sequence length. `mip_pairs`: (prompt ids, target ids) pairs (load_mip_pairs);
     pairs whose target cannot fit a segment are left out with a warning."""
 
-    def __init__(self, corpus: Any, objective_config: ObjectiveConfig, specials: SpecialTokens,
-                 batch_size: int, seed: int, mip_pairs: Sequence[MIPPair] | None = None,
-                 position_encoding: str = "1d"):
+    def __init__(
+        self,
+        corpus: Any,
+        objective_config: ObjectiveConfig,
+        specials: SpecialTokens,
+        batch_size: int,
+        seed: int,
+        mip_pairs: Sequence[MIPPair] | None = None,
+        position_encoding: str = "1d",
+    ):
         if position_encoding not in ("1d", "2d"):
             raise ConfigError(f"position_encoding must be '1d' or '2d', got {position_encoding!r}")
         check_positive_int("batch_size", batch_size)
@@ -54,27 +61,35 @@ class GLMBatchSampler:
         needed = max(window_lengths)
         for source, weight in zip(self.sources, self.source_weights):
             if weight > 0 and corpus.num_tokens(source) < needed:
-                raise ConfigError(f"source {source!r} holds {corpus.num_tokens(source)} tokens, fewer than "
-                                  f"the {needed} one sample reads; add data or give it weight 0")
+                raise ConfigError(
+                    f"source {source!r} holds {corpus.num_tokens(source)} tokens, fewer than "
+                    f"the {needed} one sample reads; add data or give it weight 0"
+                )
 
     def _fitting_pairs(self, pairs: Sequence[MIPPair] | None) -> list[MIPPair]:
         config = self.config
         if pairs is None:
             if config.mip_share > 0:
-                warnings.warn(f"no MIP pairs given: training the self-supervised mix only instead of "
-                              f"{config.mip_share:.0%} MIP; pass mip_pairs (load_mip_pairs) or set mip_share=0",
-                              stacklevel=3)
+                warnings.warn(
+                    f"no MIP pairs given: training the self-supervised mix only instead of "
+                    f"{config.mip_share:.0%} MIP; pass mip_pairs (load_mip_pairs) or set mip_share=0",
+                    stacklevel=3,
+                )
             return []
         pairs = [MIPPair(np.asarray(p, np.int64), np.asarray(t, np.int64)) for p, t in pairs]
         # [MASK] and <sop> come on top of the target (its <eop> is a target, not an input).
         fitting = [p for p in pairs if len(p.target) + 2 <= config.mip_segment_length]
         if len(fitting) < len(pairs):
-            warnings.warn(f"{len(pairs) - len(fitting)} of {len(pairs)} MIP pairs have targets longer than "
-                          f"a {config.mip_segment_length}-token segment allows and are left out "
-                          f"(targets are never truncated); use fewer mip_segments to keep them", stacklevel=3)
+            warnings.warn(
+                f"{len(pairs) - len(fitting)} of {len(pairs)} MIP pairs have targets longer than "
+                f"a {config.mip_segment_length}-token segment allows and are left out "
+                f"(targets are never truncated); use fewer mip_segments to keep them",
+                stacklevel=3,
+            )
         if not fitting and config.mip_share > 0:
-            raise ConfigError("no MIP pair fits a segment; shorten the targets, use fewer mip_segments "
-                              "or set mip_share=0")
+            raise ConfigError(
+                "no MIP pair fits a segment; shorten the targets, use fewer mip_segments or set mip_share=0"
+            )
         return fitting
 
     # ------------------------------------------------------------------ drawing
@@ -92,8 +107,10 @@ class GLMBatchSampler:
         return build(raw, rng, config, self.specials)
 
     def _batch(self, stream: int, index: int) -> TrainingBatch:
-        rows = [self.sample(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, index, row))))
-                for row in range(self.batch_size)]
+        rows = [
+            self.sample(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, index, row))))
+            for row in range(self.batch_size)
+        ]
         return collate(rows, self.config.sequence_length, self.specials.pad, self.position_encoding)
 
     def micro_batch(self, index: int) -> TrainingBatch:
@@ -108,8 +125,9 @@ class GLMBatchSampler:
         return [self._batch(VALIDATION_STREAM, i) for i in range(num_batches)]
 
 
-def collate(samples: Sequence[Sample], sequence_length: int, pad_id: int,
-            position_encoding: str = "1d") -> TrainingBatch:
+def collate(
+    samples: Sequence[Sample], sequence_length: int, pad_id: int, position_encoding: str = "1d"
+) -> TrainingBatch:
     """Right-pad samples to sequence_length (pad id, segment 0, no loss, position 0) and stack."""
     B, L = len(samples), sequence_length
     ids = np.full((B, L), pad_id, np.int64)
@@ -123,6 +141,11 @@ def collate(samples: Sequence[Sample], sequence_length: int, pad_id: int,
         ids[b, :n], targets[b, :n], loss[b, :n] = s.input_ids, s.targets, s.loss_mask
         segments[b, :n], prefix[b, :n] = s.segment_ids, s.in_prefix
         positions[b, ..., :n] = s.position_ids(position_encoding)
-    return TrainingBatch(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(positions),
-                         targets=torch.from_numpy(targets), loss_mask=torch.from_numpy(loss),
-                         segment_ids=torch.from_numpy(segments), in_prefix=torch.from_numpy(prefix))
+    return TrainingBatch(
+        input_ids=torch.from_numpy(ids),
+        position_ids=torch.from_numpy(positions),
+        targets=torch.from_numpy(targets),
+        loss_mask=torch.from_numpy(loss),
+        segment_ids=torch.from_numpy(segments),
+        in_prefix=torch.from_numpy(prefix),
+    )

@@ -52,9 +52,9 @@ class ObjectiveConfig(DictConfig):
     mask_segment_length: int = 512
     # MIP sequences: this many instruction pairs, each in a segment of sequence_length / mip_segments.
     mip_segments: int = 4
-    gmask_share: float = 0.7   # of the self-supervised (non-MIP) sequences
-    mip_share: float = 0.05    # of all sequences
-    mask_ratio: float = 0.15   # fraction of each [MASK] raw chunk covered by spans
+    gmask_share: float = 0.7  # of the self-supervised (non-MIP) sequences
+    mip_share: float = 0.05  # of all sequences
+    mask_ratio: float = 0.15  # fraction of each [MASK] raw chunk covered by spans
     poisson_lambda: float = 3.0
     # Span lengths are Poisson(lambda) restricted to 1..max_span_length (the GLM code's 1..39).
     max_span_length: int = 39
@@ -76,15 +76,16 @@ class ObjectiveConfig(DictConfig):
         check_field("sequence_length", sequence_length, int, expected="an integer")
         segment = sequence_length // recipe.mask_segments
         if max_feasible_span_length(segment, recipe.mask_ratio) < 1:
-            raise ConfigError(f"sequence_length {sequence_length} gives [MASK] segments of {segment} tokens, "
-                              "too short to place spans at a 15 % mask ratio; use at least 32")
+            raise ConfigError(
+                f"sequence_length {sequence_length} gives [MASK] segments of {segment} tokens, "
+                "too short to place spans at a 15 % mask ratio; use at least 32"
+            )
         return cls(
             sequence_length=sequence_length,
             gmask_raw_length=sequence_length * recipe.gmask_raw_length // recipe.sequence_length,
             mask_segment_length=segment,
             mip_segments=max(1, sequence_length // (recipe.sequence_length // recipe.mip_segments)),
-            max_span_length=min(recipe.max_span_length,
-                                max_feasible_span_length(segment, recipe.mask_ratio)),
+            max_span_length=min(recipe.max_span_length, max_feasible_span_length(segment, recipe.mask_ratio)),
         )
 
     # ------------------------------------------------------------------ derived values
@@ -105,35 +106,56 @@ class ObjectiveConfig(DictConfig):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        for name in ("sequence_length", "gmask_raw_length", "mask_segments", "mask_segment_length",
-                     "mip_segments", "max_span_length"):
+        for name in (
+            "sequence_length",
+            "gmask_raw_length",
+            "mask_segments",
+            "mask_segment_length",
+            "mip_segments",
+            "max_span_length",
+        ):
             check_positive_int(name, getattr(self, name))
         if self.gmask_raw_length + 1 > self.sequence_length:
-            raise ConfigError(f"gmask_raw_length {self.gmask_raw_length} + 1 ([gMASK] and <sop> in, the "
-                              f"last token out) exceeds sequence_length {self.sequence_length}; "
-                              f"lower gmask_raw_length to at most {self.sequence_length - 1}")
+            raise ConfigError(
+                f"gmask_raw_length {self.gmask_raw_length} + 1 ([gMASK] and <sop> in, the "
+                f"last token out) exceeds sequence_length {self.sequence_length}; "
+                f"lower gmask_raw_length to at most {self.sequence_length - 1}"
+            )
         if self.mask_segments * self.mask_segment_length > self.sequence_length:
-            raise ConfigError(f"{self.mask_segments} [MASK] segments of {self.mask_segment_length} tokens "
-                              f"exceed sequence_length {self.sequence_length}; use "
-                              f"ObjectiveConfig.for_sequence_length({self.sequence_length})")
+            raise ConfigError(
+                f"{self.mask_segments} [MASK] segments of {self.mask_segment_length} tokens "
+                f"exceed sequence_length {self.sequence_length}; use "
+                f"ObjectiveConfig.for_sequence_length({self.sequence_length})"
+            )
         if self.mip_segment_length < 2:
-            raise ConfigError(f"MIP segments of {self.mip_segment_length} tokens cannot hold [MASK] and "
-                              f"<sop>; lower mip_segments ({self.mip_segments})")
+            raise ConfigError(
+                f"MIP segments of {self.mip_segment_length} tokens cannot hold [MASK] and "
+                f"<sop>; lower mip_segments ({self.mip_segments})"
+            )
         for name in ("gmask_share", "mip_share"):
             check_field(name, getattr(self, name), float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
-        check_field("mask_ratio", self.mask_ratio, float, lambda v: 0.0 < v < 0.25,
-                    "in (0, 0.25) so that spans, masks and <sop>s fit a segment")
+        check_field(
+            "mask_ratio",
+            self.mask_ratio,
+            float,
+            lambda v: 0.0 < v < 0.25,
+            "in (0, 0.25) so that spans, masks and <sop>s fit a segment",
+        )
         check_field("poisson_lambda", self.poisson_lambda, float, lambda v: v > 0, "a positive number")
         for name in ("suffix_fraction_min", "suffix_fraction_max"):
             check_field(name, getattr(self, name), float)
         feasible = max_feasible_span_length(self.mask_segment_length, self.mask_ratio)
         if self.max_span_length > feasible:
-            raise ConfigError(f"max_span_length {self.max_span_length} cannot always be placed in a "
-                              f"{self.mask_segment_length}-token segment at mask_ratio {self.mask_ratio}; "
-                              f"use at most {feasible} or longer segments")
+            raise ConfigError(
+                f"max_span_length {self.max_span_length} cannot always be placed in a "
+                f"{self.mask_segment_length}-token segment at mask_ratio {self.mask_ratio}; "
+                f"use at most {feasible} or longer segments"
+            )
         if not 0.0 < self.suffix_fraction_min <= self.suffix_fraction_max <= 1.0:
-            raise ConfigError(f"suffix fractions must satisfy 0 < min <= max <= 1, got "
-                              f"[{self.suffix_fraction_min}, {self.suffix_fraction_max}]")
+            raise ConfigError(
+                f"suffix fractions must satisfy 0 < min <= max <= 1, got "
+                f"[{self.suffix_fraction_min}, {self.suffix_fraction_max}]"
+            )
 
 
 def max_feasible_span_length(segment_length: int, mask_ratio: float) -> int:
@@ -148,12 +170,12 @@ def max_feasible_span_length(segment_length: int, mask_ratio: float) -> int:
 class Sample:
     """One sequence before padding: numpy arrays of equal length n <= sequence_length."""
 
-    input_ids: np.ndarray     # [n] int64
-    targets: np.ndarray       # [n] int64: the token each position predicts (itself where unscored)
-    loss_mask: np.ndarray     # [n] bool
-    segment_ids: np.ndarray   # [n] int64, 1, 2, ... (0 is kept for padding)
-    in_prefix: np.ndarray     # [n] bool: the bidirectional context of its segment
-    anchor: np.ndarray        # [n] int64: context: its index in the segment; span: its mask's index
+    input_ids: np.ndarray  # [n] int64
+    targets: np.ndarray  # [n] int64: the token each position predicts (itself where unscored)
+    loss_mask: np.ndarray  # [n] bool
+    segment_ids: np.ndarray  # [n] int64, 1, 2, ... (0 is kept for padding)
+    in_prefix: np.ndarray  # [n] bool: the bidirectional context of its segment
+    anchor: np.ndarray  # [n] int64: context: its index in the segment; span: its mask's index
     block_offset: np.ndarray  # [n] int64: 0 over the context, 1, 2, ... from <sop> within a span
     # 1-D positions count on past the mask ([gMASK]) instead of staying at it ([MASK]).
     counting: bool = False
@@ -168,8 +190,14 @@ class Sample:
         return self.anchor + self.block_offset if self.counting else self.anchor
 
 
-def _segment(context: np.ndarray, span_inputs: np.ndarray, span_targets: np.ndarray,
-             span_anchor: np.ndarray, span_offset: np.ndarray, counting: bool = False) -> Sample:
+def _segment(
+    context: np.ndarray,
+    span_inputs: np.ndarray,
+    span_targets: np.ndarray,
+    span_anchor: np.ndarray,
+    span_offset: np.ndarray,
+    counting: bool = False,
+) -> Sample:
     """One segment: a bidirectional context followed by its generated part."""
     n_ctx, n_gen = len(context), len(span_inputs)
     return Sample(
@@ -186,15 +214,17 @@ def _segment(context: np.ndarray, span_inputs: np.ndarray, span_targets: np.ndar
 
 def concat_segments(segments: Sequence[Sample]) -> Sample:
     """Segments side by side, numbered 1, 2, ... (block-diagonal attention, positions restart)."""
-    fields_ = {f.name: np.concatenate([getattr(s, f.name) for s in segments])
-               for f in dataclasses.fields(Sample) if f.name not in ("segment_ids", "counting")}
+    fields_ = {
+        f.name: np.concatenate([getattr(s, f.name) for s in segments])
+        for f in dataclasses.fields(Sample)
+        if f.name not in ("segment_ids", "counting")
+    }
     ids = np.concatenate([np.full(len(s), i + 1, np.int64) for i, s in enumerate(segments)])
     return Sample(segment_ids=ids, counting=segments[0].counting, **fields_)
 
 
 # ---------------------------------------------------------------------- [gMASK]
-def gmask_sample(raw: np.ndarray, rng: np.random.Generator, config: ObjectiveConfig,
-                 specials: SpecialTokens) -> Sample:
+def gmask_sample(raw: np.ndarray, rng: np.random.Generator, config: ObjectiveConfig, specials: SpecialTokens) -> Sample:
     """`source [gMASK] <sop> target[:-1]` with targets `source [gMASK] target`, loss on the target.
     The target is the suffix of `raw`, its length uniform over the integers in
     [suffix_fraction_min, suffix_fraction_max] x len(raw)."""
@@ -203,7 +233,7 @@ def gmask_sample(raw: np.ndarray, rng: np.random.Generator, config: ObjectiveCon
     shortest = max(1, _ceil(config.suffix_fraction_min * n))
     longest = max(shortest, _floor(config.suffix_fraction_max * n))
     t = int(rng.integers(shortest, longest + 1))
-    source, target = raw[:n - t], raw[n - t:]
+    source, target = raw[: n - t], raw[n - t :]
     mask_index = n - t
     return _segment(
         context=np.append(source, specials.gmask),
@@ -256,8 +286,9 @@ def draw_span_lengths(rng: np.random.Generator, config: ObjectiveConfig) -> tupl
     return lengths, used
 
 
-def place_spans(rng: np.random.Generator, lengths: np.ndarray, segment: np.ndarray,
-                chunk_length: np.ndarray) -> np.ndarray:
+def place_spans(
+    rng: np.random.Generator, lengths: np.ndarray, segment: np.ndarray, chunk_length: np.ndarray
+) -> np.ndarray:
     """Start of each span in its segment's chunk, spans given in text order and grouped by segment,
     with at least one unmasked token between neighbours: the GLM code's placement (free offsets
     drawn independently and sorted)."""
@@ -271,8 +302,7 @@ def place_spans(rng: np.random.Generator, lengths: np.ndarray, segment: np.ndarr
     return offsets + before - before[_starts_of(spans_per_segment)][segment]  # ... in its segment
 
 
-def mask_sample(raw: np.ndarray, rng: np.random.Generator, config: ObjectiveConfig,
-                specials: SpecialTokens) -> Sample:
+def mask_sample(raw: np.ndarray, rng: np.random.Generator, config: ObjectiveConfig, specials: SpecialTokens) -> Sample:
     """mask_segments segments of mask_segment_length tokens, cut from consecutive chunks of `raw`
     (at least mask_window_length tokens; each chunk is as long as its spans allow, so the tail of
     `raw` goes unused). In each, the spans (shuffled into a random text order) become one [MASK]
@@ -293,7 +323,7 @@ def mask_sample(raw: np.ndarray, rng: np.random.Generator, config: ObjectiveConf
     chunk_length = S - 2 * spans_per_segment
     starts = place_spans(rng, lengths, segment, chunk_length) + _starts_of(chunk_length)[segment]
 
-    text = raw[:int(chunk_length.sum())]
+    text = raw[: int(chunk_length.sum())]
     inside = np.repeat(starts - _starts_of(lengths), lengths) + np.arange(int(lengths.sum()))
     keep = np.ones(len(text), bool)
     keep[inside] = False
@@ -311,16 +341,22 @@ def mask_sample(raw: np.ndarray, rng: np.random.Generator, config: ObjectiveConf
     offset = _index_within(block)
     source = np.repeat(starts[order], block) + offset  # index in text of the token predicted here
     span_inputs = np.where(offset == 0, specials.sop, text[np.maximum(source - 1, 0)])
-    span_targets = np.where(offset == np.repeat(lengths[order], block), specials.eop,
-                            text[np.minimum(source, len(text) - 1)])
+    span_targets = np.where(
+        offset == np.repeat(lengths[order], block), specials.eop, text[np.minimum(source, len(text) - 1)]
+    )
 
     segment_start = np.arange(G) * S
     in_context = np.repeat(segment_start, context_length) + _index_within(context_length)
     in_generated = np.repeat(segment_start + context_length, generated_length) + _index_within(generated_length)
-    sample = Sample(input_ids=np.empty(G * S, np.int64), targets=np.empty(G * S, np.int64),
-                    loss_mask=np.ones(G * S, bool), segment_ids=np.repeat(np.arange(1, G + 1), S),
-                    in_prefix=np.zeros(G * S, bool), anchor=np.empty(G * S, np.int64),
-                    block_offset=np.zeros(G * S, np.int64))
+    sample = Sample(
+        input_ids=np.empty(G * S, np.int64),
+        targets=np.empty(G * S, np.int64),
+        loss_mask=np.ones(G * S, bool),
+        segment_ids=np.repeat(np.arange(1, G + 1), S),
+        in_prefix=np.zeros(G * S, bool),
+        anchor=np.empty(G * S, np.int64),
+        block_offset=np.zeros(G * S, np.int64),
+    )
     sample.input_ids[in_context] = sample.targets[in_context] = shown[keep]
     sample.input_ids[in_generated], sample.targets[in_generated] = span_inputs, span_targets
     sample.loss_mask[in_context] = False
@@ -343,14 +379,17 @@ def mip_segment(pair: MIPPair, segment_length: int, specials: SpecialTokens) -> 
     prompt, target = np.asarray(pair.prompt, np.int64), np.asarray(pair.target, np.int64)
     room = segment_length - len(target) - 2  # [MASK] and <sop>
     if room < 0:
-        raise GLMError(f"MIP target of {len(target)} tokens does not fit a {segment_length}-token segment "
-                       f"with [MASK], <sop> and <eop>; drop the pair or use fewer mip_segments")
-    prompt = prompt[len(prompt) - min(room, len(prompt)):]
+        raise GLMError(
+            f"MIP target of {len(target)} tokens does not fit a {segment_length}-token segment "
+            f"with [MASK], <sop> and <eop>; drop the pair or use fewer mip_segments"
+        )
+    prompt = prompt[len(prompt) - min(room, len(prompt)) :]
     return blank_segment(np.append(prompt, specials.mask), len(prompt), target, specials)
 
 
-def blank_segment(context: np.ndarray, mask_index: int, target: np.ndarray, specials: SpecialTokens,
-                  counting: bool = False) -> Sample:
+def blank_segment(
+    context: np.ndarray, mask_index: int, target: np.ndarray, specials: SpecialTokens, counting: bool = False
+) -> Sample:
     """`context <sop> target` with targets `target <eop>`: the blank at context[mask_index] filled
     by `target` (loss on the target and its <eop>), as generation sees it (glm130b.generate.inputs).
     The span sits at the mask's position, or with `counting` ([gMASK] ending the context) counts on."""
@@ -366,8 +405,9 @@ def blank_segment(context: np.ndarray, mask_index: int, target: np.ndarray, spec
     )
 
 
-def mip_sample(pairs: Sequence[MIPPair], rng: np.random.Generator, config: ObjectiveConfig,
-               specials: SpecialTokens) -> Sample:
+def mip_sample(
+    pairs: Sequence[MIPPair], rng: np.random.Generator, config: ObjectiveConfig, specials: SpecialTokens
+) -> Sample:
     """mip_segments pairs drawn uniformly (with replacement), one per segment."""
     chosen = rng.integers(0, len(pairs), size=config.mip_segments)
     return concat_segments([mip_segment(pairs[i], config.mip_segment_length, specials) for i in chosen])
@@ -395,16 +435,18 @@ def load_mip_pairs(path: str | Path, tokenizer: TextEncoder | None = None) -> li
             raise GLMError(f"{path}:{number}: not valid JSON ({e.msg}); write one object per line") from e
         if not isinstance(record, dict) or not {"prompt", "target"} <= record.keys():
             raise GLMError(f"{path}:{number}: each line must be an object with 'prompt' and 'target' fields")
-        pairs.append(MIPPair(*(_token_ids(record[f], tokenizer, f"{path}:{number}: {f}")
-                               for f in ("prompt", "target"))))
+        pairs.append(
+            MIPPair(*(_token_ids(record[f], tokenizer, f"{path}:{number}: {f}") for f in ("prompt", "target")))
+        )
     return pairs
 
 
 def _token_ids(value: str | Iterable[int], tokenizer: TextEncoder | None, where: str) -> np.ndarray:
     if isinstance(value, str):
         if tokenizer is None:
-            raise GLMError(f"{where} is text but no tokenizer was given; pass one to load_mip_pairs "
-                           "or store token id lists")
+            raise GLMError(
+                f"{where} is text but no tokenizer was given; pass one to load_mip_pairs or store token id lists"
+            )
         return np.asarray(tokenizer.encode(value), np.int64)
     ids = list(value)
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):

@@ -50,8 +50,10 @@ class QuantScheme:
                 raise QuantizationError(f"--official-tp must be a positive number of ranks, got {self.shards!r}")
             return  # the groups of a sharded scheme follow each layer's width (for_linear)
         if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise QuantizationError(f"group size {self.group_size} is not supported; choose one of "
-                                    f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))} or leave it out for row-wise scales")
+            raise QuantizationError(
+                f"group size {self.group_size} is not supported; choose one of "
+                f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))} or leave it out for row-wise scales"
+            )
 
     @property
     def qmax(self) -> int:
@@ -69,17 +71,23 @@ class QuantScheme:
         if self.shards is None or not path.endswith(INPUT_SPLIT_LINEARS):
             return self if self.shards is None else QuantScheme(self.bits, None, self.shards)
         if in_features % self.shards:
-            raise QuantizationError(f"{path} has {in_features} input columns, which {self.shards} tensor-parallel "
-                                    "ranks cannot split evenly; pick --official-tp dividing it")
+            raise QuantizationError(
+                f"{path} has {in_features} input columns, which {self.shards} tensor-parallel "
+                "ranks cannot split evenly; pick --official-tp dividing it"
+            )
         return QuantScheme(self.bits, in_features // self.shards, self.shards)
 
     def check_shape(self, out_features: int, in_features: int, what: str = "weight") -> None:
         if self.bits == 4 and in_features % 2:
-            raise QuantizationError(f"{what} has an odd input dimension {in_features}: INT4 packs two input "
-                                    "columns per byte; use --bits 8 for this model")
+            raise QuantizationError(
+                f"{what} has an odd input dimension {in_features}: INT4 packs two input "
+                "columns per byte; use --bits 8 for this model"
+            )
         if self.group_size is not None and in_features % self.group_size:
-            raise QuantizationError(f"group size {self.group_size} does not divide the input dimension "
-                                    f"{in_features} of {what}; pick a group size that divides it, or row-wise scales")
+            raise QuantizationError(
+                f"group size {self.group_size} does not divide the input dimension "
+                f"{in_features} of {what}; pick a group size that divides it, or row-wise scales"
+            )
 
     def packed_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
         return out_features, in_features * self.bits // 8
@@ -105,11 +113,15 @@ class QuantScheme:
             record = json.loads(metadata[METADATA_KEY])
             method, bits, group_size = record["method"], record["bits"], record["group_size"]
         except (ValueError, KeyError, TypeError):
-            raise QuantizationError(f"{source} records an unreadable quantization scheme {metadata[METADATA_KEY]!r}; "
-                                    "re-create it with `glm130b quantize`") from None
+            raise QuantizationError(
+                f"{source} records an unreadable quantization scheme {metadata[METADATA_KEY]!r}; "
+                "re-create it with `glm130b quantize`"
+            ) from None
         if method != METHOD:
-            raise QuantizationError(f"{source} is quantized with unknown method {method!r}; this version reads only "
-                                    f"{METHOD!r} (re-quantize the fp16 model with `glm130b quantize`)")
+            raise QuantizationError(
+                f"{source} is quantized with unknown method {method!r}; this version reads only "
+                f"{METHOD!r} (re-quantize the fp16 model with `glm130b quantize`)"
+            )
         try:
             return cls(bits, group_size, record.get("shards"))
         except QuantizationError as err:
@@ -130,7 +142,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- quantize
-def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, what: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    weight: torch.Tensor, scheme: QuantScheme, what: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in] (any float dtype) -> (packed int8 weight, fp16 scales) of `scheme`."""
     out_features, in_features = weight.shape
     scheme.check_shape(out_features, in_features, what)
@@ -138,8 +152,10 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, what: str = "weig
     groups = weight.reshape(out_features, in_features // group, group)  # [out, G, group]
     scale = (groups.abs().amax(dim=-1) / scheme.qmax).half()  # [out, G]
     if not torch.isfinite(scale).all():
-        raise QuantizationError(f"{what} holds values that are not finite or exceed the fp16 range of the "
-                                "scales; check the checkpoint is not corrupted")
+        raise QuantizationError(
+            f"{what} holds values that are not finite or exceed the fp16 range of the "
+            "scales; check the checkpoint is not corrupted"
+        )
     # An all-zero row (or group) has scale 0; the official code divides 0 by 0 there. Dividing by 1
     # instead gives the only right answer, q = 0, and leaves every other row untouched.
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -154,8 +170,9 @@ def unpack_weight(packed: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return unpack_int4(packed) if scheme.bits == 4 else packed
 
 
-def dequantize_weight(packed: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_weight(
+    packed: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(packed weight, scales) -> W [out, in] in `dtype`: q * scale of its row or group."""
     q = unpack_weight(packed, scheme)
     out_features, in_features = q.shape

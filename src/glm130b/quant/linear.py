@@ -19,22 +19,34 @@ from glm130b.quant.kernels import quantized_linear
 
 # The linear layers that are quantized, by module path inside each block.
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-QUANTIZED_WEIGHT = re.compile(r"transformer\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_LINEARS)) + r")\.weight")
+QUANTIZED_WEIGHT = re.compile(
+    r"transformer\.layers\.\d+\.(" + "|".join(map(re.escape, QUANTIZED_LINEARS)) + r")\.weight"
+)
 SCALE_SUFFIX = "_scale"  # the key of a quantized weight's scales: `<weight key>_scale`
 
 
 class QuantizedLinear(nn.Module):
     """nn.Linear with a weight-only quantized weight: same forward signature, bias kept."""
 
-    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         scheme.check_shape(out_features, in_features)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        self.register_buffer("weight", torch.empty(scheme.packed_shape(out_features, in_features),
-                                                   dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(scheme.scale_shape(out_features, in_features),
-                                                         dtype=torch.float16, device=device))
+        self.register_buffer(
+            "weight", torch.empty(scheme.packed_shape(out_features, in_features), dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "weight_scale",
+            torch.empty(scheme.scale_shape(out_features, in_features), dtype=torch.float16, device=device),
+        )
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
@@ -49,8 +61,9 @@ class QuantizedLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """The floating-point nn.Linear this layer computes: its weight dequantized, its bias kept."""
-        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                           device=self.weight.device, dtype=dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None, device=self.weight.device, dtype=dtype
+        )
         linear.weight.copy_(dequantize_weight(self.weight, self.weight_scale, self.scheme, dtype))
         if self.bias is not None:
             linear.bias.copy_(self.bias)
@@ -60,8 +73,10 @@ class QuantizedLinear(nn.Module):
         return quantized_linear(x, self.weight, self.weight_scale, self.bias, self.scheme)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, " \
-               f"bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def _quantized_linears(model: GLM):
@@ -77,8 +92,18 @@ def replace_linears(model: GLM, scheme: QuantScheme) -> GLM:
         linear = getattr(parent, child)
         layer_scheme = scheme.for_linear(name, linear.in_features)
         layer_scheme.check_shape(linear.out_features, linear.in_features, name)
-        setattr(parent, child, QuantizedLinear(linear.in_features, linear.out_features, layer_scheme,
-                                               linear.bias is not None, linear.weight.device, linear.weight.dtype))
+        setattr(
+            parent,
+            child,
+            QuantizedLinear(
+                linear.in_features,
+                linear.out_features,
+                layer_scheme,
+                linear.bias is not None,
+                linear.weight.device,
+                linear.weight.dtype,
+            ),
+        )
     return model
 
 

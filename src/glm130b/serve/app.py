@@ -52,8 +52,15 @@ from glm130b.serve.schema import (
     Usage,
 )
 
-ERROR_STATUSES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                  429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "timeout_error"}
+ERROR_STATUSES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    504: "timeout_error",
+}
 
 
 class APIError(Exception):
@@ -63,8 +70,14 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_STATUSES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_STATUSES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 def _validation_message(errors) -> tuple[str, str | None]:
@@ -95,20 +108,28 @@ class BodyLimit:
 
     async def _refuse(self, send, status: int, message: str) -> None:
         body = json.dumps(error_body(status, message)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        too_big = (f"the request body is larger than this server's limit of {self.max_bytes} bytes; send a "
-                   "smaller request (or start the server with a larger --max-body-bytes)")
+        too_big = (
+            f"the request body is larger than this server's limit of {self.max_bytes} bytes; send a "
+            "smaller request (or start the server with a larger --max-body-bytes)"
+        )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                return await self._refuse(send, 400, f"Content-Length {declared.decode(errors='replace')!r} is not "
-                                                     "a number of bytes")
+                return await self._refuse(
+                    send, 400, f"Content-Length {declared.decode(errors='replace')!r} is not a number of bytes"
+                )
             if int(declared) > self.max_bytes:
                 return await self._refuse(send, 413, too_big)
         body, more = b"", True
@@ -152,11 +173,14 @@ def _check_supported(body: CompletionRequest) -> None:
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server; leave it out", "logit_bias")
     if body.num_beams > 1:
-        for name, bad in (("n", body.n > 1), ("logprobs", body.logprobs is not None),
-                          ("ignore_eos", body.ignore_eos)):
+        for name, bad in (("n", body.n > 1), ("logprobs", body.logprobs is not None), ("ignore_eos", body.ignore_eos)):
             if bad:
-                raise APIError(400, f"{name} cannot be combined with beam search (num_beams > 1): beam search "
-                                    "returns its single best hypothesis", name)
+                raise APIError(
+                    400,
+                    f"{name} cannot be combined with beam search (num_beams > 1): beam search "
+                    "returns its single best hypothesis",
+                    name,
+                )
 
 
 def _prompts(body: CompletionRequest, tokenizer) -> list:
@@ -173,8 +197,12 @@ def _prompts(body: CompletionRequest, tokenizer) -> list:
             where = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
             raise APIError(400, f"{where}: {err}", "prompt") from None
     if body.suffix is not None and any(len(p.markers) != 1 for p in parsed):
-        raise APIError(400, "suffix is given, so the prompt must hold no mask marker of its own ([MASK] goes "
-                            "between prompt and suffix); remove the markers or the suffix", "suffix")
+        raise APIError(
+            400,
+            "suffix is given, so the prompt must hold no mask marker of its own ([MASK] goes "
+            "between prompt and suffix); remove the markers or the suffix",
+            "suffix",
+        )
     return parsed
 
 
@@ -182,12 +210,20 @@ def _options(body: CompletionRequest, choice: int) -> DecodeOptions:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     beam = None
     if body.num_beams > 1:
-        beam = BeamSearch(num_beams=body.num_beams, length_penalty=body.length_penalty,
-                          no_repeat_ngram_size=body.no_repeat_ngram_size)
-    return DecodeOptions(max_tokens=body.max_tokens, temperature=body.temperature if beam is None else 0.0,
-                         top_p=body.top_p, top_k=body.top_k,
-                         seed=None if body.seed is None else body.seed + choice, stop=stop,
-                         logprobs=body.logprobs, beam=beam, ignore_eos=body.ignore_eos)
+        beam = BeamSearch(
+            num_beams=body.num_beams, length_penalty=body.length_penalty, no_repeat_ngram_size=body.no_repeat_ngram_size
+        )
+    return DecodeOptions(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature if beam is None else 0.0,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=None if body.seed is None else body.seed + choice,
+        stop=stop,
+        logprobs=body.logprobs,
+        beam=beam,
+        ignore_eos=body.ignore_eos,
+    )
 
 
 def _logprobs(result: SequenceResult, offset: int) -> Logprobs | None:
@@ -198,12 +234,22 @@ def _logprobs(result: SequenceResult, offset: int) -> Logprobs | None:
         offsets.append(offset)
         offset += len(entry.token)
     top = [e.top for e in result.logprobs] if any(e.top is not None for e in result.logprobs) else None
-    return Logprobs(tokens=[e.token for e in result.logprobs], token_logprobs=[e.logprob for e in result.logprobs],
-                    top_logprobs=top, text_offset=offsets)
+    return Logprobs(
+        tokens=[e.token for e in result.logprobs],
+        token_logprobs=[e.logprob for e in result.logprobs],
+        top_logprobs=top,
+        text_offset=offsets,
+    )
 
 
-def create_app(engine: Engine, model_name: str, *, request_timeout: float = limits.REQUEST_TIMEOUT_S,
-               max_body_bytes: int = limits.MAX_BODY_BYTES, drain_timeout: float = limits.DRAIN_TIMEOUT_S) -> FastAPI:
+def create_app(
+    engine: Engine,
+    model_name: str,
+    *,
+    request_timeout: float = limits.REQUEST_TIMEOUT_S,
+    max_body_bytes: int = limits.MAX_BODY_BYTES,
+    drain_timeout: float = limits.DRAIN_TIMEOUT_S,
+) -> FastAPI:
     """The FastAPI app over `engine` (started with the app, drained and stopped when it shuts down)."""
     metrics = ServeMetrics(engine)
     engine.on_step = metrics.on_step
@@ -215,8 +261,12 @@ def create_app(engine: Engine, model_name: str, *, request_timeout: float = limi
         yield
         await asyncio.to_thread(engine.stop, drain_timeout)
 
-    app = FastAPI(title="glm130b", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible completions with GLM's blank infilling ([MASK]) and beam search.")
+    app = FastAPI(
+        title="glm130b",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible completions with GLM's blank infilling ([MASK]) and beam search.",
+    )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.engine, app.state.metrics = engine, metrics
 
@@ -239,8 +289,12 @@ def create_app(engine: Engine, model_name: str, *, request_timeout: float = limi
 
     @app.get("/health", response_model=Health)
     async def health():
-        return Health(status="draining" if engine.closing else "ok", running=engine.running,
-                      waiting=engine.queue_length, max_batch=engine.max_batch)
+        return Health(
+            status="draining" if engine.closing else "ok",
+            running=engine.running,
+            waiting=engine.queue_length,
+            max_batch=engine.max_batch,
+        )
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
@@ -250,18 +304,32 @@ def create_app(engine: Engine, model_name: str, *, request_timeout: float = limi
     async def models():
         return ModelList(data=[ModelCard(id=model_name, created=created, max_model_len=engine.max_total_tokens)])
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses={
-        **errors, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                        "description": "a CompletionResponse, or with stream=true server-sent CompletionChunk "
-                                       "events ending with `data: [DONE]`"}})
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={
+            **errors,
+            200: {
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "a CompletionResponse, or with stream=true server-sent CompletionChunk "
+                "events ending with `data: [DONE]`",
+            },
+        },
+    )
     async def completions(body: CompletionRequest, request: Request):
         started = time.monotonic()
         if body.model != model_name:
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {model_name!r} "
-                                "(GET /v1/models)", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; this server serves {model_name!r} (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
         _check_supported(body)
         prompts = _prompts(body, engine.tokenizer)
-        specs = [SequenceSpec(p, _options(body, i), k * body.n + i) for k, p in enumerate(prompts) for i in range(body.n)]
+        specs = [
+            SequenceSpec(p, _options(body, i), k * body.n + i) for k, p in enumerate(prompts) for i in range(body.n)
+        ]
         events = _Events(asyncio.get_running_loop())
         try:
             job = engine.submit(specs, events.put, stream=body.stream)
@@ -280,22 +348,28 @@ def create_app(engine: Engine, model_name: str, *, request_timeout: float = limi
         if body.stream:
             return StreamingResponse(
                 _stream(served, events, body, specs, echoes, usage_in, request_id, now, model_name, deadline),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         results: dict[int, SequenceResult] = {}
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             while len(results) < len(specs):
                 getter = asyncio.ensure_future(events.queue.get())
-                ready, _ = await asyncio.wait({getter, gone}, timeout=max(0.0, deadline - time.monotonic()),
-                                              return_when=asyncio.FIRST_COMPLETED)
+                ready, _ = await asyncio.wait(
+                    {getter, gone}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter not in ready:
                     getter.cancel()
                     if gone in ready:
                         served.end("cancelled")
                         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
                     served.end("timeout")
-                    raise APIError(504, f"the request did not finish within {request_timeout:g} s (the server's "
-                                        "--request-timeout); ask for fewer tokens or retry later")
+                    raise APIError(
+                        504,
+                        f"the request did not finish within {request_timeout:g} s (the server's "
+                        "--request-timeout); ask for fewer tokens or retry later",
+                    )
                 event = getter.result()
                 served.first_event()
                 if isinstance(event, JobFailed):
@@ -307,14 +381,25 @@ def create_app(engine: Engine, model_name: str, *, request_timeout: float = limi
         finally:
             gone.cancel()
             served.end("cancelled")  # left early (an error, or the server's task cancelled): free the rows
-        choices = [Choice(index=s.index, text=echo + "".join(results[s.index].blanks),
-                          logprobs=_logprobs(results[s.index], len(echo)),
-                          finish_reason=results[s.index].finish_reason, blanks=results[s.index].blanks,
-                          filled_text=results[s.index].filled_text) for s, echo in zip(specs, echoes)]
+        choices = [
+            Choice(
+                index=s.index,
+                text=echo + "".join(results[s.index].blanks),
+                logprobs=_logprobs(results[s.index], len(echo)),
+                finish_reason=results[s.index].finish_reason,
+                blanks=results[s.index].blanks,
+                filled_text=results[s.index].filled_text,
+            )
+            for s, echo in zip(specs, echoes)
+        ]
         usage_out = sum(r.completion_tokens for r in results.values())
-        return CompletionResponse(id=request_id, created=now, model=model_name, choices=choices,
-                                  usage=Usage(prompt_tokens=usage_in, completion_tokens=usage_out,
-                                              total_tokens=usage_in + usage_out))
+        return CompletionResponse(
+            id=request_id,
+            created=now,
+            model=model_name,
+            choices=choices,
+            usage=Usage(prompt_tokens=usage_in, completion_tokens=usage_out, total_tokens=usage_in + usage_out),
+        )
 
     original_openapi = app.openapi
 
@@ -367,10 +452,21 @@ def _sse(payload) -> str:
     return f"data: {data}\n\n"
 
 
-async def _stream(served: _Served, events: _Events, body: CompletionRequest, specs, echoes, usage_in: int,
-                  request_id: str, created: int, model_name: str, deadline: float):
+async def _stream(
+    served: _Served,
+    events: _Events,
+    body: CompletionRequest,
+    specs,
+    echoes,
+    usage_in: int,
+    request_id: str,
+    created: int,
+    model_name: str,
+    deadline: float,
+):
     """Server-sent events: the echoed prompts, each text delta with its blank, one closing chunk per
     choice (finish_reason, blanks, filled_text, logprobs), the usage if asked, then [DONE]."""
+
     def chunk(choices, usage=None) -> str:
         return _sse(CompletionChunk(id=request_id, created=created, model=model_name, choices=choices, usage=usage))
 
@@ -384,8 +480,15 @@ async def _stream(served: _Served, events: _Events, body: CompletionRequest, spe
                 event = await asyncio.wait_for(events.queue.get(), timeout=max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 served.end("timeout")
-                yield _sse(json.dumps(error_body(504, "the request did not finish within the server's "
-                                                      "--request-timeout; ask for fewer tokens or retry later")))
+                yield _sse(
+                    json.dumps(
+                        error_body(
+                            504,
+                            "the request did not finish within the server's "
+                            "--request-timeout; ask for fewer tokens or retry later",
+                        )
+                    )
+                )
                 return
             served.first_event()
             if isinstance(event, JobFailed):
@@ -399,13 +502,23 @@ async def _stream(served: _Served, events: _Events, body: CompletionRequest, spe
                 r = event.result
                 usage_out += r.completion_tokens
                 echo = echoes[[s.index for s in specs].index(event.index)]
-                yield chunk([StreamChoice(index=event.index, text="", finish_reason=r.finish_reason,
-                                          blanks=r.blanks, filled_text=r.filled_text,
-                                          logprobs=_logprobs(r, len(echo)))])
+                yield chunk(
+                    [
+                        StreamChoice(
+                            index=event.index,
+                            text="",
+                            finish_reason=r.finish_reason,
+                            blanks=r.blanks,
+                            filled_text=r.filled_text,
+                            logprobs=_logprobs(r, len(echo)),
+                        )
+                    ]
+                )
         served.end("ok")
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield chunk([], Usage(prompt_tokens=usage_in, completion_tokens=usage_out,
-                                  total_tokens=usage_in + usage_out))
+            yield chunk(
+                [], Usage(prompt_tokens=usage_in, completion_tokens=usage_out, total_tokens=usage_in + usage_out)
+            )
         yield _sse("[DONE]")
     finally:
         served.end("cancelled")  # the client went away mid-stream: free the rows

@@ -65,9 +65,9 @@ class DecodeOptions:
 
 @dataclass(frozen=True)
 class SequenceSpec:
-    prompt: Prompt        # glm130b.generate's parsed prompt: pieces, markers, context ids
+    prompt: Prompt  # glm130b.generate's parsed prompt: pieces, markers, context ids
     options: DecodeOptions
-    index: int            # the choice index in the response
+    index: int  # the choice index in the response
 
 
 @dataclass
@@ -79,9 +79,9 @@ class TokenLogprob:
 
 @dataclass
 class SequenceResult:
-    blanks: list[str]             # the text of each blank, in order
-    filled_text: str              # the prompt with each marker replaced by its blank
-    finish_reason: str            # "stop" (end token or stop string) or "length", of the last blank
+    blanks: list[str]  # the text of each blank, in order
+    filled_text: str  # the prompt with each marker replaced by its blank
+    finish_reason: str  # "stop" (end token or stop string) or "length", of the last blank
     completion_tokens: int
     logprobs: list[TokenLogprob] | None
 
@@ -130,15 +130,15 @@ class _Sequence:
 
     job: Job
     spec: SequenceSpec
-    sequence: list[int]                       # context ids, filled spans in place, no <sop>
+    sequence: list[int]  # context ids, filled spans in place, no <sop>
     blanks: list[str] = field(default_factory=list)
     row: int | None = None
     needs_prefill: bool = True
     span: SpanText | None = None
-    generated: int = 0                        # tokens of the current blank fed so far
-    context_length: int = 0                   # the current blank's context + <sop>
-    base: list[int] | int = 0                 # position of the blank's token 0 (a pair with 2-D)
-    step: list[int] | int = 0                 # added per token: 1 after [gMASK], 0 in a [MASK] span
+    generated: int = 0  # tokens of the current blank fed so far
+    context_length: int = 0  # the current blank's context + <sop>
+    base: list[int] | int = 0  # position of the blank's token 0 (a pair with 2-D)
+    step: list[int] | int = 0  # added per token: 1 after [gMASK], 0 in a [MASK] span
     chooser: TokenChooser | None = None
     finish_reason: str = "stop"
     completion_tokens: int = 0
@@ -158,7 +158,7 @@ def _assemble(prompt: Prompt, blanks: list[str]) -> str:
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+    return (text[: min(hits)], True) if hits else (text, False)
 
 
 # ---------------------------------------------------------------------------------- engine
@@ -171,15 +171,25 @@ class Engine:
     bit for bit: every step computes all max_batch rows (idle ones a dummy token) and each prompt
     is prefilled alone, so no row's arithmetic depends on the others (slower)."""
 
-    def __init__(self, model: GLM, tokenizer, *, max_batch: int = limits.MAX_BATCH,
-                 max_total_tokens: int | None = None, max_queue: int = limits.MAX_QUEUE,
-                 batch_invariant: bool = False, on_step: Callable[[int, int, float], None] | None = None):
+    def __init__(
+        self,
+        model: GLM,
+        tokenizer,
+        *,
+        max_batch: int = limits.MAX_BATCH,
+        max_total_tokens: int | None = None,
+        max_queue: int = limits.MAX_QUEUE,
+        batch_invariant: bool = False,
+        on_step: Callable[[int, int, float], None] | None = None,
+    ):
         cfg = model.config
         limit = cfg.max_sequence_length
         self.max_total_tokens = max_total_tokens or limit
         if not 2 <= self.max_total_tokens <= limit:
-            raise InputError(f"max_total_tokens {self.max_total_tokens} must be in [2, {limit}] (the model's "
-                             "max_sequence_length): lower it")
+            raise InputError(
+                f"max_total_tokens {self.max_total_tokens} must be in [2, {limit}] (the model's "
+                "max_sequence_length): lower it"
+            )
         if max_batch < 1 or max_queue < 1:
             raise InputError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be at least 1")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -222,15 +232,19 @@ class Engine:
         blanks = len(prompt.markers)
         need = len(prompt.context) + 1 + blanks * max_tokens
         if need > self.max_total_tokens:
-            raise InputError(f"the prompt has {len(prompt.context) + 1} tokens (with its mask, eos and <sop>) and "
-                             f"asks for up to {max_tokens} tokens for each of its {blanks} blank(s): {need} in all, "
-                             f"more than this server's limit of {self.max_total_tokens} tokens per sequence; "
-                             "lower max_tokens or shorten the prompt")
+            raise InputError(
+                f"the prompt has {len(prompt.context) + 1} tokens (with its mask, eos and <sop>) and "
+                f"asks for up to {max_tokens} tokens for each of its {blanks} blank(s): {need} in all, "
+                f"more than this server's limit of {self.max_total_tokens} tokens per sequence; "
+                "lower max_tokens or shorten the prompt"
+            )
 
     def submit(self, sequences: list[SequenceSpec], sink: Callable[[Event], None], stream: bool = True) -> Job:
         if len(sequences) > self.max_queue:
-            raise InputError(f"the request asks for {len(sequences)} sequences (prompts x n); this server queues "
-                             f"at most {self.max_queue}: send fewer prompts or a smaller n")
+            raise InputError(
+                f"the request asks for {len(sequences)} sequences (prompts x n); this server queues "
+                f"at most {self.max_queue}: send fewer prompts or a smaller n"
+            )
         for spec in sequences:
             self.check_fits(spec.prompt, spec.options.max_tokens)
         job = Job(sequences, sink, stream)
@@ -238,8 +252,9 @@ class Engine:
             if self._closing:
                 raise EngineClosed("the server is shutting down and takes no new requests; retry on another replica")
             if len(self._waiting) + len(sequences) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} sequences are waiting (the limit is {self.max_queue}); "
-                                "retry later")
+                raise QueueFull(
+                    f"{len(self._waiting)} sequences are waiting (the limit is {self.max_queue}); retry later"
+                )
             self._waiting.extend(_Sequence(job, spec, list(spec.prompt.context)) for spec in sequences)
             self._cond.notify()
         return job
@@ -356,7 +371,7 @@ class Engine:
     def _step(self) -> int:
         """Prefill the rows that need it, choose every busy row's token, decode; returns the busy rows."""
         waiting = [seq for seq in self._rows if seq is not None and seq.needs_prefill]
-        for group in ([[seq] for seq in waiting] if self.batch_invariant else [waiting] if waiting else []):
+        for group in [[seq] for seq in waiting] if self.batch_invariant else [waiting] if waiting else []:
             self._prefill(group)
         busy = [seq for seq in self._rows if seq is not None]
         if not busy:
@@ -369,7 +384,7 @@ class Engine:
         chosen = logits.argmax(dim=-1)
         for seq in busy:
             if seq.chooser is not None:
-                chosen[seq.row] = seq.chooser(logits[seq.row:seq.row + 1])[0]
+                chosen[seq.row] = seq.chooser(logits[seq.row : seq.row + 1])[0]
         tokens = chosen.tolist()  # the one device-to-host read of the step
         feed: dict[int, _Sequence] = {}
         for seq in busy:
@@ -431,14 +446,14 @@ class Engine:
         self._emit_delta(seq)
         span = seq.span.tokens
         if seq.span.stopped:  # the text was cut inside the span: its ids are those of the kept text
-            span = self.tokenizer.encode(seq.span.text)[:len(span)]
+            span = self.tokenizer.encode(seq.span.text)[: len(span)]
         self._fill(seq, span, seq.span.text, reason)
         return False
 
     def _fill(self, seq: _Sequence, span: list[int], text: str, reason: str) -> None:
         """Put a finished blank in place; prefill the next blank or report the sequence done."""
         at = next(i for i, t in enumerate(seq.sequence) if t in self.specials.mask_ids)
-        seq.sequence = seq.sequence[:at] + span + seq.sequence[at + 1:]
+        seq.sequence = seq.sequence[:at] + span + seq.sequence[at + 1 :]
         seq.blanks.append(text)
         seq.finish_reason = reason
         if len(seq.blanks) < len(seq.spec.prompt.markers):
@@ -446,8 +461,9 @@ class Engine:
             return
         if seq.row is not None:
             self._rows[seq.row] = None
-        result = SequenceResult(seq.blanks, _assemble(seq.spec.prompt, seq.blanks), seq.finish_reason,
-                                seq.completion_tokens, seq.logprobs)
+        result = SequenceResult(
+            seq.blanks, _assemble(seq.spec.prompt, seq.blanks), seq.finish_reason, seq.completion_tokens, seq.logprobs
+        )
         seq.job.emit(SequenceDone(seq.spec.index, result))
 
     def _run_beam(self, seq: _Sequence) -> None:
@@ -461,4 +477,4 @@ class Engine:
             if text and seq.job.stream:
                 seq.job.emit(TextDelta(seq.spec.index, len(seq.blanks), text))
             reason = "stop" if stopped or len(span) < o.max_tokens else "length"
-            self._fill(seq, self.tokenizer.encode(text)[:len(span)] if stopped else span, text, reason)
+            self._fill(seq, self.tokenizer.encode(text)[: len(span)] if stopped else span, text, reason)

@@ -23,16 +23,20 @@ class ServeMetrics:
         self.queue = Gauge("glm130b_queue_length", "sequences waiting for a cache row", registry=r)
         self.running = Gauge("glm130b_running_sequences", "sequences holding a cache row", registry=r)
         self.occupancy = Gauge("glm130b_batch_occupancy", "share of the cache rows in use (0..1)", registry=r)
-        self.tokens_per_s = Gauge("glm130b_tokens_per_second", f"generated tokens/s over the last {RATE_WINDOW_S:g} s",
-                                  registry=r)
+        self.tokens_per_s = Gauge(
+            "glm130b_tokens_per_second", f"generated tokens/s over the last {RATE_WINDOW_S:g} s", registry=r
+        )
         self.tokens = Counter("glm130b_generated_tokens", "tokens generated", registry=r)
         self.requests = Counter("glm130b_requests", "completion requests by outcome", ["status"], registry=r)
-        self.latency = Histogram("glm130b_request_latency_seconds", "request arrival to last token",
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.first_token = Histogram("glm130b_time_to_first_token_seconds", "request arrival to first text",
-                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.step_time = Histogram("glm130b_step_seconds", "one engine step (prefills + one decode)",
-                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "glm130b_request_latency_seconds", "request arrival to last token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.first_token = Histogram(
+            "glm130b_time_to_first_token_seconds", "request arrival to first text", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.step_time = Histogram(
+            "glm130b_step_seconds", "one engine step (prefills + one decode)", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue.set_function(lambda: engine.queue_length)
         self.running.set_function(lambda: engine.running)
         self.occupancy.set_function(lambda: engine.running / engine.max_batch)

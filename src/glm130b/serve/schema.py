@@ -28,19 +28,27 @@ class CompletionRequest(BaseModel):
     model: str = Field(description="the served model's id (GET /v1/models)")
     prompt: str | Annotated[list[str], Field(min_length=1)] = Field(
         description="text, or a list of texts; [MASK] marks a blank to fill, [gMASK] a text to continue "
-                    "(appended when the prompt has no marker)", examples=["Paris is the [MASK] of France."])
-    suffix: str | None = Field(None, description="text after the completion: the prompt becomes "
-                                                 "prompt + [MASK] + suffix, and the blank is filled")
+        "(appended when the prompt has no marker)",
+        examples=["Paris is the [MASK] of France."],
+    )
+    suffix: str | None = Field(
+        None,
+        description="text after the completion: the prompt becomes prompt + [MASK] + suffix, and the blank is filled",
+    )
     max_tokens: int = Field(16, ge=1, description="most tokens generated for each blank")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="GLM extension: keep the k most likely tokens (0: all)")
     n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end a blank")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1,
-                             description="reproducible sampling: choice i draws with seed + i")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
-                                 description="log-probs of the generated tokens and of this many alternatives")
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"up to {MAX_STOP_STRINGS} strings that end a blank"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="reproducible sampling: choice i draws with seed + i"
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log-probs of the generated tokens and of this many alternatives"
+    )
     echo: bool = Field(False, description="put the prompt before the completion in `text`")
     stream: bool = Field(False, description="send the completion as server-sent events")
     stream_options: StreamOptions | None = None
@@ -50,13 +58,19 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float = Field(0.0, description="not supported: only 0")
     best_of: int | None = Field(None, description="not supported: only 1 (or n)")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: only empty")
-    num_beams: int = Field(1, ge=1, le=MAX_N, description="GLM extension: beam search with this many beams "
-                                                          "(> 1; runs alone, not continuously batched)")
-    length_penalty: float = Field(1.0, ge=-10.0, le=10.0,
-                                  description="GLM extension (beam search): score / ((5 + length) / 6) ** penalty")
+    num_beams: int = Field(
+        1,
+        ge=1,
+        le=MAX_N,
+        description="GLM extension: beam search with this many beams (> 1; runs alone, not continuously batched)",
+    )
+    length_penalty: float = Field(
+        1.0, ge=-10.0, le=10.0, description="GLM extension (beam search): score / ((5 + length) / 6) ** penalty"
+    )
     no_repeat_ngram_size: int = Field(0, ge=0, le=64, description="GLM extension (beam search): no repeated n-gram")
-    ignore_eos: bool = Field(False, description="GLM extension: ban the end tokens, so every blank runs to "
-                                                "max_tokens (for benchmarks)")
+    ignore_eos: bool = Field(
+        False, description="GLM extension: ban the end tokens, so every blank runs to max_tokens (for benchmarks)"
+    )
 
 
 class Logprobs(BaseModel):
@@ -76,8 +90,9 @@ class Choice(BaseModel):
 
 
 class StreamChoice(Choice):
-    blank_index: int | None = Field(None, description="GLM extension: the blank this text belongs to "
-                                                      "(none for echoed prompt text)")
+    blank_index: int | None = Field(
+        None, description="GLM extension: the blank this text belongs to (none for echoed prompt text)"
+    )
 
 
 class Usage(BaseModel):

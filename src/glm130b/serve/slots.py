@@ -20,8 +20,9 @@ from glm130b.tokenizer.specials import SpecialTokens
 class RowSlotCache(KVCache):
     """KVCache [rows, H, T, D] whose decode writes go to one slot per row (`slots` [B, S])."""
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-              slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if slots is None or slots.dim() == 1:  # the base class's modes (every row at the same slots)
             return super().store(layer, k, v, slots)
         B, H, S, D = k.shape
@@ -34,14 +35,15 @@ class RowSlotCache(KVCache):
     def row(self, b: int) -> KVCache:
         """A batch-1 KVCache viewing row b (for prefilling one request in place)."""
         view = KVCache.__new__(KVCache)
-        view.keys = [k[b:b + 1] for k in self.keys]
-        view.values = [v[b:b + 1] for v in self.values]
+        view.keys = [k[b : b + 1] for k in self.keys]
+        view.values = [v[b : b + 1] for v in self.values]
         view.length, view.max_length = 0, self.max_length
         return view
 
 
-def prefill_rows(model: GLM, cache: RowSlotCache, rows: list[int], contexts: list[list[int]],
-                 specials: SpecialTokens) -> torch.Tensor:
+def prefill_rows(
+    model: GLM, cache: RowSlotCache, rows: list[int], contexts: list[list[int]], specials: SpecialTokens
+) -> torch.Tensor:
     """Run contexts (ids ending in <sop>) into cache rows `rows`, slots 0..len-1 of each; logits
     [k, V] fp32 at each <sop>. One context is written in place; several run as one right-padded
     batch into a scratch cache whose rows are then copied (their pad slots are overwritten by
@@ -60,8 +62,7 @@ def prefill_rows(model: GLM, cache: RowSlotCache, rows: list[int], contexts: lis
         return logits
 
 
-def decode_rows(model: GLM, cache: RowSlotCache, tokens: list[int], positions: list,
-                slots: list[int]) -> torch.Tensor:
+def decode_rows(model: GLM, cache: RowSlotCache, tokens: list[int], positions: list, slots: list[int]) -> torch.Tensor:
     """One token per row of rows 0..B-1: row b feeds tokens[b] at position positions[b] (an int,
     or a pair for 2-D positions) into slot slots[b] and sees slots 0..slots[b]. Logits [B, V] fp32."""
     device = cache.keys[0].device
@@ -71,6 +72,12 @@ def decode_rows(model: GLM, cache: RowSlotCache, tokens: list[int], positions: l
     cols = torch.arange(cache.max_length, device=device)
     mask = (cols.view(1, -1) > slot).view(B, 1, 1, -1)  # [B, 1, 1, T], True = blocked
     with torch.no_grad():
-        logits = model(torch.tensor(tokens, device=device).view(B, 1), position, mask, kv_cache=cache,
-                       check_inputs=False, cache_slots=slot)
+        logits = model(
+            torch.tensor(tokens, device=device).view(B, 1),
+            position,
+            mask,
+            kv_cache=cache,
+            check_inputs=False,
+            cache_slots=slot,
+        )
     return logits[:, -1].float()

@@ -35,7 +35,7 @@ class SpanText:
         start = max(0, before - longest)  # a stop string may straddle the old end
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             self.stopped = True
             self.finish()
         return self.stopped
@@ -58,6 +58,6 @@ class SpanText:
         end = self._safe_end()
         if end <= self.shown:
             return ""
-        out = self.text[self.shown:end]
+        out = self.text[self.shown : end]
         self.shown = end
         return out

@@ -16,12 +16,12 @@ MASK_MARKER = re.compile(r"\[[sg]?MASK\]")
 class SpecialTokens:
     """Ids of the special tokens. Defaults: GLM-130B (the 8 specials appended after icetk's 150000)."""
 
-    mask: int = 150000    # [MASK]: short blank infilling
-    gmask: int = 150001   # [gMASK]: left-to-right generation of a suffix
-    smask: int = 150002   # [sMASK]: sentence mask, never trained in GLM-130B
-    sop: int = 150004     # <sop>: first token of every generated span
-    eop: int = 150005     # <eop>: end of a [MASK] span
-    eos: int = 20002      # </s>: appended after a right context
+    mask: int = 150000  # [MASK]: short blank infilling
+    gmask: int = 150001  # [gMASK]: left-to-right generation of a suffix
+    smask: int = 150002  # [sMASK]: sentence mask, never trained in GLM-130B
+    sop: int = 150004  # <sop>: first token of every generated span
+    eop: int = 150005  # <eop>: end of a [MASK] span
+    eos: int = 20002  # </s>: appended after a right context
     pad: int = 0
 
     @property
@@ -35,5 +35,12 @@ GLM130B_TOKENS = SpecialTokens()
 def special_tokens_at(start: int, eos: int, pad: int) -> SpecialTokens:
     """The specials placed at start + i in SPECIAL_NAMES order (after a tokenizer's text ids)."""
     ids = {name: start + i for i, name in enumerate(SPECIAL_NAMES)}
-    return SpecialTokens(mask=ids["[MASK]"], gmask=ids["[gMASK]"], smask=ids["[sMASK]"],
-                         sop=ids["<sop>"], eop=ids["<eop>"], eos=eos, pad=pad)
+    return SpecialTokens(
+        mask=ids["[MASK]"],
+        gmask=ids["[gMASK]"],
+        smask=ids["[sMASK]"],
+        sop=ids["<sop>"],
+        eop=ids["<eop>"],
+        eos=eos,
+        pad=pad,
+    )

@@ -24,14 +24,14 @@ from glm130b.tokenizer.specials import GLM130B_TOKENS, MASK_MARKER, SPECIAL_NAME
 from glm130b.tokenizer.training import train_sentencepiece
 
 META_FILE = "tokenizer.json"
-ICE_MODEL_FILE = "ice_text.model"        # the name icetk reads from its model folder
+ICE_MODEL_FILE = "ice_text.model"  # the name icetk reads from its model folder
 BILINGUAL_MODEL_FILE = "tokenizer.model"
 
 EOS_NAME, PAD_NAME = "</s>", "<pad>"
 
-ICE_IMAGE_IDS = 20000       # icetk ids below 20000 are image tokens; text ids follow them
+ICE_IMAGE_IDS = 20000  # icetk ids below 20000 are image tokens; text ids follow them
 ICE_SPECIALS_START = 150000  # SAT fixes the specials here (icetk's 20000 image + 130000 text ids)
-ICE_NEWLINE = "<n>"          # the piece GLM-130B's training data used for "\n" (id 20004)
+ICE_NEWLINE = "<n>"  # the piece GLM-130B's training data used for "\n" (id 20004)
 NEWLINE_MODES = ("pass", ICE_NEWLINE)
 
 
@@ -44,8 +44,9 @@ def _load_sentencepiece(model_proto: bytes, source: str) -> spm.SentencePiecePro
     try:
         sp.LoadFromSerializedProto(model_proto)
     except RuntimeError as err:
-        raise TokenizerError(f"{source} is not a SentencePiece model ({err}); pass the .model file "
-                             "that SentencePiece training wrote") from None
+        raise TokenizerError(
+            f"{source} is not a SentencePiece model ({err}); pass the .model file that SentencePiece training wrote"
+        ) from None
     return sp
 
 
@@ -55,22 +56,35 @@ class Tokenizer:
     kind: str  # recorded in tokenizer.json; selects the class on load
     model_file: str  # the model's file name inside a saved folder
 
-    def __init__(self, model_proto: bytes, sp: spm.SentencePieceProcessor, text_id_offset: int,
-                 specials_start: int, eos: int, pad: int, source: str):
+    def __init__(
+        self,
+        model_proto: bytes,
+        sp: spm.SentencePieceProcessor,
+        text_id_offset: int,
+        specials_start: int,
+        eos: int,
+        pad: int,
+        source: str,
+    ):
         self._model_proto = model_proto
         self._sp = sp
         self.text_id_offset = text_id_offset
         self.num_pieces = self._sp.get_piece_size()
         if text_id_offset + self.num_pieces > specials_start:
-            raise TokenizerError(f"{source} has {self.num_pieces} pieces: text ids reach "
-                                 f"{text_id_offset + self.num_pieces - 1}, past the first special id "
-                                 f"{specials_start}; use a model with at most {specials_start - text_id_offset} pieces")
+            raise TokenizerError(
+                f"{source} has {self.num_pieces} pieces: text ids reach "
+                f"{text_id_offset + self.num_pieces - 1}, past the first special id "
+                f"{specials_start}; use a model with at most {specials_start - text_id_offset} pieces"
+            )
         self.specials = special_tokens_at(specials_start, eos=eos, pad=pad)
         self.vocab_size = specials_start + len(SPECIAL_NAMES)
         self._special_names = {specials_start + i: name for i, name in enumerate(SPECIAL_NAMES)}
         self._special_names.update({eos: EOS_NAME, pad: PAD_NAME})
-        self._marker_ids = {"[MASK]": self.specials.mask, "[sMASK]": self.specials.smask,
-                            "[gMASK]": self.specials.gmask}
+        self._marker_ids = {
+            "[MASK]": self.specials.mask,
+            "[sMASK]": self.specials.smask,
+            "[gMASK]": self.specials.gmask,
+        }
         # Batch encoding runs on SentencePiece's own C++ threads, one text per task.
         self.num_threads = os.cpu_count() or 1
 
@@ -116,9 +130,11 @@ class Tokenizer:
             if name is None:
                 piece = token - self.text_id_offset
                 if not 0 <= piece < self.num_pieces:
-                    raise TokenizerError(f"token id {token} is neither a text id "
-                                         f"[{self.text_id_offset}, {self.text_id_offset + self.num_pieces}) nor a "
-                                         f"special token of this tokenizer; decode only ids it produced")
+                    raise TokenizerError(
+                        f"token id {token} is neither a text id "
+                        f"[{self.text_id_offset}, {self.text_id_offset + self.num_pieces}) nor a "
+                        f"special token of this tokenizer; decode only ids it produced"
+                    )
                 run.append(piece)
                 continue
             out += [self._decode_pieces(run), name]
@@ -129,8 +145,12 @@ class Tokenizer:
     # -- identity and storage --------------------------------------------------------------------
     def layout(self) -> dict:
         """Everything besides the model file that decides the ids."""
-        return {"kind": self.kind, "text_id_offset": self.text_id_offset, "vocab_size": self.vocab_size,
-                "specials": asdict(self.specials)}
+        return {
+            "kind": self.kind,
+            "text_id_offset": self.text_id_offset,
+            "vocab_size": self.vocab_size,
+            "specials": asdict(self.specials),
+        }
 
     def fingerprint(self) -> str:
         """sha256 over the model file and the id layout: equal fingerprints give equal ids."""
@@ -143,8 +163,9 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / self.model_file, self._model_proto)
-        write_mapping(directory / META_FILE, {**self.layout(), "model_file": self.model_file,
-                                              "fingerprint": self.fingerprint()})
+        write_mapping(
+            directory / META_FILE, {**self.layout(), "model_file": self.model_file, "fingerprint": self.fingerprint()}
+        )
         return directory
 
 
@@ -163,16 +184,25 @@ class IceTokenizer(Tokenizer):
         path = Path(path)
         model = path / ICE_MODEL_FILE if path.is_dir() else path
         if not model.is_file():
-            raise TokenizerError(f"no icetk model at {model}: pass ice_text.model (sha256 5e974d9a...) or the "
-                                 "folder holding it")
+            raise TokenizerError(
+                f"no icetk model at {model}: pass ice_text.model (sha256 5e974d9a...) or the folder holding it"
+            )
         if newline not in NEWLINE_MODES:
-            raise TokenizerError(f"newline={newline!r}: choose 'pass' (the official inference code) or "
-                                 f"'{ICE_NEWLINE}' (GLM-130B's training data)")
+            raise TokenizerError(
+                f"newline={newline!r}: choose 'pass' (the official inference code) or "
+                f"'{ICE_NEWLINE}' (GLM-130B's training data)"
+            )
         self.newline = newline
         model_proto = model.read_bytes()
-        super().__init__(model_proto, _load_sentencepiece(model_proto, str(model)), text_id_offset=ICE_IMAGE_IDS,
-                         specials_start=ICE_SPECIALS_START, eos=GLM130B_TOKENS.eos, pad=GLM130B_TOKENS.pad,
-                         source=str(model))
+        super().__init__(
+            model_proto,
+            _load_sentencepiece(model_proto, str(model)),
+            text_id_offset=ICE_IMAGE_IDS,
+            specials_start=ICE_SPECIALS_START,
+            eos=GLM130B_TOKENS.eos,
+            pad=GLM130B_TOKENS.pad,
+            source=str(model),
+        )
 
     def _piece_ids(self, texts: list[str]) -> list[list[int]]:
         if self.newline == ICE_NEWLINE:
@@ -195,11 +225,19 @@ class BilingualTokenizer(Tokenizer):
 
     def __init__(self, model_proto: bytes, source: str = "model"):
         sp = _load_sentencepiece(model_proto, source)
-        super().__init__(model_proto, sp, text_id_offset=0, specials_start=sp.get_piece_size(),
-                         eos=sp.eos_id(), pad=sp.pad_id(), source=source)
+        super().__init__(
+            model_proto,
+            sp,
+            text_id_offset=0,
+            specials_start=sp.get_piece_size(),
+            eos=sp.eos_id(),
+            pad=sp.pad_id(),
+            source=source,
+        )
         if self.specials.eos < 0 or self.specials.pad < 0 or not self._sp.IsByte(self._byte_ids(" ")[0]):
-            raise TokenizerError(f"{source} lacks eos, pad or byte-fallback pieces; train it with "
-                                 "`glm130b tokenizer train`")
+            raise TokenizerError(
+                f"{source} lacks eos, pad or byte-fallback pieces; train it with `glm130b tokenizer train`"
+            )
         # SentencePiece reads U+2581 as its space symbol, so a literal one would decode as " ":
         # it is encoded as its three UTF-8 byte pieces instead.
         self._meta_space_ids = self._byte_ids("\u2581")
@@ -225,16 +263,20 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if (path.parent / META_FILE).is_file():
             return load_tokenizer(path.parent)
         if path.name != ICE_MODEL_FILE:
-            raise TokenizerError(f"{path} is a model file without the {META_FILE} that says which tokenizer it "
-                                 f"is; pass the folder written by `glm130b tokenizer train`, or icetk's "
-                                 f"{ICE_MODEL_FILE}")
+            raise TokenizerError(
+                f"{path} is a model file without the {META_FILE} that says which tokenizer it "
+                f"is; pass the folder written by `glm130b tokenizer train`, or icetk's "
+                f"{ICE_MODEL_FILE}"
+            )
         return IceTokenizer(path)
     meta_file = path / META_FILE
     if not meta_file.is_file():
         if (path / ICE_MODEL_FILE).is_file():
             return IceTokenizer(path)
-        raise TokenizerError(f"{path} holds neither {META_FILE} (a saved tokenizer) nor {ICE_MODEL_FILE}; "
-                             "train one with `glm130b tokenizer train` or pass the icetk model")
+        raise TokenizerError(
+            f"{path} holds neither {META_FILE} (a saved tokenizer) nor {ICE_MODEL_FILE}; "
+            "train one with `glm130b tokenizer train` or pass the icetk model"
+        )
     try:
         meta = read_mapping(meta_file, "tokenizer")
     except ConfigError as err:
@@ -249,13 +291,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     else:
         raise TokenizerError(f"{meta_file}: unknown tokenizer kind {meta['kind']!r}")
     if tokenizer.fingerprint() != meta["fingerprint"]:
-        raise TokenizerError(f"{model} does not match the fingerprint in {meta_file}: the model file was "
-                             "replaced; save the tokenizer again or restore its model file")
+        raise TokenizerError(
+            f"{model} does not match the fingerprint in {meta_file}: the model file was "
+            "replaced; save the tokenizer again or restore its model file"
+        )
     return tokenizer
 
 
-def train_tokenizer(texts_or_files: Iterable[str | os.PathLike], out_dir: str | Path, vocab_size: int = 16384,
-                    **options) -> BilingualTokenizer:
+def train_tokenizer(
+    texts_or_files: Iterable[str | os.PathLike], out_dir: str | Path, vocab_size: int = 16384, **options
+) -> BilingualTokenizer:
     """Train our tokenizer with `vocab_size` ids in all (pieces + the 8 specials), save it to `out_dir`,
     return it. A `str` item is a text, a path object a .jsonl(.gz) or text file; `options` go to
     glm130b.tokenizer.training.train_sentencepiece (character_coverage, input_sentence_size, num_threads, seed)."""

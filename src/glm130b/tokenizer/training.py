@@ -41,8 +41,9 @@ def read_documents(source: str | os.PathLike) -> Iterator[str]:
     """The texts of a file: the "text" field of each line of .jsonl(.gz), or the whole file otherwise."""
     path = Path(source)
     if not path.is_file():
-        raise TokenizerTrainingError(f"corpus file {path} does not exist; pass .jsonl(.gz) files with a "
-                                     "\"text\" field or plain text files")
+        raise TokenizerTrainingError(
+            f'corpus file {path} does not exist; pass .jsonl(.gz) files with a "text" field or plain text files'
+        )
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         if path.name.endswith((".jsonl", ".jsonl.gz")):
@@ -52,7 +53,8 @@ def read_documents(source: str | os.PathLike) -> Iterator[str]:
                         yield json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise TokenizerTrainingError(
-                            f"{path} line {n}: not a JSON object with a \"text\" field") from None
+                            f'{path} line {n}: not a JSON object with a "text" field'
+                        ) from None
         else:
             yield f.read()
 
@@ -60,36 +62,56 @@ def read_documents(source: str | os.PathLike) -> Iterator[str]:
 def training_sentences(texts_or_files: Iterable[str | os.PathLike]) -> Iterator[str]:
     """Non-empty lines of every document, cut to CHUNK_CHARS. A `str` item is a text, a path object
     (pathlib.Path) a corpus file."""
-    documents = (doc for item in texts_or_files
-                 for doc in (read_documents(item) if isinstance(item, os.PathLike) else (item,)))
+    documents = (
+        doc for item in texts_or_files for doc in (read_documents(item) if isinstance(item, os.PathLike) else (item,))
+    )
     count = 0
     for doc in tqdm(documents, desc="reading corpus", unit=" docs"):
         for line in doc.split("\n"):
             for start in range(0, len(line), CHUNK_CHARS):
                 count += 1
-                yield line[start:start + CHUNK_CHARS]
+                yield line[start : start + CHUNK_CHARS]
     tqdm.write(f"{count} lines read; SentencePiece trains on a random subset of them (1-2 minutes for 30 MB)")
 
 
-def train_sentencepiece(texts_or_files: Iterable[str | os.PathLike], num_pieces: int, *,
-                        character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
-                        input_sentence_size: int = DEFAULT_INPUT_SENTENCE_SIZE, num_threads: int | None = None,
-                        seed: int = 0) -> bytes:
+def train_sentencepiece(
+    texts_or_files: Iterable[str | os.PathLike],
+    num_pieces: int,
+    *,
+    character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
+    input_sentence_size: int = DEFAULT_INPUT_SENTENCE_SIZE,
+    num_threads: int | None = None,
+    seed: int = 0,
+) -> bytes:
     """The serialized SentencePiece model (`num_pieces` pieces) trained on the texts or files."""
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # the lines it picks and the trainer's own randomness
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_sentences(texts_or_files), model_writer=model,
-            model_type="unigram", vocab_size=num_pieces, character_coverage=character_coverage,
-            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
-            pad_id=0, unk_id=1, eos_id=2, bos_id=-1,
-            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+            sentence_iterator=training_sentences(texts_or_files),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=num_pieces,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            pad_id=0,
+            unk_id=1,
+            eos_id=2,
+            bos_id=-1,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
     except RuntimeError as err:
         raise TokenizerTrainingError(
             f"SentencePiece training failed: {err}. The {num_pieces} pieces must hold 256 bytes, 3 control "
             f"pieces and every character kept by character_coverage={character_coverage}: raise the vocabulary "
-            "size, lower character_coverage (>= 0.98), or give more text") from None
+            "size, lower character_coverage (>= 0.98), or give more text"
+        ) from None
     return model.getvalue()

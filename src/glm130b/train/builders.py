@@ -46,8 +46,11 @@ class TrainingModel:
     runner: PipelineRunner | None = None
 
 
-def build_model_and_optimizer(config: TrainConfig, model_config: GLMConfig | None = None,
-                              make_model: Callable[[torch.device], nn.Module] | None = None) -> TrainingModel:
+def build_model_and_optimizer(
+    config: TrainConfig,
+    model_config: GLMConfig | None = None,
+    make_model: Callable[[torch.device], nn.Module] | None = None,
+) -> TrainingModel:
     """The model and AdamW of this launch. One process (RANK unset): the model on config.device.
     Under torchrun (RANK set, whatever the process count): the process group (nccl on CUDA with
     each rank on cuda:LOCAL_RANK, gloo on CPU), the mesh of config.parallel, and the same seeded
@@ -81,8 +84,9 @@ def build_model_and_optimizer(config: TrainConfig, model_config: GLMConfig | Non
     return TrainingModel(model, build_optimizer(model, config), mesh, runner)
 
 
-def _join_process_group(config: TrainConfig, model_config: GLMConfig,
-                        device: torch.device) -> tuple[torch.device, ParallelConfig]:
+def _join_process_group(
+    config: TrainConfig, model_config: GLMConfig, device: torch.device
+) -> tuple[torch.device, ParallelConfig]:
     """Initialise torch.distributed for this rank; its device and the validated degrees."""
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":

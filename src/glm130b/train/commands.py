@@ -10,8 +10,11 @@ from glm130b.train.pretrain import run_pretraining
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
-    config = (TrainConfig.load(args.config, overrides) if args.config
-              else TrainConfig.from_dict(apply_overrides({}, overrides)))
+    config = (
+        TrainConfig.load(args.config, overrides)
+        if args.config
+        else TrainConfig.from_dict(apply_overrides({}, overrides))
+    )
     result = run_pretraining(config)
     print(f"model: {result.model_dir}")
     if result.loss_curve is not None:

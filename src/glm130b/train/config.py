@@ -44,9 +44,9 @@ class TrainConfig(DictConfig):
     model: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- data
-    corpus: str = ""          # a prepared TokenCorpus directory (glm130b.data)
-    valid_corpus: str = ""    # its validation counterpart; empty = no validation
-    tokenizer: str = ""       # the tokenizer directory the corpora were encoded with
+    corpus: str = ""  # a prepared TokenCorpus directory (glm130b.data)
+    valid_corpus: str = ""  # its validation counterpart; empty = no validation
+    tokenizer: str = ""  # the tokenizer directory the corpora were encoded with
     # Instruction pairs (JSON lines, glm130b.objective.load_mip_pairs) for the recipe's 5 % MIP
     # share; empty = the self-supervised mix only.
     mip_data: str = ""
@@ -54,7 +54,7 @@ class TrainConfig(DictConfig):
 
     # ---------------------------------------------------------------- run length and batch
     train_samples: int = 4224 * 49_300  # GLM-130B: ~400 B tokens in 49,300 steps (SPEC.md section 10)
-    micro_batch_size: int = 1           # sequences per forward; global batch = an accumulation of these
+    micro_batch_size: int = 1  # sequences per forward; global batch = an accumulation of these
     global_batch_size: int = 4224
     # Batch ramp-up: start at this many sequences and grow linearly to global_batch_size over
     # rampup_fraction of train_samples (GLM-130B: 192 -> 4224 over 2.5 %). None = no ramp-up.
@@ -63,20 +63,20 @@ class TrainConfig(DictConfig):
 
     # ---------------------------------------------------------------- optimiser and schedule
     lr: float = 8e-5
-    min_lr: float = 8e-6       # the cosine floor
+    min_lr: float = 8e-6  # the cosine floor
     warmup_fraction: float = 0.005  # linear warmup over 0.5 % of train_samples
-    decay_fraction: float = 0.9     # cosine from lr to min_lr ends at 90 % of train_samples
-    weight_decay: float = 0.1       # none on biases and LayerNorms
+    decay_fraction: float = 0.9  # cosine from lr to min_lr ends at 90 % of train_samples
+    weight_decay: float = 0.1  # none on biases and LayerNorms
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip: float = 1.0          # max global grad norm; 0 = no clipping
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
 
     # ---------------------------------------------------------------- numerics and stability
-    precision: str = "fp16"         # fp32 | bf16 (autocast) | fp16 (autocast, fp32 masters, loss scale)
+    precision: str = "fp16"  # fp32 | bf16 (autocast) | fp16 (autocast, fp32 masters, loss scale)
     # Dynamic loss scale of the recipe (fp16 only): start 2^16, double after 2000 clean steps,
     # halve after `hysteresis` overflows, never below 1.
-    initial_loss_scale: float = 2.0 ** 16
+    initial_loss_scale: float = 2.0**16
     loss_scale_window: int = 2000
     loss_scale_hysteresis: int = 2
     min_loss_scale: float = 1.0
@@ -89,11 +89,11 @@ class TrainConfig(DictConfig):
     spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
 
     # ---------------------------------------------------------------- hardware
-    device: str = "auto"            # auto = cuda when available, else cpu
+    device: str = "auto"  # auto = cuda when available, else cpu
     # Peak FLOP/s of one device for MFU. None = look the device up (A100, H100, H200); MFU is
     # printed only when known.
     peak_flops: float | None = None
-    seed: int = 1234                # the init, dropout and, unless data_seed is set, the data order
+    seed: int = 1234  # the init, dropout and, unless data_seed is set, the data order
     # The seed of the training and validation samplers; null = seed. Runs that share it see the
     # same batches in the same order whatever their seed (glm130b ablate varies only the init).
     data_seed: int | None = None
@@ -103,14 +103,14 @@ class TrainConfig(DictConfig):
 
     # ---------------------------------------------------------------- output
     out_dir: str = "runs/pretrain"
-    log_every: int = 10             # steps between console lines (every step goes to the metrics file)
+    log_every: int = 10  # steps between console lines (every step goes to the metrics file)
     metrics_format: str = "jsonl"
-    tensorboard: bool = True        # also write TensorBoard events when tensorboard is installed
-    eval_every: int = 1000          # steps between validation passes (and one at the end)
-    eval_batches: int = 8           # micro-batches per validation source
+    tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
+    eval_every: int = 1000  # steps between validation passes (and one at the end)
+    eval_batches: int = 8  # micro-batches per validation source
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
-    resume: bool = True             # continue from the newest checkpoint in out_dir when there is one
+    resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -152,9 +152,19 @@ class TrainConfig(DictConfig):
         if self.model_preset not in PRESETS:
             raise ConfigError(f"model_preset {self.model_preset!r} is unknown; choose one of {', '.join(PRESETS)}")
         self.model_config()  # raises ConfigError naming a bad model field
-        for name in ("sequence_length", "train_samples", "micro_batch_size", "global_batch_size",
-                     "loss_scale_window", "loss_scale_hysteresis", "log_every", "eval_every",
-                     "eval_batches", "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "sequence_length",
+            "train_samples",
+            "micro_batch_size",
+            "global_batch_size",
+            "loss_scale_window",
+            "loss_scale_hysteresis",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             check_positive_int(name, getattr(self, name))
         for name in ("lr", "adam_eps", "initial_loss_scale", "min_loss_scale"):
             check_field(name, getattr(self, name), float, lambda v: v > 0, "a positive number")
@@ -172,25 +182,37 @@ class TrainConfig(DictConfig):
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr {self.min_lr} is above lr {self.lr}; the cosine decays from lr down to min_lr")
         if self.warmup_fraction > self.decay_fraction:
-            raise ConfigError(f"warmup_fraction {self.warmup_fraction} exceeds decay_fraction {self.decay_fraction}: "
-                              "the cosine decay must end after the warmup")
+            raise ConfigError(
+                f"warmup_fraction {self.warmup_fraction} exceeds decay_fraction {self.decay_fraction}: "
+                "the cosine decay must end after the warmup"
+            )
         if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
-                              f"{self.micro_batch_size}; the global batch is an accumulation of whole micro-batches")
+            raise ConfigError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size}; the global batch is an accumulation of whole micro-batches"
+            )
         if self.rampup_start_batch_size is not None:
-            check_field("rampup_start_batch_size", self.rampup_start_batch_size, int,
-                        lambda v: self.micro_batch_size <= v <= self.global_batch_size,
-                        f"between micro_batch_size ({self.micro_batch_size}) and global_batch_size "
-                        f"({self.global_batch_size}), or null for no ramp-up")
+            check_field(
+                "rampup_start_batch_size",
+                self.rampup_start_batch_size,
+                int,
+                lambda v: self.micro_batch_size <= v <= self.global_batch_size,
+                f"between micro_batch_size ({self.micro_batch_size}) and global_batch_size "
+                f"({self.global_batch_size}), or null for no ramp-up",
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.metrics_format not in METRICS_FORMATS:
-            raise ConfigError(f"metrics_format must be one of {', '.join(METRICS_FORMATS)}; got {self.metrics_format!r}")
+            raise ConfigError(
+                f"metrics_format must be one of {', '.join(METRICS_FORMATS)}; got {self.metrics_format!r}"
+            )
         if self.peak_flops is not None:
             check_field("peak_flops", self.peak_flops, float, lambda v: v > 0, "a positive FLOP/s figure or null")
         if self.sequence_length > self.model_config().max_sequence_length:
-            raise ConfigError(f"sequence_length {self.sequence_length} exceeds the model's max_sequence_length "
-                              f"{self.model_config().max_sequence_length}; shorten it or set model.max_sequence_length")
+            raise ConfigError(
+                f"sequence_length {self.sequence_length} exceeds the model's max_sequence_length "
+                f"{self.model_config().max_sequence_length}; shorten it or set model.max_sequence_length"
+            )
         self.spike_guard.validate()
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -202,16 +224,22 @@ class TrainConfig(DictConfig):
             data = dict(data)
             value = data.pop(DEPRECATED_ACTIVATION_CHECKPOINTING)
             # FutureWarning, not DeprecationWarning: Python shows it to the person running the command.
-            warnings.warn("the TrainConfig field activation_checkpointing is deprecated; it now sets "
-                          "parallel.activation_checkpointing, write that instead", FutureWarning, stacklevel=2)
+            warnings.warn(
+                "the TrainConfig field activation_checkpointing is deprecated; it now sets "
+                "parallel.activation_checkpointing, write that instead",
+                FutureWarning,
+                stacklevel=2,
+            )
             parallel = data.get("parallel") or {}
             if isinstance(parallel, ParallelConfig):
                 parallel = parallel.to_dict()
             check_field("parallel", parallel, dict, expected="a mapping of fields")
             set_there = parallel.get(DEPRECATED_ACTIVATION_CHECKPOINTING)
             if set_there is not None and set_there != value:
-                raise ConfigError(f"activation_checkpointing {value!r} contradicts parallel.activation_checkpointing "
-                                  f"{set_there!r}; keep only parallel.activation_checkpointing")
+                raise ConfigError(
+                    f"activation_checkpointing {value!r} contradicts parallel.activation_checkpointing "
+                    f"{set_there!r}; keep only parallel.activation_checkpointing"
+                )
             data["parallel"] = {**parallel, DEPRECATED_ACTIVATION_CHECKPOINTING: value}
         return super().from_dict(data)
 
@@ -250,10 +278,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     names += [f"model.{f.name}" for f in dataclasses.fields(GLMConfig)]
     for name in names:
         group.add_argument(f"--{name}", dest=f"override:{name}", metavar="VALUE", default=None)
-    group.add_argument(f"--{DEPRECATED_ACTIVATION_CHECKPOINTING}", dest=f"override:{DEPRECATED_ACTIVATION_CHECKPOINTING}",
-                       metavar="VALUE", default=None, help="deprecated: use --parallel.activation_checkpointing")
+    group.add_argument(
+        f"--{DEPRECATED_ACTIVATION_CHECKPOINTING}",
+        dest=f"override:{DEPRECATED_ACTIVATION_CHECKPOINTING}",
+        metavar="VALUE",
+        default=None,
+        help="deprecated: use --parallel.activation_checkpointing",
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    return [f"{key.removeprefix('override:')}={value}" for key, value in vars(args).items()
-            if key.startswith("override:") and value is not None]
+    return [
+        f"{key.removeprefix('override:')}={value}"
+        for key, value in vars(args).items()
+        if key.startswith("override:") and value is not None
+    ]

@@ -58,15 +58,27 @@ def build_data(config: TrainConfig, tokenizer) -> tuple[BatchSource, dict[str, l
     position_encoding = config.model_config().position_encoding
     corpus = TokenCorpus(config.corpus)
     corpus.check_tokenizer(tokenizer)
-    train = GLMBatchSampler(corpus, objective, tokenizer.specials, config.micro_batch_size, config.sampler_seed,
-                            mip_pairs=mip_pairs, position_encoding=position_encoding)
+    train = GLMBatchSampler(
+        corpus,
+        objective,
+        tokenizer.specials,
+        config.micro_batch_size,
+        config.sampler_seed,
+        mip_pairs=mip_pairs,
+        position_encoding=position_encoding,
+    )
     valid: dict[str, list[TrainingBatch]] = {}
     if config.valid_corpus:
         held_out = TokenCorpus(config.valid_corpus)
         held_out.check_tokenizer(tokenizer)
         for language, names in sources_by_language(held_out).items():
-            sampler = GLMBatchSampler(CorpusSubset(held_out, names), validation_objective(objective),
-                                      tokenizer.specials, config.micro_batch_size, config.sampler_seed,
-                                      position_encoding=position_encoding)
+            sampler = GLMBatchSampler(
+                CorpusSubset(held_out, names),
+                validation_objective(objective),
+                tokenizer.specials,
+                config.micro_batch_size,
+                config.sampler_seed,
+                position_encoding=position_encoding,
+            )
             valid[language] = sampler.validation_batches(config.eval_batches)
     return train, valid

@@ -37,8 +37,9 @@ def batch_work(batches: list[TrainingBatch]) -> torch.Tensor:
     return torch.tensor([tokens, pairs], dtype=torch.float64)
 
 
-def throughput(config: GLMConfig, work: torch.Tensor, seconds: float, peak_flops: float | None, devices: int,
-               recompute: bool) -> dict:
+def throughput(
+    config: GLMConfig, work: torch.Tensor, seconds: float, peak_flops: float | None, devices: int, recompute: bool
+) -> dict:
     """tokens/s (real tokens), and with a known peak MFU (model FLOPs: real tokens, visible pairs)
     and HFU (the same plus the blocks' recomputed forward when `recompute`), per device."""
     tokens, pairs = (int(x) for x in work.tolist())
@@ -63,6 +64,7 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.writer = SummaryWriter(str(directory / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 pass
@@ -114,9 +116,11 @@ def _csv_value(text: str):
 
 
 def format_record(record: dict) -> str:
-    text = (f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-            f"grad norm {record['grad_norm']:.3f} | loss scale {record['loss_scale']:g} | "
-            f"{record['tokens_per_s']:,.0f} tokens/s")
+    text = (
+        f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+        f"grad norm {record['grad_norm']:.3f} | loss scale {record['loss_scale']:g} | "
+        f"{record['tokens_per_s']:,.0f} tokens/s"
+    )
     if record["mfu"] is not None:
         text += f" | MFU {100 * record['mfu']:.1f} % | HFU {100 * record['hfu']:.1f} %"
     return text

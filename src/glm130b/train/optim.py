@@ -19,16 +19,19 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     which are exactly the 1-D parameters of a GLM."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     # The lr here is a placeholder: the trainer sets each step's lr from learning_rate().
     fused = next(model.parameters()).is_cuda  # the fused CUDA kernel; CPU keeps the default
-    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
-                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        fused=fused or None,
+    )
 
 
 def learning_rate(samples: int, config: TrainConfig) -> float:
@@ -68,8 +71,8 @@ class DynamicLossScaler:
     def __init__(self, initial: float, window: int, hysteresis: int, minimum: float):
         self.scale = float(initial)
         self.window, self.hysteresis, self.minimum = window, hysteresis, minimum
-        self.clean_steps = 0                  # clean steps since the last overflow or growth
-        self.overflows_left = hysteresis      # overflows still tolerated before the next halving
+        self.clean_steps = 0  # clean steps since the last overflow or growth
+        self.overflows_left = hysteresis  # overflows still tolerated before the next halving
 
     def update(self, overflow: bool) -> None:
         if overflow:
@@ -88,9 +91,14 @@ class DynamicLossScaler:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "overflows_left": self.overflows_left}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale, self.clean_steps, self.overflows_left = state["scale"], state["clean_steps"], state["overflows_left"]
+        self.scale, self.clean_steps, self.overflows_left = (
+            state["scale"],
+            state["clean_steps"],
+            state["overflows_left"],
+        )
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> DynamicLossScaler:
-        return cls(config.initial_loss_scale, config.loss_scale_window, config.loss_scale_hysteresis,
-                   config.min_loss_scale)
+        return cls(
+            config.initial_loss_scale, config.loss_scale_window, config.loss_scale_hysteresis, config.min_loss_scale
+        )

@@ -26,7 +26,7 @@ from glm130b.train.trainer import Trainer
 class PretrainResult:
     valid_losses: dict[str, float]
     valid_batches: dict[str, list[TrainingBatch]]
-    model_dir: Path       # the trained model, in the glm130b.checkpoint format
+    model_dir: Path  # the trained model, in the glm130b.checkpoint format
     metrics_dir: Path
     loss_curve: Path | None
 
@@ -34,13 +34,17 @@ class PretrainResult:
 def load_run_data(config: TrainConfig) -> tuple[Tokenizer, BatchSource, dict[str, list[TrainingBatch]]]:
     """The tokenizer of `config`, checked against the model's vocabulary, and its data (build_data)."""
     if not config.corpus or not config.tokenizer:
-        raise GLMError("set corpus (a prepared corpus directory) and tokenizer (its tokenizer directory), "
-                       "in the config file or as --corpus DIR --tokenizer DIR")
+        raise GLMError(
+            "set corpus (a prepared corpus directory) and tokenizer (its tokenizer directory), "
+            "in the config file or as --corpus DIR --tokenizer DIR"
+        )
     tokenizer = load_tokenizer(config.tokenizer)
     model_config = config.model_config()
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise GLMError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size} "
-                       f"rows; set model.vocab_size to at least {tokenizer.vocab_size}")
+        raise GLMError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size} "
+            f"rows; set model.vocab_size to at least {tokenizer.vocab_size}"
+        )
     return (tokenizer, *build_data(config, tokenizer))
 
 

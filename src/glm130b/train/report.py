@@ -20,12 +20,14 @@ def last_per_step(records: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_loss_curve(metrics_dir: str | Path, png_path: str | Path,
-                    baselines: dict[str, float] | None = None) -> Path | None:
+def plot_loss_curve(
+    metrics_dir: str | Path, png_path: str | Path, baselines: dict[str, float] | None = None
+) -> Path | None:
     """Train loss, validation loss per language and, from `baselines` ({language: loss}, e.g. a
     unigram model's), a dotted line in that language's colour."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:
@@ -40,8 +42,7 @@ def plot_loss_curve(metrics_dir: str | Path, png_path: str | Path,
         points = [(r["step"], r[key]) for r in valid if r.get(key) is not None]
         [line] = axes.plot(*zip(*points), marker="o", ms=3, label=f"validation {language}")
         if baselines and language in baselines:
-            axes.axhline(baselines[language], color=line.get_color(), ls=":", lw=1,
-                         label=f"unigram {language}")
+            axes.axhline(baselines[language], color=line.get_color(), ls=":", lw=1, label=f"unigram {language}")
     for event in interventions:
         axes.axvline(event["step"], color="red", lw=0.6, ls="--")
     if interventions:

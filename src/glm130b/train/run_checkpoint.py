@@ -37,8 +37,8 @@ class RunState:
     """What a checkpoint restores, besides model, optimizer and RNG."""
 
     step: int = 0
-    samples: int = 0          # samples whose update was applied: the schedule's clock
-    data_position: int = 0    # index of the next micro-batch to draw
+    samples: int = 0  # samples whose update was applied: the schedule's clock
+    data_position: int = 0  # index of the next micro-batch to draw
     # Kept across rollbacks (the guard's memory of what it already did):
     skipped: list[list[int]] = field(default_factory=list)  # [start, end) micro-batch ranges never used
     lr_factor: float = 1.0
@@ -106,8 +106,7 @@ class RunCheckpoints:
         self._publish(tmp, final)
         return final
 
-    def _save_distributed(self, final: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                          state: dict) -> None:
+    def _save_distributed(self, final: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Every rank writes its shards into one temporary directory (the same name on every rank,
         so without the pid); rank 0 publishes it after all have finished. Each rank's RNG is
         stored under its own key; the state goes in as JSON text, one object whatever its size."""
@@ -124,18 +123,22 @@ class RunCheckpoints:
 
     def _publish(self, tmp: Path, final: Path) -> None:
         publish_directory(tmp, final)
-        for old in list_checkpoints(self.directory)[:-self.keep]:
+        for old in list_checkpoints(self.directory)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
-    def load(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             device: torch.device) -> tuple[dict, bool]:
+    def load(
+        self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    ) -> tuple[dict, bool]:
         """Restore model, optimizer and this rank's RNG in place; returns the saved `state` and
         whether the RNG came back (a rank the saving launch did not have gets none)."""
         distributed_checkpoint = (directory / DCP_METADATA).is_file()
         if distributed_checkpoint != (self.mesh is not None):
-            written, needed = (("by a torchrun launch", "under torchrun (--nproc_per_node 1 works)")
-                               if distributed_checkpoint else ("by a single-process run", "with one process"))
+            written, needed = (
+                ("by a torchrun launch", "under torchrun (--nproc_per_node 1 works)")
+                if distributed_checkpoint
+                else ("by a single-process run", "with one process")
+            )
             raise CheckpointError(f"{directory} was written {written}; resume it {needed}, or start a new out_dir")
         if self.mesh is not None:
             return self._load_distributed(directory, model, optimizer)
@@ -151,8 +154,9 @@ class RunCheckpoints:
             torch.cuda.set_rng_state_all(rng["cuda"])
         return state, True
 
-    def _load_distributed(self, directory: Path, model: nn.Module,
-                          optimizer: torch.optim.Optimizer) -> tuple[dict, bool]:
+    def _load_distributed(
+        self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict, bool]:
         import torch.distributed.checkpoint as dcp  # deferred: ~0.5 s to import (see distributed/parallelize.py)
 
         rng_key = f"rng_rank{dist.get_rank()}"
@@ -172,8 +176,9 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The trainable parameters by state-dict key when part of the model is frozen; None when
     every tensor trains (then the whole model is the checkpoint)."""
     state = model.state_dict(keep_vars=True)
-    trainable = {k: v.detach().contiguous().cpu() for k, v in state.items()
-                 if isinstance(v, nn.Parameter) and v.requires_grad}
+    trainable = {
+        k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, nn.Parameter) and v.requires_grad
+    }
     return None if len(trainable) == len(state) else trainable
 
 
@@ -181,8 +186,10 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], directory: 
     wanted = set(trainable_state(model) or {})
     if set(state) != wanted:
         wrong = sorted(set(state) ^ wanted)
-        raise CheckpointError(f"{directory} holds other trainable tensors than this run's model (first "
-                              f"mismatch: {wrong[0]}); resume with the same method and settings, or start a new out_dir")
+        raise CheckpointError(
+            f"{directory} holds other trainable tensors than this run's model (first "
+            f"mismatch: {wrong[0]}); resume with the same method and settings, or start a new out_dir"
+        )
     model.load_state_dict(state, strict=False)
 
 

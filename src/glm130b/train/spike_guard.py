@@ -23,14 +23,14 @@ class SpikeGuardConfig(DictConfig):
     config_label = "spike_guard"
 
     enabled: bool = True
-    window: int = 50            # healthy steps whose median is the reference
-    min_history: int = 20       # no ratio test before this many healthy steps (early losses move fast)
+    window: int = 50  # healthy steps whose median is the reference
+    min_history: int = 20  # no ratio test before this many healthy steps (early losses move fast)
     # A spike is a loss above loss_ratio x median, or a pre-clip grad norm above
     # grad_norm_ratio x median. Loss falls over a window, so its median sits above the current
     # loss and a modest ratio is safe; grad norms swing by several times in healthy training.
     loss_ratio: float = 1.5
     grad_norm_ratio: float = 10.0
-    max_rollbacks: int = 10     # more spikes than this and the run stops with an error
+    max_rollbacks: int = 10  # more spikes than this and the run stops with an error
     # Multipliers applied at each rollback (1 = leave unchanged).
     lr_factor: float = 1.0
     embedding_grad_scale_factor: float = 1.0
@@ -40,13 +40,16 @@ class SpikeGuardConfig(DictConfig):
         for name in ("window", "min_history", "max_rollbacks"):
             check_positive_int(f"spike_guard.{name}", getattr(self, name))
         if self.min_history > self.window:
-            raise ConfigError(f"spike_guard.min_history {self.min_history} exceeds spike_guard.window "
-                              f"{self.window}; the window must hold that many steps")
+            raise ConfigError(
+                f"spike_guard.min_history {self.min_history} exceeds spike_guard.window "
+                f"{self.window}; the window must hold that many steps"
+            )
         for name in ("loss_ratio", "grad_norm_ratio"):
             check_field(f"spike_guard.{name}", getattr(self, name), float, lambda v: v > 1, "a number above 1")
         for name in ("lr_factor", "embedding_grad_scale_factor"):
-            check_field(f"spike_guard.{name}", getattr(self, name), float, lambda v: 0 < v <= 1,
-                        "in (0, 1] (1 = unchanged)")
+            check_field(
+                f"spike_guard.{name}", getattr(self, name), float, lambda v: 0 < v <= 1, "in (0, 1] (1 = unchanged)"
+            )
 
 
 class SpikeGuard:

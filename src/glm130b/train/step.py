@@ -46,8 +46,9 @@ def batch_loss_sum(model: torch.nn.Module, batch: TrainingBatch, precision: str)
     return masked_lm_loss_sum(logits, batch.targets, batch.loss_mask)
 
 
-def forward_backward(model: torch.nn.Module, micro_batches: list[TrainingBatch], precision: str,
-                     loss_scale: float = 1.0, dp_group=None) -> float:
+def forward_backward(
+    model: torch.nn.Module, micro_batches: list[TrainingBatch], precision: str, loss_scale: float = 1.0, dp_group=None
+) -> float:
     """Accumulate the gradient of the global batch's loss (times loss_scale) over its
     micro-batches; returns the loss: the mean over all scored tokens of the global batch.
 
@@ -95,8 +96,9 @@ def evaluate(model: torch.nn.Module, batches: list[TrainingBatch], precision: st
 # ---------------------------------------------------------------------------------- pipeline parallel
 def concatenate(micro_batches: list[TrainingBatch]) -> TrainingBatch:
     """The micro-batches as one batch (rows in order)."""
-    return TrainingBatch(**{f.name: torch.cat([getattr(b, f.name) for b in micro_batches])
-                            for f in dataclasses.fields(TrainingBatch)})
+    return TrainingBatch(
+        **{f.name: torch.cat([getattr(b, f.name) for b in micro_batches]) for f in dataclasses.fields(TrainingBatch)}
+    )
 
 
 def pipeline_forward_backward(runner: PipelineRunner, micro_batches: list[TrainingBatch], precision: str) -> float:

@@ -49,8 +49,14 @@ class Trainer:
     valid_batches: a fixed set of validation batches per name (e.g. per language).
     """
 
-    def __init__(self, config: TrainConfig, built: TrainingModel, train_source: BatchSource,
-                 valid_batches: dict[str, list[TrainingBatch]] | None = None, show_progress: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig,
+        built: TrainingModel,
+        train_source: BatchSource,
+        valid_batches: dict[str, list[TrainingBatch]] | None = None,
+        show_progress: bool = True,
+    ):
         self.config, self.model, self.optimizer = config, built.model, built.optimizer
         self.mesh, self.runner = built.mesh, built.runner
         mesh = self.mesh
@@ -62,24 +68,28 @@ class Trainer:
         for name in ("global_batch_size", "rampup_start_batch_size"):
             value = getattr(config, name)
             if mesh is not None and value is not None and value % share:
-                raise ConfigError(f"{name} {value} is not a multiple of micro_batch_size x dp = {share}: every "
-                                  f"data-parallel rank takes whole micro-batches of each global batch; pick a "
-                                  f"multiple of {share}")
+                raise ConfigError(
+                    f"{name} {value} is not a multiple of micro_batch_size x dp = {share}: every "
+                    f"data-parallel rank takes whole micro-batches of each global batch; pick a "
+                    f"multiple of {share}"
+                )
         if self.runner is not None:
             self._check_pipeline_config(config)
         self.train_source, self.valid_batches = train_source, valid_batches or {}
         self.device = next(self.model.parameters()).device
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.checkpoints = RunCheckpoints(self.checkpoint_dir, config.keep_checkpoints, mesh,
-                                          flatten_optimizer=self.runner is not None)
+        self.checkpoints = RunCheckpoints(
+            self.checkpoint_dir, config.keep_checkpoints, mesh, flatten_optimizer=self.runner is not None
+        )
         self.state = RunState()
         self.scaler = DynamicLossScaler.from_config(config)
         self.guard = SpikeGuard(config.spike_guard)
         self.show_progress = show_progress and self.is_main
         self.peak_flops = device_peak_flops(self.device, config.peak_flops)
-        self.metrics = MetricsLog(self.out_dir / "metrics", config.metrics_format, config.tensorboard,
-                                  enabled=self.is_main)
+        self.metrics = MetricsLog(
+            self.out_dir / "metrics", config.metrics_format, config.tensorboard, enabled=self.is_main
+        )
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -95,8 +105,10 @@ class Trainer:
         self._barrier()
         latest = self.checkpoints.latest()
         if latest is not None and not cfg.resume:
-            raise GLMError(f"{self.checkpoint_dir} holds checkpoints of an earlier run; set resume: true to "
-                           "continue it, or pick another out_dir")
+            raise GLMError(
+                f"{self.checkpoint_dir} holds checkpoints of an earlier run; set resume: true to "
+                "continue it, or pick another out_dir"
+            )
         if latest is not None:
             self._load(latest)
             if self.show_progress:
@@ -106,8 +118,13 @@ class Trainer:
         self.model.train()
         if self.show_progress:
             tqdm.write(f"attention: {describe_backend(self.model.config, self.device, DTYPES[cfg.precision])}")
-        with tqdm(total=cfg.train_samples, initial=min(self.state.samples, cfg.train_samples), unit="sample",
-                  disable=not self.show_progress, dynamic_ncols=True) as progress:
+        with tqdm(
+            total=cfg.train_samples,
+            initial=min(self.state.samples, cfg.train_samples),
+            unit="sample",
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+        ) as progress:
             while self.state.samples < cfg.train_samples:
                 before = self.state.samples
                 record = self.step()
@@ -134,7 +151,7 @@ class Trainer:
         if self.mesh is not None:  # ramp-up sizes rounded down to whole micro-batches per dp rank
             size -= size % (cfg.micro_batch_size * self.dp_size)
         indices = self._take(size // cfg.micro_batch_size)
-        micro_batches = [self.train_source.micro_batch(i) for i in indices[self.dp_rank::self.dp_size]]
+        micro_batches = [self.train_source.micro_batch(i) for i in indices[self.dp_rank :: self.dp_size]]
         lr = learning_rate(state.samples, cfg) * state.lr_factor
         grad_scale = embedding_grad_scale(state.step, cfg) * state.embedding_grad_scale_factor
         for group in self.optimizer.param_groups:
@@ -185,12 +202,20 @@ class Trainer:
         if self.dp_group is not None:
             work = all_reduce_sum(work, self.dp_group)
         devices = dist.get_world_size() if self.mesh is not None else 1  # MFU per device of the run
-        record = {"step": state.step, "samples": state.samples, "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "loss_scale": scale, "batch_size": size,
-                  "embedding_grad_scale": grad_scale,
-                  **throughput(self.model.config, work, seconds, self.peak_flops, devices,
-                               cfg.parallel.activation_checkpointing),
-                  "skipped_update": overflow}
+        record = {
+            "step": state.step,
+            "samples": state.samples,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss_scale": scale,
+            "batch_size": size,
+            "embedding_grad_scale": grad_scale,
+            **throughput(
+                self.model.config, work, seconds, self.peak_flops, devices, cfg.parallel.activation_checkpointing
+            ),
+            "skipped_update": overflow,
+        }
         self.metrics.write("train", record)
         return record
 
@@ -199,15 +224,20 @@ class Trainer:
         if not self.valid_batches:
             return {}
         if self.runner is not None:
-            losses = {name: pipeline_evaluate(self.runner, batches, self.config.precision)
-                      for name, batches in self.valid_batches.items()}
+            losses = {
+                name: pipeline_evaluate(self.runner, batches, self.config.precision)
+                for name, batches in self.valid_batches.items()
+            }
         else:
-            losses = {name: evaluate(self.model, batches, self.config.precision)
-                      for name, batches in self.valid_batches.items()}
+            losses = {
+                name: evaluate(self.model, batches, self.config.precision)
+                for name, batches in self.valid_batches.items()
+            }
         self.metrics.write("valid", {"step": self.state.step, **{f"loss_{k}": v for k, v in losses.items()}})
         if self.show_progress:
-            (progress or tqdm).write(f"step {self.state.step} validation " +
-                                     ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+            (progress or tqdm).write(
+                f"step {self.state.step} validation " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+            )
         return losses
 
     def _take(self, count: int) -> list[int]:
@@ -226,17 +256,23 @@ class Trainer:
     def _check_pipeline_config(self, config: TrainConfig) -> None:
         pcfg = self.runner.pcfg  # dp and pp_microbatches resolved
         if config.precision == "fp16":
-            raise ConfigError("precision fp16 with parallel.pp > 1: the pipeline schedule has no loss scaling; "
-                              "use precision bf16 (or fp32)")
+            raise ConfigError(
+                "precision fp16 with parallel.pp > 1: the pipeline schedule has no loss scaling; "
+                "use precision bf16 (or fp32)"
+            )
         if config.rampup_start_batch_size not in (None, config.global_batch_size):
-            raise ConfigError(f"rampup_start_batch_size {config.rampup_start_batch_size} with parallel.pp > 1: the "
-                              "pipeline stages fix their activation shapes at the first step, so every step needs "
-                              "the same batch size; set rampup_start_batch_size: null")
+            raise ConfigError(
+                f"rampup_start_batch_size {config.rampup_start_batch_size} with parallel.pp > 1: the "
+                "pipeline stages fix their activation shapes at the first step, so every step needs "
+                "the same batch size; set rampup_start_batch_size: null"
+            )
         share = config.global_batch_size // pcfg.dp  # sequences of one dp rank per step
         if share % pcfg.microbatches:
-            raise ConfigError(f"global_batch_size {config.global_batch_size} / dp {pcfg.dp} = {share} sequences per "
-                              f"pipeline step do not split into parallel.pp_microbatches {pcfg.microbatches} "
-                              f"equal pieces; pick pp_microbatches dividing {share}")
+            raise ConfigError(
+                f"global_batch_size {config.global_batch_size} / dp {pcfg.dp} = {share} sequences per "
+                f"pipeline step do not split into parallel.pp_microbatches {pcfg.microbatches} "
+                f"equal pieces; pick pp_microbatches dividing {share}"
+            )
 
     # ------------------------------------------------------------------ spike handling
     def roll_back(self, reason: str, spike_indices: list[int]) -> None:
@@ -247,11 +283,13 @@ class Trainer:
         if kept.rollbacks >= guard_cfg.max_rollbacks:
             raise TrainingDiverged(
                 f"step {spike_step}: {reason}, after {kept.rollbacks} rollbacks already (spike_guard.max_rollbacks); "
-                "lower lr, set spike_guard.lr_factor below 1, or check the data")
+                "lower lr, set spike_guard.lr_factor below 1, or check the data"
+            )
         target = self.checkpoints.latest()
         if target is None:
-            raise TrainingDiverged(f"step {spike_step}: {reason}, and no checkpoint to roll back to in "
-                                   f"{self.checkpoint_dir}")
+            raise TrainingDiverged(
+                f"step {spike_step}: {reason}, and no checkpoint to roll back to in {self.checkpoint_dir}"
+            )
         skipped = kept.skipped + [[i, i + 1] for i in spike_indices]
         lr_factor = kept.lr_factor * guard_cfg.lr_factor
         grad_scale_factor = kept.embedding_grad_scale_factor * guard_cfg.embedding_grad_scale_factor
@@ -260,20 +298,31 @@ class Trainer:
         self.state.skipped = _merge_ranges(skipped)
         self.state.lr_factor, self.state.embedding_grad_scale_factor = lr_factor, grad_scale_factor
         self.state.rollbacks = rollbacks
-        intervention = {"step": spike_step, "reason": reason, "rolled_back_to": self.state.step,
-                        "skipped_micro_batches": f"{spike_indices[0]}..{spike_indices[-1]}",
-                        "lr_factor": lr_factor, "embedding_grad_scale_factor": grad_scale_factor}
+        intervention = {
+            "step": spike_step,
+            "reason": reason,
+            "rolled_back_to": self.state.step,
+            "skipped_micro_batches": f"{spike_indices[0]}..{spike_indices[-1]}",
+            "lr_factor": lr_factor,
+            "embedding_grad_scale_factor": grad_scale_factor,
+        }
         self.metrics.write("intervention", intervention)
         if self.show_progress:
-            tqdm.write(f"spike guard: step {spike_step}: {reason}; rolled back to step {self.state.step}, "
-                       f"skipping micro-batches {spike_indices[0]}..{spike_indices[-1]}, lr x{lr_factor:g}, "
-                       f"embedding gradient scale x{grad_scale_factor:g}")
+            tqdm.write(
+                f"spike guard: step {spike_step}: {reason}; rolled back to step {self.state.step}, "
+                f"skipping micro-batches {spike_indices[0]}..{spike_indices[-1]}, lr x{lr_factor:g}, "
+                f"embedding gradient scale x{grad_scale_factor:g}"
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write step_<step> atomically (run_checkpoint.RunCheckpoints) and prune old ones."""
-        state = {"run": asdict(self.state), "loss_scaler": self.scaler.state_dict(),
-                 "spike_guard": self.guard.state_dict(), "config": self.config.to_dict()}
+        state = {
+            "run": asdict(self.state),
+            "loss_scaler": self.scaler.state_dict(),
+            "spike_guard": self.guard.state_dict(),
+            "config": self.config.to_dict(),
+        }
         return self.checkpoints.save(self.state.step, self.model, self.optimizer, state)
 
     def _load(self, directory: Path) -> None:

@@ -21,8 +21,9 @@ if USE_TRITON:
     from glm130b.quant.kernels import triton_quant
 
 
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     bias: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+def quantized_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme
+) -> torch.Tensor:
     """x [..., in] @ W^T + bias with W held as (packed int8 weight, fp16 scales) of `scheme`."""
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _FrozenQuantizedLinear.apply(x, weight, weight_scale, bias, scheme)

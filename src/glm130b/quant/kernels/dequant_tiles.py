@@ -17,8 +17,9 @@ from glm130b.quant.format import QuantScheme, dequantize_weight
 TILE_ELEMENTS = 2**20
 
 
-def dequantize_tiles_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                            bias: torch.Tensor | None, scheme: QuantScheme) -> torch.Tensor:
+def dequantize_tiles_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme
+) -> torch.Tensor:
     """x [..., in] @ dequantized(weight, scale)^T + bias -> [..., out] in x.dtype."""
     out_features = weight.shape[0]
     in_features = x.shape[-1]
@@ -31,8 +32,9 @@ def dequantize_tiles_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.
     return y
 
 
-def dequantize_tiles_input_grad(grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                                scheme: QuantScheme, in_features: int) -> torch.Tensor:
+def dequantize_tiles_input_grad(
+    grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme, in_features: int
+) -> torch.Tensor:
     """grad [..., out] @ dequantized(weight, scale) -> [..., in] in grad.dtype: the gradient of
     dequantize_tiles_linear's output with respect to its input x."""
     out_features = weight.shape[0]

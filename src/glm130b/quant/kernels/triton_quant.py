@@ -41,9 +41,23 @@ def _field_shift(P: tl.constexpr, BITS: tl.constexpr):
 
 # ---------------------------------------------------------------------------------- decode (GEMV)
 @triton.jit
-def _decode_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, KW, stride_wn,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+def _decode_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    N,
+    K,
+    KW,
+    stride_wn,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+):
     """out [N] = W x + b for ONE activation row x [K]. Every tensor is 2-D [BLOCK_N, BLOCK_KW] or a
     slice of it, so the words stay in the registers they were loaded into (no layout conversions)."""
     VALS: tl.constexpr = 32 // BITS  # values per int32 word
@@ -58,8 +72,9 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, KW, stride_wn,
     for kw0 in range(kw_start, kw_stop, BLOCK_KW):
         wcol = kw0 + rw  # [BKW] word index in the row
         in_k = wcol < kw_stop
-        words = tl.load(w_ptr + rn[:, None] * stride_wn + wcol[None, :],
-                        mask=(rn[:, None] < N) & in_k[None, :], other=0)  # [BN, BKW] int32
+        words = tl.load(
+            w_ptr + rn[:, None] * stride_wn + wcol[None, :], mask=(rn[:, None] < N) & in_k[None, :], other=0
+        )  # [BN, BKW] int32
         fx = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)  # sum over the word of f * x
         xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)  # sum over the word of x
         for p in tl.static_range(VALS):
@@ -68,8 +83,11 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, KW, stride_wn,
             xsum += xp
         part = fx * (1 << BITS) - (1.5 * (1 << BITS)) * xsum[None, :]  # sum over the word of v * x
         if GROUP > 0:  # words never straddle groups: a group is >= 32 columns, a word <= 8
-            part *= tl.load(s_ptr + rn[:, None] * (K // GROUP) + (wcol * VALS // GROUP)[None, :],
-                            mask=(rn[:, None] < N) & in_k[None, :], other=0.0).to(tl.float32)
+            part *= tl.load(
+                s_ptr + rn[:, None] * (K // GROUP) + (wcol * VALS // GROUP)[None, :],
+                mask=(rn[:, None] < N) & in_k[None, :],
+                other=0.0,
+            ).to(tl.float32)
         acc += part
     y = tl.sum(acc, axis=1)  # [BN]
     if GROUP == 0:
@@ -91,8 +109,18 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, KW, stride_wn,
 _DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=warps, num_stages=stages)
     for bn, bkw, warps, stages in [
-        (16, 64, 1, 3), (16, 64, 1, 4), (32, 32, 1, 4), (16, 128, 2, 3), (32, 64, 2, 3), (32, 64, 2, 4),
-        (32, 128, 2, 3), (32, 128, 4, 3), (64, 64, 4, 3), (16, 256, 4, 3), (64, 128, 4, 2), (32, 256, 4, 2),
+        (16, 64, 1, 3),
+        (16, 64, 1, 4),
+        (32, 32, 1, 4),
+        (16, 128, 2, 3),
+        (32, 64, 2, 3),
+        (32, 64, 2, 4),
+        (32, 128, 2, 3),
+        (32, 128, 4, 3),
+        (64, 64, 4, 3),
+        (16, 256, 4, 3),
+        (64, 128, 4, 2),
+        (32, 256, 4, 2),
     ]
 ]
 _decode_autotuned = triton.autotune(configs=_DECODE_CONFIGS, key=["N", "K", "BITS", "GROUP"])(_decode_kernel)
@@ -103,10 +131,29 @@ SPLIT_K_DECODE_CONFIG = {"BLOCK_N": 32, "BLOCK_KW": 64, "num_warps": 2}
 
 # ---------------------------------------------------------------------------------- prefill (GEMM)
 @triton.jit
-def _prefill_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, KW, stride_xm, stride_wn, stride_om,
-                    M_BUCKET, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    FP32_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
+def _prefill_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    KW,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    M_BUCKET,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FP32_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     VALS: tl.constexpr = 32 // BITS
     # Programs sweep GROUP_M row blocks per column block so that weight tiles are reused from L2.
     pid = tl.program_id(0)
@@ -127,14 +174,18 @@ def _prefill_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, KW, stride_xm,
         w_mask = in_k[:, None] & (rn[None, :] < N)
         words = tl.load(w_ptr + rn[None, :] * stride_wn + wcol[:, None], mask=w_mask, other=0)  # [BKW, BN]
         if GROUP > 0:
-            s = tl.load(s_ptr + rn[None, :] * (K // GROUP) + (wcol * VALS // GROUP)[:, None],
-                        mask=w_mask, other=0.0).to(tl.float32)  # [BKW, BN]
+            s = tl.load(
+                s_ptr + rn[None, :] * (K // GROUP) + (wcol * VALS // GROUP)[:, None], mask=w_mask, other=0.0
+            ).to(tl.float32)  # [BKW, BN]
         for p in tl.static_range(VALS):
             v = _offset_float(words, _field_shift(p, BITS), BITS) * (1 << BITS) - 1.5 * (1 << BITS)  # exact ints
             if GROUP > 0:
                 v = v * s
-            xp = tl.load(x_ptr + rm[:, None] * stride_xm + (wcol * VALS + p)[None, :],
-                         mask=(rm[:, None] < M) & in_k[None, :], other=0.0)  # [BM, BKW]
+            xp = tl.load(
+                x_ptr + rm[:, None] * stride_xm + (wcol * VALS + p)[None, :],
+                mask=(rm[:, None] < M) & in_k[None, :],
+                other=0.0,
+            )  # [BM, BKW]
             if FP32_INPUT:  # full fp32 products, not TF32: the layer must match its fp32 reference
                 acc = tl.dot(xp, v, acc, input_precision="ieee")
             else:
@@ -143,8 +194,11 @@ def _prefill_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, KW, stride_xm,
         acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rn[None, :] < N),
+    )
 
 
 # Prefill lengths vary from call to call: the autotune key holds M rounded up to a power of 2
@@ -154,13 +208,23 @@ def _prefill_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, KW, stride_xm,
 _PREFILL_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
     for bm, bn, bkw, warps, stages in [
-        (128, 128, 16, 8, 3), (128, 256, 16, 8, 3), (64, 128, 16, 4, 4), (128, 64, 16, 4, 4),
-        (64, 64, 32, 4, 3), (128, 128, 32, 8, 2), (64, 256, 16, 8, 3), (32, 128, 32, 4, 4),
-        (16, 64, 16, 4, 4), (16, 128, 16, 4, 3), (16, 128, 32, 4, 3), (16, 256, 16, 8, 3),
+        (128, 128, 16, 8, 3),
+        (128, 256, 16, 8, 3),
+        (64, 128, 16, 4, 4),
+        (128, 64, 16, 4, 4),
+        (64, 64, 32, 4, 3),
+        (128, 128, 32, 8, 2),
+        (64, 256, 16, 8, 3),
+        (32, 128, 32, 4, 4),
+        (16, 64, 16, 4, 4),
+        (16, 128, 16, 4, 3),
+        (16, 128, 32, 4, 3),
+        (16, 256, 16, 8, 3),
     ]
 ]
 _prefill_autotuned = triton.autotune(configs=_PREFILL_CONFIGS, key=["M_BUCKET", "N", "K", "BITS", "GROUP"])(
-    _prefill_kernel)
+    _prefill_kernel
+)
 
 # Fixed small tiles for the CPU interpreter (TRITON_INTERPRET=1), where autotuning is meaningless.
 INTERPRETER_DECODE_CONFIG = {"BLOCK_N": 16, "BLOCK_KW": 16}
@@ -184,16 +248,25 @@ def supports(scheme: QuantScheme, in_features: int) -> bool:
     return in_features % (32 // scheme.bits) == 0 and scheme.group_size in (None, *SUPPORTED_GROUP_SIZES)
 
 
-def triton_quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                            scheme: QuantScheme, *, config: dict | None = None, split_k: int | None = None
-                            ) -> torch.Tensor:
+def triton_quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    scheme: QuantScheme,
+    *,
+    config: dict | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
     """x [..., in] @ dequantized(weight)^T + bias, fused. `config`/`split_k` pin the tiles (tests and
     the interpreter); by default GPU launches are autotuned and CPU (interpreted) ones use small tiles."""
     in_features = x.shape[-1]
     out_features = weight.shape[0]
     if not supports(scheme, in_features):
-        raise QuantizationError(f"the Triton kernels need the input dimension ({in_features}) to be a multiple of "
-                                f"{32 // scheme.bits} for {scheme.name}; use the tiled path (glm130b.kernels.quantized_linear)")
+        raise QuantizationError(
+            f"the Triton kernels need the input dimension ({in_features}) to be a multiple of "
+            f"{32 // scheme.bits} for {scheme.name}; use the tiled path (glm130b.kernels.quantized_linear)"
+        )
     x2 = x.reshape(-1, in_features).contiguous()
     M = x2.shape[0]
     words = weight.contiguous().view(torch.int32)  # [N, KW]
@@ -204,20 +277,50 @@ def triton_quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.
     common = dict(BITS=scheme.bits, GROUP=group, HAS_BIAS=bias is not None)
     if M == 1:
         split = split_k or decode_split_k(out_features, in_features)
-        out = (torch.zeros(out_features, device=x.device, dtype=torch.float32) if split > 1
-               else torch.empty(out_features, device=x.device, dtype=x.dtype))
+        out = (
+            torch.zeros(out_features, device=x.device, dtype=torch.float32)
+            if split > 1
+            else torch.empty(out_features, device=x.device, dtype=x.dtype)
+        )
         meta = config or (INTERPRETER_DECODE_CONFIG if interpreted else SPLIT_K_DECODE_CONFIG if split > 1 else None)
         kernel = _decode_kernel if meta else _decode_autotuned
         grid = lambda m: (triton.cdiv(out_features, m["BLOCK_N"]), split)  # noqa: E731
-        kernel[grid](x2, words, scale, bias_arg, out, out_features, in_features, words.shape[1], words.stride(0),
-                     SPLIT_K=split, **common, **(meta or {}))
+        kernel[grid](
+            x2,
+            words,
+            scale,
+            bias_arg,
+            out,
+            out_features,
+            in_features,
+            words.shape[1],
+            words.stride(0),
+            SPLIT_K=split,
+            **common,
+            **(meta or {}),
+        )
         y = out.to(x.dtype)
     else:
         y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
         meta = config or (INTERPRETER_PREFILL_CONFIG if interpreted else None)
         kernel = _prefill_kernel if meta else _prefill_autotuned
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(out_features, m["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](x2, words, scale, bias_arg, y, M, out_features, in_features, words.shape[1],
-                     x2.stride(0), words.stride(0), y.stride(0), _next_power_of_2(M),
-                     FP32_INPUT=x.dtype == torch.float32, **common, **(meta or {}))
+        kernel[grid](
+            x2,
+            words,
+            scale,
+            bias_arg,
+            y,
+            M,
+            out_features,
+            in_features,
+            words.shape[1],
+            x2.stride(0),
+            words.stride(0),
+            y.stride(0),
+            _next_power_of_2(M),
+            FP32_INPUT=x.dtype == torch.float32,
+            **common,
+            **(meta or {}),
+        )
     return y.view(*x.shape[:-1], out_features)

@@ -1,15 +1,11 @@
 """The continuous-batching engine: many requests decoded together, each as if it ran alone.
 
-One thread owns the model and a RowSlotCache of `max_batch` rows (glm130b.serve.slots). Between
-two decode steps it drops cancelled requests, moves waiting sequences into free rows (each
-prompt prefilled alone into its row) and frees the rows of finished ones; every step then feeds
-one token to each running row. A [MASK] prompt with several blanks keeps its row and is prefilled
-again, rebuilt with the span in place, before each next blank (the official rule, as
-glm130b.generate fills blanks). Beam search does not batch: a beam request runs whole, alone,
-between two steps (the running rows wait meanwhile).
-
-Requests talk to the engine through `submit` (from any thread) and a sink called from the engine
-thread with TextDelta, SequenceDone and JobFailed events.
+One thread owns the model and a RowSlotCache of `max_batch` rows (glm130b.serve.slots). Between two
+decode steps it drops cancelled requests, prefills waiting sequences into free rows and frees the
+rows of finished ones; each step feeds one token to every running row. A [MASK] prompt with several
+blanks keeps its row and is prefilled again before each next blank (the official rule). Beam search
+runs whole, alone, between two steps. Requests talk to the engine through `submit` (any thread) and
+a sink called from the engine thread with TextDelta, SequenceDone and JobFailed events.
 """
 
 from __future__ import annotations

@@ -30,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # suite_summary, beside this file
 import httpx
 import torch
+from suite_summary import figure, write_summary  # noqa: E402
 
 from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import save_model
@@ -216,7 +218,10 @@ def main() -> None:
     parser.add_argument("--single-requests", type=int, default=32, help="requests at concurrency 1")
     parser.add_argument("--port", type=int, default=18431)
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--small", action="store_true", help="a quick CPU check: tiny model, few requests")
     args = parser.parse_args()
+    if args.small:
+        args.size, args.threads, args.requests, args.single_requests, args.new_tokens = "tiny", 1, 64, 8, 8
     url = f"http://127.0.0.1:{args.port}"
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,6 +264,15 @@ def main() -> None:
         f"{MAX_BATCH} cache rows\n\n{table(rows)}\n\n{verdict}\n"
     )
     print(text)
+    write_summary(
+        "serve",
+        [
+            figure("tokens/s at concurrency 32 over one at a time", speedup, "x", GOAL_SPEEDUP),
+            figure(
+                "p99 latency at concurrency 32 over one request's median", p99, "x", GOAL_P99, higher_is_better=False
+            ),
+        ],
+    )
     if args.append:
         results = ROOT / "benchmarks" / "RESULTS.md"
         heading = "## Serving: continuous batching (benchmarks/bench_serve.py, issue 13)"

@@ -1,4 +1,4 @@
-"""Each method on the task of tests/finetune/helpers.py: exact match on 100 held-out words goes
+"""Each method on the toy task (glm130b.finetune.toy_task): exact match on 100 held-out words goes
 from ~0 to >= 90 %, only the adapter trains (the base stays bit-identical), a LoRA adapter merges
 into weights that give the adapter's logits, and PEFT itself reads our LoRA folders."""
 
@@ -12,24 +12,17 @@ from glm130b.finetune.config import FinetuneConfig
 from glm130b.finetune.records import read_records
 from glm130b.finetune.runner import run_finetune
 from glm130b.finetune.scores import exact_match
+from glm130b.finetune.toy_task import METHOD_RUNS
 from glm130b.generate.inputs import build_generation_batch
-from glm130b.quant.format import QuantScheme
 from glm130b.quant.linear import quantize_model
 from tests.finetune.helpers import RUN
 
-# FinetuneConfig fields and training overrides per case. Rates and steps suit a 2-layer model:
-# each case reaches 100 % in the runs made while writing this (>= 90 % is asserted).
-CASES = {
-    "full": ({"method": "full"}, {"lr": 1e-3, "train_samples": 100 * 8}),
-    "lora": ({"method": "lora"}, {"lr": 1e-2, "train_samples": 100 * 8}),
-    "ptuning": ({"method": "ptuning", "prefix_length": 8}, {"lr": 5e-2, "train_samples": 200 * 8}),
-    "lora-int4": ({"method": "lora", "quantized": "int4"}, {"lr": 1e-2, "train_samples": 100 * 8}),
-}
+CASES = METHOD_RUNS
 
 
-def base_model(task, quantized):
+def base_model(task, scheme):
     model = load_model(task.base)
-    return quantize_model(model, QuantScheme(4)) if quantized else model
+    return quantize_model(model, scheme) if scheme is not None else model
 
 
 def logits(model, task, words):
@@ -45,8 +38,6 @@ def logits(model, task, words):
 def test_method_learns_the_task_and_trains_only_its_part(task, tmp_path, case):
     fields, train = CASES[case]
     held = read_records(task.held)
-    quantized = "quantized" in fields
-    before = exact_match(base_model(task, quantized), task.tokenizer, held)
     config = FinetuneConfig.from_dict(
         {
             "model": str(task.base),
@@ -57,6 +48,7 @@ def test_method_learns_the_task_and_trains_only_its_part(task, tmp_path, case):
             "train": {**RUN, **train},
         }
     )
+    before = exact_match(base_model(task, config.scheme), task.tokenizer, held)
     result = run_finetune(config, show_progress=False)
     assert before <= 10 and result.exact_match >= 90, (before, result.exact_match)
     assert result.valid_losses["valid"] < 0.1
@@ -75,7 +67,7 @@ def test_method_learns_the_task_and_trains_only_its_part(task, tmp_path, case):
         assert result.trainable_parameters == cfg.num_layers * 2 * 8 * cfg.hidden_size
     # Everything else is the base, bit for bit (PEFT renames a wrapped layer's tensors base_layer.*).
     frozen = {k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if adapter_key not in k}
-    reference = base_model(task, quantized).state_dict()
+    reference = base_model(task, config.scheme).state_dict()
     assert frozen.keys() == reference.keys()
     assert all(torch.equal(frozen[k], reference[k]) for k in reference)
 

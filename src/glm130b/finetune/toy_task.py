@@ -52,6 +52,17 @@ BASE_RUN: dict[str, Any] = {
     "precision": "fp32",
 }
 
+# FinetuneConfig fields and training settings that take each method from 0 to >= 90 % exact match
+# on the held-out words (each reached 100 % in the runs made while writing this). Rates suit the
+# 2-layer base: far above what a large model takes (glm130b.finetune.config.METHOD_DEFAULTS).
+METHOD_RUNS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "full": ({"method": "full"}, {"lr": 1e-3, "train_samples": 100 * 8}),
+    "lora": ({"method": "lora"}, {"lr": 1e-2, "train_samples": 100 * 8}),
+    "ptuning": ({"method": "ptuning", "prefix_length": 8}, {"lr": 5e-2, "train_samples": 200 * 8}),
+    "lora-int8": ({"method": "lora", "quantized": "int8"}, {"lr": 1e-2, "train_samples": 100 * 8}),
+    "lora-int4": ({"method": "lora", "quantized": "int4"}, {"lr": 1e-2, "train_samples": 100 * 8}),
+}
+
 
 def shift(word: str) -> str:
     return "".join(ALPHABET[(ALPHABET.index(c) + 1) % len(ALPHABET)] for c in word)

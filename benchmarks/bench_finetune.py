@@ -1,0 +1,292 @@
+"""Fine-tuning per method (issue 17): trained parameters, peak memory and steps/s on the same
+model, and exact match before and after on the toy task's held-out words.
+
+  python benchmarks/bench_finetune.py --small --device cpu   # toy sizes on the CPU (checks the script)
+  python benchmarks/bench_finetune.py --device cuda          # the GPU suite
+  python benchmarks/bench_finetune.py ... --append           # also append the tables to benchmarks/RESULTS.md
+
+Speed and memory: one random-weight GLM for every method (cuda: 18 layers, hidden 2048, GLM-130B's
+vocabulary, bf16 autocast, one sequence of 2048 tokens a step; --small: 4 layers, hidden 256,
+vocabulary 16384, fp32, 2 x 256 tokens), built as `glm130b finetune` builds it (runner.apply_method:
+a frozen base in the compute dtype, quantized for lora-int8/int4, fp32 adapters) and stepped with
+the trainer's arithmetic (train.step.forward_backward, gradient clipping, AdamW): WARMUP steps, then
+STEPS timed. Each method runs in its own process, so that peak memory is its own: on CUDA
+torch.cuda.max_memory_allocated (weights, optimizer, activations: everything), on the CPU the peak
+resident memory minus the process's before the model was built.
+
+Quality: the toy task (glm130b.finetune.toy_task) on the same device in fp32: its base is built,
+then every method runs with the settings of toy_task.METHOD_RUNS through run_finetune; exact match
+of the base and of the fine-tuned model on the 100 held-out words (glm130b.finetune.scores).
+Details (JSON) go to $OUT/bench_finetune.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from glm130b import GLM, GLMConfig
+from glm130b.checkpoint.model_dir import load_model
+from glm130b.finetune.config import FinetuneConfig
+from glm130b.finetune.records import read_records
+from glm130b.finetune.runner import apply_method, run_finetune
+from glm130b.finetune.scores import exact_match
+from glm130b.finetune.toy_task import METHOD_RUNS, RUN, build_toy_task
+from glm130b.model.initialization import initialize_glm
+from glm130b.objective.batch import TrainingBatch
+from glm130b.quant.linear import quantize_model
+from glm130b.train.optim import build_optimizer
+from glm130b.train.step import forward_backward
+
+WARMUP, STEPS = 3, 10
+GIB = 2**30
+
+
+def speed_config(small: bool) -> GLMConfig:
+    if small:
+        return GLMConfig(
+            num_layers=4,
+            hidden_size=256,
+            num_attention_heads=4,
+            vocab_size=16384,
+            inner_hidden_size=640,
+            max_sequence_length=256,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
+    return GLMConfig(
+        num_layers=18,
+        hidden_size=2048,
+        num_attention_heads=16,
+        vocab_size=150528,
+        inner_hidden_size=5504,
+        max_sequence_length=2048,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def prefix_lm_batch(rows: int, length: int, vocab: int) -> TrainingBatch:
+    """Random tokens; the first half of each row is the bidirectional prompt, the second is scored."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.arange(length) < length // 2
+    return TrainingBatch(
+        input_ids=torch.randint(0, vocab, (rows, length), generator=g),
+        position_ids=torch.arange(length).expand(rows, length),
+        targets=torch.randint(0, vocab, (rows, length), generator=g),
+        loss_mask=(~prompt).float().expand(rows, length),
+        segment_ids=torch.ones(rows, length, dtype=torch.long),
+        in_prefix=prompt.expand(rows, length),
+    )
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_method(case: str, small: bool, device: torch.device) -> dict:
+    """Build the model for `case`, train WARMUP + STEPS steps; runs in a process of its own."""
+    fields, _ = METHOD_RUNS[case]
+    cfg = speed_config(small)
+    rows, length = (2, 256) if small else (1, 2048)
+    ft = FinetuneConfig.from_dict(
+        {
+            **fields,
+            "train": {
+                "device": device.type,
+                "micro_batch_size": rows,
+                "global_batch_size": rows,
+                "sequence_length": length,
+            },
+        }
+    )
+    train = ft.train_config(cfg, num_sequences=1000)
+    before = resident_bytes()
+    with torch.device(device):
+        model = GLM(cfg)
+    initialize_glm(model, seed=0)
+    if ft.method != "full" and train.precision != "fp32":
+        model.to(torch.bfloat16)  # a frozen base sits in the compute dtype (runner.prepare_model)
+    apply_method(model, ft, seed=0)
+    optimizer = build_optimizer(model, train)
+    batch = prefix_lm_batch(rows, length, cfg.vocab_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(WARMUP + STEPS):
+        if step == WARMUP:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        forward_backward(model, [batch], train.precision)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    )
+    return {
+        "method": case,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_bytes": peak,
+        "steps_per_s": STEPS / seconds,
+        "tokens_per_s": STEPS * rows * length / seconds,
+        "precision": train.precision,
+        "tokens_per_step": rows * length,
+    }
+
+
+def toy_quality(device: torch.device, root: Path) -> list[dict]:
+    start = time.perf_counter()
+    task = build_toy_task(root, device=device.type)
+    print(f"toy task base built in {time.perf_counter() - start:.0f} s", flush=True)
+    held = read_records(task.held)
+    results = []
+    for case, (fields, train) in METHOD_RUNS.items():
+        config = FinetuneConfig.from_dict(
+            {
+                "model": str(task.base),
+                "data": str(task.train),
+                "valid_data": str(task.held),
+                "out_dir": str(root / case),
+                **fields,
+                "train": {**RUN, **train, "device": device.type, "precision": "fp32"},
+            }
+        )
+        base = load_model(task.base, device=device)
+        if config.scheme is not None:
+            quantize_model(base, config.scheme)
+        before = exact_match(base, task.tokenizer, held)
+        start = time.perf_counter()
+        result = run_finetune(config, show_progress=False)
+        results.append(
+            {
+                "method": case,
+                "trained_parameters": result.trainable_parameters,
+                "steps": train["train_samples"] // RUN["global_batch_size"],
+                "lr": train["lr"],
+                "exact_match_before": before,
+                "exact_match_after": result.exact_match,
+                "run_seconds": time.perf_counter() - start,
+            }
+        )
+        print(results[-1], flush=True)
+    return results
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def tables(device: torch.device, small: bool, speed: list[dict], quality: list[dict]) -> str:
+    cfg = speed_config(small)
+    first = speed[0]
+    text = (
+        f"### Fine-tuning (issue 17): {device_name(device)}, torch {torch.__version__}, commit {commit()}"
+        f"{' (--small: toy sizes, not a speed figure)' if small else ''}\n\n"
+        f"Same model for every method: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocabulary "
+        f"{cfg.vocab_size} ({first['parameters'] / 1e6:.0f} M parameters), {first['tokens_per_step']} tokens "
+        f"a step, {first['precision']}; {STEPS} steps timed after {WARMUP}. Peak memory: "
+        + (
+            "torch.cuda.max_memory_allocated."
+            if device.type == "cuda"
+            else "resident memory over the process's before the model was built."
+        )
+        + "\n\n"
+        "| method | trained parameters | peak memory (GiB) | steps/s | tokens/s |\n|---|---|---|---|---|\n"
+    )
+    text += "".join(
+        f"| {r['method']} | {r['trained_parameters']:,} | {r['peak_bytes'] / GIB:.2f} | "
+        f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} |\n"
+        for r in speed
+    )
+    text += (
+        "\nToy task (glm130b.finetune.toy_task), fp32, exact match on 100 held-out words "
+        "(the evaluation toolkit's table is pending: glm130b.evaluate is being written):\n\n"
+        "| method | trained parameters | steps | lr | exact match before | after | run (s) |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    text += "".join(
+        f"| {r['method']} | {r['trained_parameters']:,} | {r['steps']} | {r['lr']:g} | "
+        f"{r['exact_match_before']:.0f} % | {r['exact_match_after']:.0f} % | {r['run_seconds']:.1f} |\n"
+        for r in quality
+    )
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="toy sizes (checks the script, not the speed)")
+    parser.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(min(4, os.cpu_count() or 1))
+    if args.one:
+        print(json.dumps(measure_method(args.one, args.small, device)))
+        return 0
+
+    speed = []
+    for case in METHOD_RUNS:
+        command = [sys.executable, __file__, "--one", case, "--device", args.device] + (
+            ["--small"] if args.small else []
+        )
+        speed.append(json.loads(subprocess.check_output(command, text=True).strip().splitlines()[-1]))
+        print(speed[-1], flush=True)
+    with tempfile.TemporaryDirectory() as root:
+        quality = toy_quality(device, Path(root))
+    text = tables(device, args.small, speed, quality)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "bench_finetune.json").write_text(
+            json.dumps(
+                {
+                    "device": device_name(device),
+                    "torch": torch.__version__,
+                    "commit": commit(),
+                    "speed": speed,
+                    "quality": quality,
+                },
+                indent=2,
+            )
+        )
+    if args.append:
+        results = Path(__file__).parent / "RESULTS.md"
+        results.write_text(results.read_text().rstrip("\n") + "\n\n" + text)
+    print()
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

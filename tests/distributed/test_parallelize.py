@@ -389,6 +389,20 @@ def test_plan_command_prints_memory_per_gpu(capsys):
     assert "not divisible by tp 4 x pp 8" in capsys.readouterr().err
 
 
+def test_plan_reads_the_pretrain_config_with_the_pretrain_checks(capsys, tmp_path):
+    pretrain_config = RECIPE.parent / "glm-130b.yaml"  # the file `glm130b pretrain --config` takes
+    assert main(["plan", "--config", str(pretrain_config), "--world-size", "64", "--tp", "8", "--pp", "8"]) == 0
+    assert "tp 8 x pp 8 x dp 1" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_preset: glm-tiny\nbogus_key: 3\n")
+    assert main(["plan", "--config", str(bad), "--world-size", "1"]) == 2
+    assert "unknown TrainConfig field(s) bogus_key" in capsys.readouterr().err
+    for option, value in (("--gpu-memory-gib", "-5"), ("--world-size", "0")):
+        arguments = {"--world-size": "8", option: value}
+        assert main(["plan", "--config", str(pretrain_config), *sum(arguments.items(), ())]) == 2
+        assert f"{option} must be a positive" in capsys.readouterr().err
+
+
 def test_memory_estimate_scales_with_sharding():
     """ZeRO sharding: the optimizer states per GPU fall as 1/dp; recomputation shrinks activations."""
     base = Recipe.load(RECIPE)

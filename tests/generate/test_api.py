@@ -102,3 +102,15 @@ def test_strategy_defaults_are_the_official_scripts_and_the_command_lines():
         min_length=args.min_length,
     )
     assert cli == official
+
+
+def test_min_new_tokens_holds_the_end_back(trained):
+    tok = CharTokenizer()
+    prompts = ["abc", "ab[MASK]f"]  # the trained reverser fills "cba" and "cde", then ends
+    natural = [len(r.blanks[0]) for r in generate(trained, tok, prompts, Greedy(), 8)]
+    assert natural == [3, 3]
+    longer = generate(trained, tok, prompts, Greedy(), 8, min_new_tokens=5)
+    assert [len(r.blanks[0]) for r in longer] == [5, 5] or all(len(r.blanks[0]) >= 5 for r in longer)
+    assert [r.blanks[0][:3] for r in longer] == [r.blanks[0] for r in generate(trained, tok, prompts, Greedy(), 8)]
+    with pytest.raises(InputError, match="min_new_tokens is for greedy and sampling"):
+        generate(trained, tok, prompts, "beam", 8, min_new_tokens=1)

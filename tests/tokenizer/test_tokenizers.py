@@ -225,3 +225,13 @@ def test_cli_train_and_encode(tmp_path, capsys):
     assert printed == tokenizer.encode_prompt("x [MASK] y")
     assert tokenizer.specials.mask in printed
     assert main(["tokenizer", "train", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+
+
+def test_byte_lengths_sum_to_the_utf8_length_of_the_text(tiny):
+    lengths = tiny.byte_lengths()
+    rng = random.Random(1)
+    texts = ALL_STRINGS + [random_text(rng, rng.randrange(1, 60)) for _ in range(100)]
+    for text, ids in zip(texts, tiny.encode_batch(texts)):
+        assert sum(lengths[i] for i in ids) == len(text.encode())
+    specials = tiny.specials
+    assert [lengths[t] for t in (specials.gmask, specials.sop, specials.eos, specials.pad)] == [0, 0, 0, 0]

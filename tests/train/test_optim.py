@@ -60,6 +60,15 @@ def test_batch_ramp_up_grows_in_whole_micro_batches_to_the_global_batch():
     assert global_batch_size_at(0, recipe(rampup_start_batch_size=None)) == 64
 
 
+@pytest.mark.parametrize("train_samples", [96, 98, 100_000])
+def test_a_run_trains_its_train_samples_not_up_to_a_batch_more(train_samples):
+    cfg = recipe(train_samples=train_samples, rampup_start_batch_size=None)  # global 64, micro 4
+    samples = 0
+    while samples < train_samples:
+        samples += global_batch_size_at(samples, cfg)
+    assert samples == -(-train_samples // 4) * 4  # 96, 100 (98 in whole micro-batches), 100 000
+
+
 def test_embedding_grad_scale_schedule():
     assert embedding_grad_scale(10_000, recipe()) == 0.1
     cfg = recipe(embedding_grad_scale_ramp_start=100, embedding_grad_scale_ramp_steps=400)

@@ -86,6 +86,38 @@ def test_restarting_without_resume_refuses_to_mix_runs(tmp_path):
         make_trainer(tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None, resume=False)).train()
 
 
+def test_a_resumed_run_refuses_changed_settings_except_the_safe_ones(tmp_path):
+    config = tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None)
+    make_trainer(config).train()
+    saved = (tmp_path / "run" / "train_config.yaml").read_text()
+    for change, shown in (
+        ({"model": {**config.model, "num_layers": 4}}, "model.num_layers 2 -> 4"),
+        ({"lr": 1e-3}, "lr 0.003 -> 0.001"),
+    ):
+        changed = tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None, **change)
+        with pytest.raises(ConfigError, match=re.escape(shown) + ".*--out_dir NEW_DIR"):
+            make_trainer(changed).train()
+        assert (tmp_path / "run" / "train_config.yaml").read_text() == saved  # the run's record stays
+    safe = tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None, log_every=1, eval_batches=1)
+    make_trainer(safe).train()  # how often it logs and what it validates on may change
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    config = tiny_run_config(
+        tmp_path, train_samples=8 * 4, checkpoint_every=2, keep_checkpoints=2, rampup_start_batch_size=None
+    )
+    make_trainer(config).train()
+    reference = last_loss_per_step(config.out_dir)
+    newest = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    resumed = make_trainer(config)
+    with pytest.warns(UserWarning, match=re.escape(str(newest)) + " cannot be read"):
+        resumed.train()
+    assert resumed.state.step == 4  # steps 3 and 4 trained again from step 2's checkpoint
+    assert last_loss_per_step(config.out_dir) == reference
+
+
 def test_fp16_overflow_skips_the_update_and_halves_the_scale(tmp_path):
     # A scale of 2^40 overflows fp16 gradients; hysteresis 1 halves it at every overflow.
     config = tiny_run_config(
@@ -198,8 +230,31 @@ def test_command_line_overrides_the_yaml_file(tmp_path):
 def test_pretrain_command_reports_user_errors_without_a_traceback(capsys):
     assert cli.main(["pretrain", "--model_preset", "glm-tiny", "--sequence_length", "64"]) == 2
     assert "set corpus" in capsys.readouterr().err
-    assert cli.main(["pretrain", "--grad_clip", "-1"]) == 2
+    assert cli.main(["pretrain", "--model_preset", "glm-tiny", "--grad_clip", "-1"]) == 2
     assert "grad_clip must be a number >= 0" in capsys.readouterr().err
+
+
+def test_pretrain_without_a_model_choice_asks_for_one(capsys, tmp_path):
+    assert cli.main(["pretrain", "--corpus", str(tmp_path), "--tokenizer", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no model chosen" in err and "--config" in err and "Traceback" not in err
+
+
+def test_a_model_whose_training_state_cannot_fit_is_refused_before_allocation():
+    from glm130b.train.builders import available_memory, check_model_fits
+
+    cpu = torch.device("cpu")
+    assert available_memory(cpu) > 0
+    with pytest.raises(GLMError, match=r"needs [0-9,.]+ GiB on cpu .* GiB are free.*--config configs/demo.yaml"):
+        check_model_fits(GLMConfig.from_preset("glm-130b"), cpu)  # ~1,900 GiB of training state
+    check_model_fits(GLMConfig.from_preset("glm-tiny"), cpu)  # fits: no error
+
+
+@pytest.mark.parametrize("field", ["resume", "tensorboard", "spike_guard.enabled", "parallel.compile"])
+def test_booleans_given_as_words_other_than_true_or_false_are_refused(field, capsys):
+    assert cli.main(["pretrain", "--model_preset", "glm-tiny", f"--{field}", "maybe"]) == 2
+    err = capsys.readouterr().err
+    assert f"{field.split('.')[-1]} must be true or false, got 'maybe'" in err
 
 
 def test_activation_checkpointing_changes_memory_not_results(tmp_path):

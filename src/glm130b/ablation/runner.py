@@ -23,10 +23,9 @@ from glm130b.train.builders import build_model_and_optimizer
 from glm130b.train.config import TrainConfig
 from glm130b.train.data_setup import BatchSource
 from glm130b.train.pretrain import load_run_data
-from glm130b.train.trainer import Trainer, TrainingDiverged
+from glm130b.train.trainer import RUN_CONFIG_FILE, Trainer, TrainingDiverged
 
 RESULT_FILE = "result.json"
-SAVED_CONFIG = "train_config.yaml"  # written by Trainer.train into the run's out_dir
 
 
 @dataclass
@@ -55,7 +54,7 @@ def read_result(run: GridRun) -> dict | None:
 
 def check_folder(run: GridRun) -> None:
     """Refuse a run folder that holds a run of another config: keeping its results would mix grids."""
-    path = run_folder(run) / SAVED_CONFIG
+    path = run_folder(run) / RUN_CONFIG_FILE
     if not path.is_file():
         return
     saved, planned = _flat(read_mapping(path, "TrainConfig")), _flat(run.config.to_dict())

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from glm130b.checkpoint.safetensors import WEIGHTS_FILE, safetensors_files
+from glm130b.checkpoint.safetensors import WEIGHTS_FILE, SafetensorsReader, safetensors_files
 from glm130b.core.atomic import atomic_path
 from glm130b.core.errors import CheckpointError
 from glm130b.model.config import GLMConfig
@@ -50,13 +49,18 @@ def load_config(directory: str | Path) -> GLMConfig:
     return GLMConfig.load(path)
 
 
+def _file_metadata(file: Path) -> dict[str, str]:
+    """The string metadata of one safetensors file, after checking that the file holds every byte
+    its header describes (a truncated copy is named here, not deep inside a later read)."""
+    return SafetensorsReader(file).metadata
+
+
 def weights_metadata(directory: str | Path) -> dict[str, str]:
     """The string metadata stored with a model directory's weights (scheme, tokenizer fingerprint, step)."""
     files = safetensors_files(Path(directory))
     if not files:
         return {}
-    with safe_open(str(files[0]), "pt") as f:
-        return dict(f.metadata() or {})
+    return _file_metadata(files[0])
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GLM:
@@ -67,8 +71,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu", dtype:
     files = safetensors_files(directory)
     if not files:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} is missing; the directory holds a config but no weights")
-    with safe_open(str(files[0]), "pt") as f:
-        scheme = QuantScheme.from_metadata(f.metadata(), str(files[0]))
+    scheme = QuantScheme.from_metadata(_file_metadata(files[0]), str(files[0]))
     with torch.device("meta"):
         model = GLM(config) if scheme is None else replace_linears(GLM(config), scheme)
     state = {}

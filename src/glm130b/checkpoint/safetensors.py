@@ -139,6 +139,13 @@ class SafetensorsReader:
             raise CheckpointError(f"cannot read the safetensors header of {self.path}: {err}") from None
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         data_start = 8 + header_len
+        end = data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        size = self.path.stat().st_size
+        if size < end:
+            raise CheckpointError(
+                f"{self.path} is truncated: its header describes {end:,} bytes, the file holds {size:,}; "
+                "copy or convert it again"
+            )
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             if entry["dtype"] not in DTYPE_OF_FORMAT_NAME:

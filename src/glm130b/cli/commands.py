@@ -17,6 +17,7 @@ import torch
 
 from glm130b import demo
 from glm130b.ablation import commands as ablation_commands
+from glm130b.checkpoint import commands as checkpoint_commands
 from glm130b.core.errors import GLMError
 from glm130b.data import commands as data_commands
 from glm130b.distributed import commands as distributed_commands
@@ -24,7 +25,6 @@ from glm130b.evaluate import commands as evaluate_commands
 from glm130b.finetune import commands as finetune_commands
 from glm130b.generate import commands as generate_commands
 from glm130b.interop import commands as interop_commands
-from glm130b.model import commands as model_commands
 from glm130b.serve import commands as serve_commands
 from glm130b.tokenizer import commands as tokenizer_commands
 from glm130b.train import commands as train_commands
@@ -40,7 +40,9 @@ class Command:
 
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "info": Command(
-        "print a model's shape and parameter count", model_commands.add_info_arguments, model_commands.cmd_info
+        "print a model's shape and parameter count",
+        checkpoint_commands.add_info_arguments,
+        checkpoint_commands.cmd_info,
     ),
     "convert-official": Command(
         "merge an official tensor-parallel checkpoint into a model directory (streamed, one tensor in memory)",
@@ -106,7 +108,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "plan": Command(
         "validate a training recipe for a world size and print memory per GPU",
         distributed_commands.add_plan_arguments,
-        distributed_commands.cmd_plan,
+        train_commands.cmd_plan,
     ),
     "quantize": Command(
         "weight-only INT8/INT4 quantization of a model directory (streamed, no calibration)",

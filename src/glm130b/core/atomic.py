@@ -14,7 +14,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from glm130b.core.errors import InputError
+
 TEMPORARY_MARK = ".tmp"  # hidden temporaries are named .<name>.tmp<pid>; cleaners glob for it
+
+
+def check_output_folder(path: str | Path) -> Path:
+    """Refuse, before any long work, an output folder that is an existing file or that cannot be
+    created or written (a read-only parent)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file, and the output is a folder; choose another path")
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing} cannot be written; choose an output folder you can write to")
+    return path
 
 
 def temporary_path(path: Path) -> Path:

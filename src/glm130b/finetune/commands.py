@@ -7,6 +7,7 @@ import dataclasses
 
 from glm130b.adapters.folder import merge_adapter
 from glm130b.adapters.lora import LORA_TARGETS
+from glm130b.core.atomic import check_output_folder
 from glm130b.core.config_io import read_mapping
 from glm130b.distributed.parallelize import ParallelConfig
 from glm130b.finetune.config import METHODS, QUANTIZED, FinetuneConfig
@@ -44,6 +45,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     ]
     data["train"] = apply_overrides(data.get("train") or {}, train)
     config = FinetuneConfig.from_dict(data)
+    check_output_folder(config.out_dir)
     result = run_finetune(config)
     print(
         f"{'model' if config.method == 'full' else 'adapter'}: {result.output_dir} "

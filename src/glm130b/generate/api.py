@@ -45,10 +45,12 @@ def generate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     *,
     compile: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[GenerationResult]:
     """Generate for a batch of text prompts. Each prompt holds [MASK] blanks (filled left to right),
     [gMASK] (continue; appended when no marker is written) or [sMASK] (warned: never trained); with
-    several kinds, the official rule fills one: [MASK] before [sMASK] before [gMASK]."""
+    several kinds, the official rule fills one: [MASK] before [sMASK] before [gMASK].
+    `min_new_tokens`: no blank ends before that many tokens (1: never an empty fill)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     parsed = [parse_prompt(p, tokenizer, _two_d(model)) for p in prompts]
     banned = banned_tokens(tokenizer.specials, model.config.vocab_size, tokenizer.vocab_size)
@@ -60,6 +62,7 @@ def generate(
         max_new_tokens,
         banned=banned,
         compile=compile,
+        min_new_tokens=min_new_tokens,
     )
     results = []
     for prompt, sequence, item_spans in zip(parsed, sequences, spans):

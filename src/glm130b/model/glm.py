@@ -243,9 +243,12 @@ class GLM(nn.Module):
         check_inputs: bool = True,
         cache_slots: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        logits_where: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """logits_at [B]: one position per row whose logits are wanted (a prefill needs only each
-        row's last prompt token: [B, 1, vocab] instead of [B, S, vocab]); None = every position."""
+        row's last prompt token: [B, 1, vocab] instead of [B, S, vocab]); logits_where [N]: indices
+        into the flattened [B * S] positions, logits [N, vocab] of those only (training needs the
+        scored positions alone: the output layer's cost shrinks with them). None = every position."""
         if check_inputs:  # reads values on the host: hot decode loops validate once and pass False
             self.validate_inputs(input_ids, position_ids, attention_mask, kv_cache, cache_slots)
         embeddings = self.transformer.word_embeddings
@@ -267,8 +270,10 @@ class GLM(nn.Module):
             return x  # [B, S, C]
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at].unsqueeze(1)  # [B, 1, C]
+        elif logits_where is not None:
+            x = x.flatten(0, 1).index_select(0, logits_where)  # [N, C]
         x = self.transformer.final_layernorm(x)
-        return F.linear(x, self.output_weight)  # [B, S, vocab] ([B, 1, vocab] with logits_at)
+        return F.linear(x, self.output_weight)  # [B, S, vocab] ([B, 1, vocab] / [N, vocab] when selected)
 
     def validate_inputs(self, input_ids, position_ids, attention_mask, kv_cache=None, cache_slots=None) -> None:
         cfg = self.config

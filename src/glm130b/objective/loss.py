@@ -11,11 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
+def weighted_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum of weight x cross entropy (fp32). logits [N, V], targets [N] long, weights [N]."""
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * weights.float()).sum()
+
+
 def masked_lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Sum of the cross entropy of the scored tokens (fp32). logits [B, S, V], targets [B, S] long,
     loss_mask [B, S]: the weight of each position's loss (1 scored, 0 not)."""
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # [B * S]
-    return (per_token * loss_mask.flatten().float()).sum()
+    return weighted_cross_entropy_sum(logits.flatten(0, 1), targets.flatten(), loss_mask.flatten())
 
 
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

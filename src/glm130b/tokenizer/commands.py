@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from glm130b.core.atomic import check_output_folder
 from glm130b.tokenizer.specials import SPECIAL_NAMES
 from glm130b.tokenizer.tokenizers import load_tokenizer, train_tokenizer
 from glm130b.tokenizer.training import DEFAULT_CHARACTER_COVERAGE, DEFAULT_INPUT_SENTENCE_SIZE
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    check_output_folder(args.out)  # before the training, not after it
     tokenizer = train_tokenizer(
         [Path(p) for p in args.corpus],
         args.out,

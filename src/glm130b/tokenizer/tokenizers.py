@@ -142,6 +142,19 @@ class Tokenizer:
         out.append(self._decode_pieces(run))
         return "".join(out)
 
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of text each id stands for: a byte-fallback piece one, "\u2581" a space, a
+        special or control id none. Summed over a span: the byte length of its decoded text (our
+        tokenizer adds no dummy-prefix space)."""
+        lengths = [0] * self.vocab_size
+        for piece in range(self.num_pieces):
+            if self._sp.is_byte(piece):
+                lengths[piece + self.text_id_offset] = 1
+            elif not (self._sp.is_control(piece) or self._sp.is_unknown(piece)):
+                text = self._sp.id_to_piece(piece).replace("\u2581", " ")
+                lengths[piece + self.text_id_offset] = len(text.encode())
+        return lengths
+
     # -- identity and storage --------------------------------------------------------------------
     def layout(self) -> dict:
         """Everything besides the model file that decides the ids."""

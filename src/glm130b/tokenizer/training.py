@@ -45,18 +45,23 @@ def read_documents(source: str | os.PathLike) -> Iterator[str]:
             f'corpus file {path} does not exist; pass .jsonl(.gz) files with a "text" field or plain text files'
         )
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise TokenizerTrainingError(
-                            f'{path} line {n}: not a JSON object with a "text" field'
-                        ) from None
-        else:
-            yield f.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if path.name.endswith((".jsonl", ".jsonl.gz")):
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)["text"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise TokenizerTrainingError(
+                                f'{path} line {n}: not a JSON object with a "text" field'
+                            ) from None
+            else:
+                yield f.read()
+    except UnicodeDecodeError as err:
+        raise TokenizerTrainingError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
 
 
 def training_sentences(texts_or_files: Iterable[str | os.PathLike]) -> Iterator[str]:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from glm130b.core.errors import GLMError
 from glm130b.distributed.parallelize import (
     ParallelConfig,
     apply_activation_checkpointing,
@@ -32,6 +33,44 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+# fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter before any activation.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new model on `device` (CUDA: the driver's count; CPU: MemAvailable of
+    /proc/meminfo); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_model_fits(model_config: GLMConfig, device: torch.device, processes: int = 1) -> None:
+    """Refuse, before allocating anything, a model whose training state alone (every process
+    builds the whole model first) exceeds the device's free memory: the alternative is a machine
+    that swaps or a process the kernel kills, with nothing printed."""
+    free = available_memory(device)
+    if free is None:
+        return
+    with torch.device("meta"):
+        parameters = GLM(model_config).num_parameters()
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER * (processes if device.type == "cpu" else 1)
+    if needed > free:
+        raise GLMError(
+            f"a {parameters / 1e9:.2f}B-parameter model needs {needed / 2**30:,.1f} GiB on {device} for fp32 "
+            f"weights, gradients and AdamW state before any activation; {free / 2**30:,.1f} GiB are free. "
+            "Choose a smaller model (--config configs/demo.yaml, or --model_preset glm-10m), or plan a "
+            "multi-GPU run with `glm130b plan`"
+        )
 
 
 @dataclass
@@ -68,6 +107,7 @@ def build_model_and_optimizer(
     if make_model is not None:
         model = make_model(device)
     else:
+        check_model_fits(model_config, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         with torch.device(device):
             model = GLM(model_config)
         initialize_glm(model, seed=config.seed)

@@ -249,6 +249,55 @@ class TrainConfig(DictConfig):
         return cls.from_dict(apply_overrides(read_mapping(path, cls.config_label), overrides or []))
 
 
+# What a resumed run may change: how often it logs, validates and saves, what it validates on,
+# where it runs and is kept, and its layout over devices (`parallel.*`: checkpoints reshard). Every
+# other field decides the run's numbers (its model, data, schedule, seed).
+RESUMABLE_SECTIONS = ("parallel.",)
+RESUMABLE_CHANGES = frozenset(
+    {
+        "out_dir",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "valid_corpus",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "tensorboard",
+        "resume",
+        "peak_flops",
+        "device",
+    }
+)
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: DictConfig, new: DictConfig, run_dir: Path) -> None:
+    """Refuse to resume the run in `run_dir` (its settings `saved`) with settings `new` that differ
+    in a field outside RESUMABLE_CHANGES (the model compared as built: preset plus overrides)."""
+    before, after = (
+        _flat({**c.to_dict(), "model": c.model_config().to_dict()} if hasattr(c, "model_config") else c.to_dict())
+        for c in (saved, new)
+    )
+    changed = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    changed = [key for key in changed if key not in RESUMABLE_CHANGES and not key.startswith(RESUMABLE_SECTIONS)]
+    if changed:
+        shown = ", ".join(f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in changed[:3])
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings ({shown}{', ...' if len(changed) > 3 else ''}); a resumed "
+            f"run keeps them (only {', '.join(sorted(RESUMABLE_CHANGES))} and parallel.* may change). Start a new run with "
+            "--out_dir NEW_DIR, or give the run's own values again"
+        )
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`["lr=1e-4", "model.hidden_dropout=0"]` applied onto a nested mapping (values as YAML scalars)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}

@@ -46,12 +46,16 @@ def learning_rate(samples: int, config: TrainConfig) -> float:
 
 def global_batch_size_at(samples: int, config: TrainConfig) -> int:
     """Global batch after `samples`: linear from rampup_start_batch_size to global_batch_size over
-    rampup_samples, rounded down to whole micro-batches."""
+    rampup_samples, rounded down to whole micro-batches; the last step takes only what remains of
+    train_samples (rounded up to a whole micro-batch), so a run trains train_samples, not up to a
+    global batch more."""
+    micro = config.micro_batch_size
+    remaining = -(-(config.train_samples - samples) // micro) * micro
     if samples >= config.rampup_samples:
-        return config.global_batch_size
+        return min(config.global_batch_size, remaining)
     start = config.rampup_start_batch_size
     size = start + (config.global_batch_size - start) * samples / config.rampup_samples
-    return max(start, int(size) // config.micro_batch_size * config.micro_batch_size)
+    return min(max(start, int(size) // micro * micro), remaining)
 
 
 def embedding_grad_scale(step: int, config: TrainConfig) -> float:

@@ -21,10 +21,10 @@ def last_per_step(records: list[dict]) -> list[dict]:
 
 
 def plot_loss_curve(
-    metrics_dir: str | Path, png_path: str | Path, baselines: dict[str, float] | None = None
+    metrics_dir: str | Path, png_path: str | Path, baselines: dict[str, dict[str, float]] | None = None
 ) -> Path | None:
-    """Train loss, validation loss per language and, from `baselines` ({language: loss}, e.g. a
-    unigram model's), a dotted line in that language's colour."""
+    """Train loss, validation loss per language and, from `baselines` ({name: {language: loss}},
+    e.g. a unigram model's), a horizontal line per baseline in that language's colour."""
     try:
         import matplotlib
 
@@ -41,8 +41,9 @@ def plot_loss_curve(
         language = key.removeprefix("loss_")
         points = [(r["step"], r[key]) for r in valid if r.get(key) is not None]
         [line] = axes.plot(*zip(*points), marker="o", ms=3, label=f"validation {language}")
-        if baselines and language in baselines:
-            axes.axhline(baselines[language], color=line.get_color(), ls=":", lw=1, label=f"unigram {language}")
+        for (name, losses), style in zip((baselines or {}).items(), (":", "-.", "--")):
+            if language in losses:
+                axes.axhline(losses[language], color=line.get_color(), ls=style, lw=1, label=f"{name} {language}")
     for event in interventions:
         axes.axvline(event["step"], color="red", lw=0.6, ls="--")
     if interventions:

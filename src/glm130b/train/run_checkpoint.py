@@ -77,6 +77,10 @@ class RunCheckpoints:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.directory)
 
+    def all(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return list_checkpoints(self.directory)
+
     def remove_unfinished(self) -> None:
         """Delete the temporary directories of saves cut short by a kill (rank 0)."""
         if self.is_main and self.directory.is_dir():

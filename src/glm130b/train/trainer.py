@@ -7,21 +7,25 @@ How a step, a distributed run and a rollback work: docs/training.md.
 from __future__ import annotations
 
 import math
+import pickle
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from glm130b.core.config_io import read_mapping
 from glm130b.core.dtypes import DTYPES
-from glm130b.core.errors import ConfigError, GLMError
+from glm130b.core.errors import CheckpointError, ConfigError, GLMError
 from glm130b.distributed.parallelize import clip_grad_norm_
 from glm130b.model.attention import describe_backend
 from glm130b.objective.batch import TrainingBatch
 from glm130b.train.builders import TrainingModel
-from glm130b.train.config import TrainConfig
+from glm130b.train.config import TrainConfig, check_resumable
 from glm130b.train.data_setup import BatchSource
 from glm130b.train.metrics import MetricsLog, batch_work, device_peak_flops, format_record, throughput
 from glm130b.train.optim import DynamicLossScaler, embedding_grad_scale, global_batch_size_at, learning_rate
@@ -34,6 +38,11 @@ from glm130b.train.step import (
     pipeline_evaluate,
     pipeline_forward_backward,
 )
+
+RUN_CONFIG_FILE = "train_config.yaml"
+# What reading a truncated or otherwise damaged checkpoint raises: safetensors' and torch.load's
+# errors for a short file, a missing one.
+UNREADABLE_CHECKPOINT = (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError, OSError, KeyError)
 
 
 class TrainingDiverged(GLMError):
@@ -98,21 +107,22 @@ class Trainer:
         # dp ranks differ in seed (their shares are other data); the tp ranks of one dp group share
         # it, so that dropout on their replicated activations keeps the replicas identical.
         torch.manual_seed(cfg.seed + self.dp_rank)
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out_dir / "train_config.yaml")
-            self.checkpoints.remove_unfinished()
-        self._barrier()
         latest = self.checkpoints.latest()
         if latest is not None and not cfg.resume:
             raise GLMError(
                 f"{self.checkpoint_dir} holds checkpoints of an earlier run; set resume: true to "
                 "continue it, or pick another out_dir"
             )
+        saved_config = self.out_dir / RUN_CONFIG_FILE
+        if latest is not None and saved_config.is_file():  # every rank checks: none is left waiting
+            check_resumable(type(cfg).from_dict(read_mapping(saved_config, cfg.config_label)), cfg, self.out_dir)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(saved_config)
+            self.checkpoints.remove_unfinished()
+        self._barrier()
         if latest is not None:
-            self._load(latest)
-            if self.show_progress:
-                tqdm.write(f"resumed from {latest} (step {self.state.step})")
+            self._resume()
         elif cfg.spike_guard.enabled:
             self.save_checkpoint()  # a rollback target before the first step
         self.model.train()
@@ -324,6 +334,30 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         return self.checkpoints.save(self.state.step, self.model, self.optimizer, state)
+
+    def _resume(self) -> None:
+        """Restore the newest checkpoint that can be read. One process: a damaged one (a copy or a
+        disk cut short) is passed over with a warning naming it. Under torchrun every rank loads the
+        newest, since ranks that disagreed on which one would wait on each other forever."""
+        candidates = self.checkpoints.all()[::-1] if self.mesh is None else [self.checkpoints.latest()]
+        for directory in candidates:
+            try:
+                self._load(directory)
+            except UNREADABLE_CHECKPOINT as err:
+                if self.mesh is not None:
+                    raise
+                warnings.warn(
+                    f"{directory} cannot be read ({type(err).__name__}: {str(err)[:160]}); trying the one before it",
+                    stacklevel=2,
+                )
+                continue
+            if self.show_progress:
+                tqdm.write(f"resumed from {directory} (step {self.state.step})")
+            return
+        raise CheckpointError(
+            f"no checkpoint in {self.checkpoint_dir} can be read (see the warnings); start a new run with "
+            "--out_dir NEW_DIR"
+        )
 
     def _load(self, directory: Path) -> None:
         state, rng_restored = self.checkpoints.load(directory, self.model, self.optimizer, self.device)

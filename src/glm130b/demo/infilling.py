@@ -1,0 +1,169 @@
+"""The demo's blank-infilling test: held-out sentences with one word replaced by [MASK] (an English
+word; a two-character Chinese word of People's Daily's own segmentation). The model's fill is its
+top-1 among the training split's most frequent words of that kind, each scored by its
+log-probability in the blank (packed, one forward per sentence: glm130b.evaluate.packing); the
+unigram guess is the most frequent of them, written into every blank."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from glm130b.core.errors import InputError
+from glm130b.evaluate.packing import pack_choices, score_batch
+from glm130b.generate.prompts import parse_prompt
+
+ENGLISH_WORD = re.compile(r"[A-Za-z]+")
+CHINESE_WORD = re.compile(r"[\u4e00-\u9fff]{2}")  # two CJK unified ideographs
+SENTENCE_END = frozenset("。！？")
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+# Held-out lines of 5-14 words / sentences of 6-40 words: context enough to narrow a blank, and a
+# prompt well inside the demo's 128-token sequences.
+ENGLISH_WORDS_PER_LINE = (5, 14)
+CHINESE_WORDS_PER_SENTENCE = (6, 40)
+ITEMS_PER_LANGUAGE = 200  # a rate of 10 % is then known to about +-2 points (binomial sd)
+# The choices of every blank: the training split's most frequent words of the kind (~2 tokens
+# each, so a sentence and its choices stay within 512 positions).
+CANDIDATES = 100
+SCORING_BATCH = 16  # packed sentences per forward
+
+
+@dataclass(frozen=True)
+class FillItem:
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class FillScore:
+    items: int
+    model_rate: float
+    unigram_rate: float
+    unigram_guess: str
+    candidates: int  # words each blank chooses from
+    covered: float  # share of items whose answer is among them: the most either can get right
+    examples: list[tuple[str, str, str]]  # (prompt, answer, model's fill)
+
+
+def read_jsonl_field(paths: Iterable[Path], field: str) -> Iterator:
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)[field]
+
+
+def english_lines(texts: Iterable[str]) -> Iterator[list[str]]:
+    """Lines of verse, or sentences of prose (a line cut after . ! ?), as whitespace-separated
+    tokens; speaker names (all capitals) and stage directions are left out by the length window
+    and the capitals test."""
+    low, high = ENGLISH_WORDS_PER_LINE
+    for text in texts:
+        for line in text.splitlines():
+            for sentence in SENTENCE_BREAK.split(line):
+                tokens = sentence.split()
+                if low <= len(tokens) <= high and not sentence.isupper():
+                    yield tokens
+
+
+def chinese_sentences(documents: Iterable[list[str]]) -> Iterator[list[str]]:
+    """Sentences (split after 。！？) of segmented documents, as words."""
+    low, high = CHINESE_WORDS_PER_SENTENCE
+    for words in documents:
+        sentence: list[str] = []
+        for word in words:
+            sentence.append(word)
+            if word in SENTENCE_END:
+                if low <= len(sentence) <= high:
+                    yield sentence
+                sentence = []
+
+
+def english_items(lines: list[list[str]], count: int, seed: int) -> list[FillItem]:
+    """One blank per line, at a word (letters only, never the first) drawn uniformly: the blank
+    takes the space before it, as SentencePiece's "\u2581word" pieces do."""
+    rng = random.Random(seed)
+    items = []
+    for tokens in rng.sample(lines, len(lines)):
+        choices = [i for i, t in enumerate(tokens) if i > 0 and ENGLISH_WORD.fullmatch(t)]
+        if choices:
+            i = rng.choice(choices)
+            after = " ".join(tokens[i + 1 :])
+            items.append(FillItem(" ".join(tokens[:i]) + "[MASK]" + (" " + after if after else ""), tokens[i]))
+        if len(items) == count:
+            break
+    return items
+
+
+def chinese_items(sentences: list[list[str]], count: int, seed: int) -> list[FillItem]:
+    rng = random.Random(seed)
+    items = []
+    for words in rng.sample(sentences, len(sentences)):
+        choices = [i for i, w in enumerate(words) if CHINESE_WORD.fullmatch(w)]
+        if choices:
+            i = rng.choice(choices)
+            items.append(FillItem("".join(words[:i]) + "[MASK]" + "".join(words[i + 1 :]), words[i]))
+        if len(items) == count:
+            break
+    return items
+
+
+def english_words(lines: Iterable[list[str]]) -> Counter:
+    """Counts of the words a blank can hold (letters only, never a line's first)."""
+    return Counter(t for tokens in lines for t in tokens[1:] if ENGLISH_WORD.fullmatch(t))
+
+
+def chinese_words(sentences: Iterable[list[str]]) -> Counter:
+    return Counter(w for words in sentences for w in words if CHINESE_WORD.fullmatch(w))
+
+
+def _choice_groups(context: int, choices: list[list[int]], limit: int) -> list[range]:
+    """Consecutive runs of choices that each fit one packed sequence of at most `limit` tokens
+    (the context, then each choice behind its <sop>)."""
+    groups, start, used = [], 0, context
+    for i, choice in enumerate(choices):
+        if used + len(choice) > limit and i > start:
+            groups.append(range(start, i))
+            start, used = i, context
+        used += len(choice)
+    return groups + [range(start, len(choices))]
+
+
+def score_fills(model, tokenizer, items: list[FillItem], counts: Counter, separator: str) -> FillScore:
+    """Each blank's fill: the candidate (the CANDIDATES most frequent words of `counts`, each
+    written as `separator + word`, the text the blank replaced) with the highest summed
+    log-probability in it, scored as the evaluation toolkit scores multiple choice: the choices
+    packed behind the sentence, as many per sequence as the model's context holds. A sentence too
+    long for the context with its longest choice is left out (none at the demo's 512)."""
+    candidates = [word for word, _ in counts.most_common(CANDIDATES)]
+    choice_ids = [tokenizer.encode(separator + word) for word in candidates]
+    limit = model.config.max_sequence_length
+    contexts = [parse_prompt(item.prompt, tokenizer).context for item in items]
+    longest = max(map(len, choice_ids))
+    kept = [i for i, context in enumerate(contexts) if len(context) + longest <= limit]  # the rest cannot be scored
+    items, contexts = [items[i] for i in kept], [contexts[i] for i in kept]
+    if not items:
+        raise InputError(f"no fill sentence fits the model's {limit} positions with its longest choice")
+    sequences, owners = [], []  # owners: (item, first candidate) of each packed sequence
+    for index, context in enumerate(contexts):
+        for group in _choice_groups(len(context), choice_ids, limit):
+            group_ids = [choice_ids[i] for i in group]
+            sequences.append(pack_choices(context, group_ids, tokenizer.specials, gmask=False, single_token=False))
+            owners.append((index, group.start))
+    log_probs = [[0.0] * len(candidates) for _ in items]
+    for start in range(0, len(sequences), SCORING_BATCH):
+        batch = sequences[start : start + SCORING_BATCH]
+        for (index, first), spans in zip(owners[start:], score_batch(model, batch, tokenizer.specials.pad)):
+            for offset, span in enumerate(spans):
+                log_probs[index][first + offset] = span.log_prob
+    fills = [candidates[max(range(len(candidates)), key=row.__getitem__)] for row in log_probs]
+    hits = sum(fill == item.answer for fill, item in zip(fills, items))
+    guessed = sum(item.answer == candidates[0] for item in items)
+    covered = sum(item.answer in set(candidates) for item in items)
+    examples = [(item.prompt, item.answer, fill) for item, fill in zip(items, fills)]
+    n = len(items)
+    return FillScore(n, hits / n, guessed / n, candidates[0], len(candidates), covered / n, examples)

@@ -102,6 +102,21 @@ def test_a_resumed_run_refuses_changed_settings_except_the_safe_ones(tmp_path):
     make_trainer(safe).train()  # how often it logs and what it validates on may change
 
 
+def test_restart_discards_the_run_in_out_dir_and_nothing_else(tmp_path):
+    from glm130b.train.pretrain import discard_run
+
+    config = tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None)
+    make_trainer(config).train()
+    notes = tmp_path / "run" / "notes.txt"
+    notes.write_text("mine")
+    discard_run(tmp_path / "run")  # what `glm130b pretrain --restart` does first
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
+    changed = tiny_run_config(tmp_path, train_samples=8 * 2, rampup_start_batch_size=None, lr=1e-3)
+    trainer = make_trainer(changed)
+    trainer.train()  # a new run: the changed setting is no longer refused
+    assert trainer.state.step == 2 and "lr: 0.001" in (tmp_path / "run" / "train_config.yaml").read_text()
+
+
 def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     config = tiny_run_config(
         tmp_path, train_samples=8 * 4, checkpoint_every=2, keep_checkpoints=2, rampup_start_batch_size=None

@@ -294,7 +294,7 @@ def check_resumable(saved: DictConfig, new: DictConfig, run_dir: Path) -> None:
         raise ConfigError(
             f"{run_dir} holds a run with other settings ({shown}{', ...' if len(changed) > 3 else ''}); a resumed "
             f"run keeps them (only {', '.join(sorted(RESUMABLE_CHANGES))} and parallel.* may change). Start a new run with "
-            "--out_dir NEW_DIR, or give the run's own values again"
+            "--out_dir NEW_DIR, discard this one with --restart, or give the run's own values again"
         )
 
 

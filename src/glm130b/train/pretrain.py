@@ -3,6 +3,7 @@ loss curve (`run_pretraining`)."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,11 @@ from glm130b.train.builders import build_model_and_optimizer
 from glm130b.train.config import TrainConfig
 from glm130b.train.data_setup import BatchSource, build_data
 from glm130b.train.report import plot_loss_curve
-from glm130b.train.trainer import Trainer
+from glm130b.train.trainer import RUN_CONFIG_FILE, Trainer
+
+# What a run writes into its out_dir: checkpoints, metrics (and TensorBoard events), the exported
+# model, its settings and the loss curve.
+RUN_OUTPUTS = ("checkpoints", "metrics", "model", RUN_CONFIG_FILE, "loss_curve.png")
 
 
 @dataclass
@@ -29,6 +34,17 @@ class PretrainResult:
     model_dir: Path  # the trained model, in the glm130b.checkpoint format
     metrics_dir: Path
     loss_curve: Path | None
+
+
+def discard_run(out_dir: Path) -> None:
+    """Remove what a run wrote into `out_dir` (RUN_OUTPUTS) so that a new run starts there; any
+    other file in the folder stays."""
+    for name in RUN_OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def load_run_data(config: TrainConfig) -> tuple[Tokenizer, BatchSource, dict[str, list[TrainingBatch]]]:

@@ -1,12 +1,17 @@
 """`glm130b finetune`, `glm130b generate --adapter` and `glm130b merge-adapter` end to end, and
 bad input as one line on stderr naming the file and line."""
 
+import argparse
+
 import pytest
 
 from glm130b.adapters.folder import freeze, save_adapter
 from glm130b.adapters.prefix import add_prefix
 from glm130b.checkpoint.model_dir import load_model
 from glm130b.cli.commands import main
+from glm130b.evaluate.loading import load_for_evaluation
+from glm130b.generate.api import generate_text
+from glm130b.serve.commands import load_for_serving
 from tests.finetune.helpers import RUN, write_jsonl
 
 
@@ -67,6 +72,23 @@ def test_finetune_then_generate_with_the_adapter_and_with_the_merged_model(task,
         == 0
     )
     assert capsys.readouterr().out == "abchabch\n"  # the base copies
+
+    # the same adapter through the evaluation toolkit's loader and the server's
+    adapter = out / "adapter"
+    model, tokenizer, info = load_for_evaluation(str(task.base), None, None, "cpu", None, str(adapter))
+    assert generate_text(model, tokenizer, "abch", "greedy", 5) == "abchbcda"
+    assert info["adapter"] == str(adapter.resolve())
+    served = argparse.Namespace(
+        model=str(task.base),
+        tokenizer=None,
+        device="cpu",
+        dtype=None,
+        quantized=None,
+        group_size=None,
+        adapter=str(adapter),
+    )
+    model, tokenizer = load_for_serving(served)
+    assert generate_text(model, tokenizer, "abch", "greedy", 5) == "abchbcda"
 
 
 @pytest.mark.parametrize(

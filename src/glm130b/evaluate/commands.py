@@ -47,7 +47,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     configs = [load_task(f) for f in files]
     if "RANK" in os.environ:
         init_distributed()
-    model, tokenizer, info = load_for_evaluation(args.model, args.quantized, args.tokenizer, args.device, args.dtype)
+    model, tokenizer, info = load_for_evaluation(
+        args.model, args.quantized, args.tokenizer, args.device, args.dtype, args.adapter
+    )
     executor = Executor(args.batch_size, progress=not args.no_progress)
     tasks = [evaluate_task(config, args.data_root, model, tokenizer, executor, args.limit) for config in configs]
     if executor.rank != 0:
@@ -67,6 +69,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory (config.json + model.safetensors, tokenizer/ inside)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL/tokenizer)")
+    p.add_argument("--adapter", help="a LoRA or P-tuning v2 adapter folder (glm130b finetune) to load onto the model")
     p.add_argument("--quantized", choices=tuple(QUANTIZED), help="quantize the linear weights on load (weight-only)")
     p.add_argument("--tasks", nargs="+", help="task YAML files (official format) or folders of them")
     p.add_argument("--suite", choices=tuple(SUITES), help="the built-in tasks of the paper's headline numbers")

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from glm130b.adapters.folder import load_model_with_adapter
 from glm130b.core.errors import InputError
 from glm130b.distributed.parallelize import init_distributed
 from glm130b.distributed.sharded_inference import load_sharded_model
@@ -20,7 +19,6 @@ from glm130b.generate.decode import DEFAULT_MAX_NEW_TOKENS
 from glm130b.generate.loading import default_dtype, load_for_inference, load_tokenizer_for, resolve_device
 from glm130b.generate.strategies import BeamSearch, Greedy, Sampling, Strategy
 from glm130b.model.glm import GLM
-from glm130b.quant.format import QuantScheme
 
 
 def _load_for_cli(args: argparse.Namespace):
@@ -30,15 +28,14 @@ def _load_for_cli(args: argparse.Namespace):
         return _load_tensor_parallel(
             args, checkpoint, default_dtype(args.dtype, resolve_device(args.device))
         ), tokenizer
-    if args.adapter:  # without --quantized: quantized as the adapter was trained, if it was
-        checkpoint = Path(args.checkpoint)
-        tokenizer = load_tokenizer_for(checkpoint, args.tokenizer)
-        device = resolve_device(args.device)
-        scheme = QuantScheme(args.bits, args.group_size) if args.quantized else None
-        model = load_model_with_adapter(checkpoint, args.adapter, device, default_dtype(args.dtype, device), scheme)
-        return model, tokenizer
     return load_for_inference(
-        args.checkpoint, args.tokenizer, args.device, args.dtype, args.bits if args.quantized else None, args.group_size
+        args.checkpoint,
+        args.tokenizer,
+        args.device,
+        args.dtype,
+        args.bits if args.quantized else None,
+        args.group_size,
+        adapter=args.adapter,
     )
 
 

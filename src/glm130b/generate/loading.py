@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from glm130b.adapters.folder import load_model_with_adapter
 from glm130b.checkpoint.model_dir import load_model, weights_metadata
 from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import InputError
@@ -55,9 +56,12 @@ def load_for_inference(
     dtype: str | None = None,
     bits: int | None = None,
     group_size: int | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[GLM, Tokenizer]:
     """(model in eval mode, tokenizer) of a model directory; `bits` quantizes a floating-point model
-    on load (a directory written by `glm130b quantize` is quantized already)."""
+    on load (a directory written by `glm130b quantize` is quantized already). `adapter`: a LoRA or
+    P-tuning v2 folder of `glm130b finetune` loaded onto it (the base quantized as the adapter was
+    trained over unless `bits` says otherwise): one loader for generate, serve and evaluate."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(
@@ -66,7 +70,11 @@ def load_for_inference(
         )
     tokenizer = load_tokenizer_for(model_dir, tokenizer_dir)
     torch_device = resolve_device(device)
-    model = load_model(model_dir, device=torch_device, dtype=default_dtype(dtype, torch_device))
+    if adapter is not None:
+        scheme = QuantScheme(bits, group_size) if bits is not None else None
+        model = load_model_with_adapter(model_dir, adapter, torch_device, default_dtype(dtype, torch_device), scheme)
+    else:
+        model = load_model(model_dir, device=torch_device, dtype=default_dtype(dtype, torch_device))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise InputError(
             f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} "

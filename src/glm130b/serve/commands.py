@@ -32,7 +32,9 @@ QUANTIZED_BITS = {"int8": 8, "int4": 4}
 
 def load_for_serving(args: argparse.Namespace):
     bits = QUANTIZED_BITS[args.quantized] if args.quantized else None
-    return load_for_inference(args.model, args.tokenizer, args.device, args.dtype, bits, args.group_size)
+    return load_for_inference(
+        args.model, args.tokenizer, args.device, args.dtype, bits, args.group_size, adapter=args.adapter
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -77,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (config.json + model.safetensors + tokenizer/)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: MODEL/tokenizer)")
+    p.add_argument("--adapter", help="a LoRA or P-tuning v2 adapter folder (glm130b finetune) to load onto the model")
     p.add_argument("--model-name", help="the model id clients pass (default: the directory's name)")
     p.add_argument(
         "--quantized",

@@ -322,3 +322,20 @@ def test_csv_metrics_read_back_like_json_lines(tmp_path):
     for from_json, from_csv in zip(records["jsonl"], records["csv"]):
         assert from_csv["step"] == from_json["step"] and from_csv["mfu"] is None
         assert from_csv["loss"] == pytest.approx(from_json["loss"], rel=1e-12)
+
+
+def test_the_scored_positions_loss_equals_the_full_logits_loss():
+    from glm130b.objective.loss import masked_lm_loss_sum
+    from glm130b.train.step import batch_loss_sum
+    from tests.train.helpers import CountingSource
+
+    torch.manual_seed(0)
+    model = GLM(GLMConfig.from_preset("glm-tiny", vocab_size=64, hidden_dropout=0.0, attention_dropout=0.0))
+    batch = CountingSource(micro_batch_size=3).micro_batch(0)
+    batch.loss_mask[1, 5:9] = 0.0  # an uneven pattern of scored positions
+    full = model(batch.input_ids, batch.position_ids, batch.compact_mask())
+    expected = masked_lm_loss_sum(full, batch.targets, batch.loss_mask)
+    assert torch.allclose(batch_loss_sum(model, batch, "fp32"), expected, rtol=1e-6, atol=1e-5)
+    at = torch.tensor([0, 7, 40])
+    picked = model(batch.input_ids, batch.position_ids, batch.compact_mask(), logits_where=at)
+    assert torch.allclose(picked, full.flatten(0, 1)[at], atol=1e-5)

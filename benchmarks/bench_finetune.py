@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from run_info import commit, device_name
 
 from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import load_model
@@ -222,21 +222,6 @@ def toy_quality(device: torch.device, root: Path) -> list[dict]:
         )
         print(results[-1], flush=True)
     return results
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def tables(device: torch.device, small: bool, speed: list[dict], quality: list[dict]) -> str:

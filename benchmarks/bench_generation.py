@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from run_info import commit, device_name
 from suite_summary import figure, write_summary
 
 from glm130b import GLM, GLMConfig
@@ -300,21 +299,6 @@ def glm_130b_config(small: bool) -> GLMConfig:
             attention_dropout=0.0,
         )
     return GLMConfig.from_preset("glm-130b", hidden_dropout=0.0, attention_dropout=0.0)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=Path(__file__).parent
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def suite_figures(rows: list[tuple[str, dict]], small: bool) -> list[dict]:

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from glm130b.core.config_io import read_mapping
 from glm130b.core.dtypes import DTYPES
 from glm130b.core.errors import CheckpointError, ConfigError, GLMError
 from glm130b.distributed.parallelize import clip_grad_norm_
@@ -115,7 +114,7 @@ class Trainer:
             )
         saved_config = self.out_dir / RUN_CONFIG_FILE
         if latest is not None and saved_config.is_file():  # every rank checks: none is left waiting
-            check_resumable(type(cfg).from_dict(read_mapping(saved_config, cfg.config_label)), cfg, self.out_dir)
+            check_resumable(type(cfg).load(saved_config), cfg, self.out_dir)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(saved_config)

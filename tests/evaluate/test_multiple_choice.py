@@ -32,3 +32,18 @@ def test_scoring_variants(scoring, tmp_path):
             expected = [s - plain_log_probs(model, [TOK.mask], c)[0] for s, c in zip(summed, item.choices)]
         assert record["scores"] == pytest.approx(expected, abs=1e-4)
         assert record["prediction"] == expected.index(max(expected))
+
+
+def test_micro_precision_recall_f1_equal_accuracy_on_single_label_items(tmp_path):
+    model, tokenizer = tiny_glm(), CharTokenizer()
+    write_jsonl(tmp_path / "t.jsonl", mul_records(22, 12, choices=3))
+    task_file = read_items(tmp_path / "t.jsonl", "mul", tokenizer)
+    metrics = ["Accuracy", "Precision", "Recall", "F1_mul"]
+    config = task_from_mapping({"name": "t", "type": "mul", "path": ".", "metrics": metrics}, "test")
+    outcome = evaluate_file(task_file, config, model, tokenizer, Executor(progress=False))
+    right = sum(r["prediction"] == r["label"] for r in outcome.records)
+    assert 0 < right < 12  # neither all nor none: a wrong count would show
+    for metric in metrics:  # one label and one prediction per item: TP = right, predicted = actual = 12
+        assert outcome.scores[metric].value() == pytest.approx(100 * right / 12), metric
+    assert outcome.scores["F1_mul"].num == [2.0 * (r["prediction"] == r["label"]) for r in outcome.records]
+    assert outcome.scores["F1_mul"].den == [2.0] * 12

@@ -48,7 +48,10 @@ def test_pile_bits_per_byte_per_subset(tmp_path):
             nll.setdefault(subset, []).append((-plain_log_probs(model, [TOK.gmask], ids)[0], len(text.encode())))
     for subset, parts in nll.items():
         expected = sum(n for n, _ in parts) / sum(b for _, b in parts) / math.log(2)
-        assert entry["breakdown"][subset]["value"] == pytest.approx(expected, rel=1e-5)
+        assert entry["breakdown"][subset]["BPB"]["value"] == pytest.approx(expected, rel=1e-5)
+        # one file: the task's per-subset score pooled over files is the file's
+        assert result["breakdown"][subset]["pooled"]["BPB"]["value"] == pytest.approx(expected, rel=1e-5)
+        assert result["breakdown"][subset]["units"] == len(parts)  # windows: each document fits one
     pooled = sum(n for p in nll.values() for n, _ in p) / sum(b for p in nll.values() for _, b in p) / math.log(2)
     assert result["metrics"]["BPB"]["value"] == pytest.approx(pooled, rel=1e-5)
     assert len(entry["records"]) == 3  # the empty document is skipped

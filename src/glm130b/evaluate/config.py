@@ -17,7 +17,12 @@ from glm130b.core.errors import ConfigError
 
 TASK_TYPES = ("mul", "gen", "lm")
 DEFAULT_METRICS = {"mul": ["Accuracy"], "gen": ["EM", "F1"], "lm": ["PPL"]}
-KNOWN_METRICS = {"mul": ("Accuracy",), "gen": ("EM", "F1", "Accuracy"), "lm": ("PPL", "BPB")}
+# mul: Precision, Recall and F1_mul are micro-averaged over the classes (the official sklearn calls).
+KNOWN_METRICS = {
+    "mul": ("Accuracy", "Precision", "Recall", "F1_mul"),
+    "gen": ("EM", "F1", "Accuracy"),
+    "lm": ("PPL", "BPB"),
+}
 # The official task classes a config may name in `module`, and the protocol each one runs. Our own
 # protocols may be named directly.
 MODULES = {
@@ -27,14 +32,32 @@ MODULES = {
     "tasks.lambada.task.LAMBADA": "lambada",
     "tasks.mmlu.task.MMLU": "mmlu",
     "tasks.language-modeling.pile.Pile": "pile",
+    "tasks.ethnic.crows-pair.tasks.CrowsPairTask": "crows_pair",
+    "tasks.ethnic.stereoset.tasks.StereoSetTask": "stereoset",
     "lambada": "lambada",
     "mmlu": "mmlu",
     "lambada_loglikelihood": "lambada_loglikelihood",
 }
+# The task type each protocol scores.
+PROTOCOL_TYPES = {
+    "lambada": "gen",
+    "lambada_loglikelihood": "gen",
+    "mmlu": "mul",
+    "pile": "lm",
+    "crows_pair": "mul",
+    "stereoset": "mul",
+}
+# Protocols that report their own metrics only (the official classes override `metrics`).
+PROTOCOL_METRICS = {"pile": ("BPB",), "crows_pair": ("CP",), "stereoset": ("SS_ICAT",)}
+# A metric that reports several scores: StereoSet's is the language model score, the stereotype
+# score and their combination ICAT.
+METRIC_SCORES = {"SS_ICAT": ("LMS", "SS", "ICAT")}
 SAMPLING_STRATEGIES = ("BaseStrategy", "BeamSearchStrategy")
 # Multiple-choice scores: summed log-probs (the official rule), per token, per UTF-8 byte of the
 # choice text (lm-evaluation-harness's acc_norm), or minus the choice's log-prob after an empty context.
 SCORINGS = ("sum", "token_mean", "byte_mean", "calibrated")
+# The scoring a protocol uses unless the config names one: StereoSet's class ranks choices by token mean.
+PROTOCOL_SCORINGS = {"stereoset": "token_mean"}
 
 
 @dataclass
@@ -60,9 +83,13 @@ class TaskConfig:
     # lm: window stride (256 in the official configs, 1024 for the Pile)
     generation_length: int = 256
     # ours
-    scoring: str = "sum"
+    scoring: str | None = None  # None: the protocol's (PROTOCOL_SCORINGS), else sum
     prompt_template: str | None = None  # how the data's prompts were built, recorded in results
     source: str = ""  # the YAML file this came from
+
+    def __post_init__(self):
+        if self.scoring is None:
+            self.scoring = PROTOCOL_SCORINGS.get(MODULES.get(self.module), "sum")
 
     @property
     def protocol(self) -> str | None:
@@ -72,9 +99,14 @@ class TaskConfig:
     def metric_names(self) -> list[str]:
         if self.metrics:
             return list(self.metrics)
-        if self.protocol == "pile":
-            return ["BPB"]
+        if self.protocol in PROTOCOL_METRICS:
+            return list(PROTOCOL_METRICS[self.protocol])
         return ["Accuracy"] if self.protocol in ("lambada", "lambada_loglikelihood") else DEFAULT_METRICS[self.type]
+
+    @property
+    def score_names(self) -> list[str]:
+        """The scores the metrics report, in the results (SS_ICAT: LMS, SS and ICAT)."""
+        return [score for metric in self.metric_names for score in METRIC_SCORES.get(metric, (metric,))]
 
     def validate(self) -> None:
         where = self.source or self.name
@@ -85,14 +117,15 @@ class TaskConfig:
                 f"{where}: module {self.module!r} is not built in; use one of "
                 f"{', '.join(m for m in MODULES)} or remove the field"
             )
+        if self.protocol is not None and self.type != PROTOCOL_TYPES[self.protocol]:
+            raise ConfigError(
+                f"{where}: module {self.module} is a {PROTOCOL_TYPES[self.protocol]} task; set type to it"
+            )
+        allowed = PROTOCOL_METRICS.get(self.protocol, KNOWN_METRICS[self.type])
         for metric in self.metric_names:
-            if self.protocol == "pile" and metric != "BPB":
-                raise ConfigError(f"{where}: the Pile task reports BPB only; drop {metric!r} from metrics")
-            if metric not in KNOWN_METRICS[self.type]:
-                raise ConfigError(
-                    f"{where}: metric {metric!r} is not defined for type {self.type}; use "
-                    f"{', '.join(KNOWN_METRICS[self.type])}"
-                )
+            if metric not in allowed:
+                owner = f"module {self.module}" if self.protocol in PROTOCOL_METRICS else f"type {self.type}"
+                raise ConfigError(f"{where}: metric {metric!r} is not defined for {owner}; use {', '.join(allowed)}")
         if self.unidirectional and not self.use_task_mask:
             raise ConfigError(f"{where}: unidirectional needs use_task_mask: true ([MASK] has no causal form)")
         if self.sampling_strategy not in SAMPLING_STRATEGIES:

@@ -89,9 +89,11 @@ def unit_texts(config: TaskConfig, data_root: str | Path, result: dict, tokenize
             continue
         items = {item.index: item for item in task_file.items}
         for u, record in enumerate(entry["records"]):
-            item = items[record["index"]]
-            extra = item.choice_texts or [tokenizer.decode(t) for t in item.targets]
-            texts[(config.name, name, u)] = "\n".join([item.text, *extra])
+            indices = record["indices"] if "indices" in record else [record["index"]]  # CrowS-Pairs: a pair
+            parts = []
+            for item in (items[i] for i in indices):
+                parts += [item.text, *(item.choice_texts or [tokenizer.decode(t) for t in item.targets])]
+            texts[(config.name, name, u)] = "\n".join(parts)
     return texts
 
 

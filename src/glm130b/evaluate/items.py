@@ -2,9 +2,10 @@
 
 mul and gen files are JSON lines: `inputs_pretokenized` with `choices_pretokenized` and `label`, or
 with `targets_pretokenized`; the official id forms `inputs` / `choices` / `targets` are taken as
-they are. Every text is encoded on its own, as the official code does. An lm file is raw text,
-encoded in one piece; a Pile file JSON lines of documents (`text` ids or `text_pretokenized`, and
-`meta.pile_set_name`). A bad line is one error naming the file, the line and the fix.
+they are. Every text is encoded on its own, as the official code does. The lines of the official
+bias tasks carry the fields in PROTOCOL_FIELDS too. An lm file is raw text, encoded in one piece; a
+Pile file JSON lines of documents (`text` ids or `text_pretokenized`, and `meta.pile_set_name`). A
+bad line is one error naming the file, the line and the fix.
 """
 
 from __future__ import annotations
@@ -19,6 +20,33 @@ from glm130b.core.errors import GLMError
 
 class TaskDataError(GLMError):
     """A task data file that is missing, unreadable or malformed."""
+
+
+STEREOSET_LABELS = ("stereotype", "anti-stereotype", "unrelated")
+
+
+def _is_id(value, choices: int) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+# The fields a protocol's lines carry besides the multiple-choice ones (the official CrowS-Pairs and
+# StereoSet classes read them): name -> (check(value, number of choices), what it must be). Kept in
+# the item's meta.
+PROTOCOL_FIELDS = {
+    "crows_pair": {
+        "pair_ID": (_is_id, "a number or string naming the sentence pair"),
+        "sent_ID": (lambda v, choices: type(v) is int and v in (1, 2), "1 or 2 (its place in the pair)"),
+        "bias_type": (lambda v, choices: isinstance(v, str), "a string (the bias category)"),
+    },
+    "stereoset": {
+        "ID": (_is_id, "a number or string"),
+        "bias_type": (lambda v, choices: isinstance(v, str), "a string (the bias category)"),
+        "goal_label": (
+            lambda v, choices: isinstance(v, list) and len(v) == choices and all(x in STEREOSET_LABELS for x in v),
+            f"a list of one label per choice, each {' / '.join(STEREOSET_LABELS)}",
+        ),
+    },
+}
 
 
 @dataclass
@@ -103,8 +131,21 @@ def _json_records(path: Path, limit: int | None, expected: str) -> list[tuple[st
     return records
 
 
-def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) -> TaskFile:
-    """Items of one mul or gen JSON-lines file (the first `limit` of them)."""
+def _protocol_fields(record: dict, where: str, protocol: str | None, choices: int) -> dict:
+    fields = PROTOCOL_FIELDS.get(protocol, {})
+    for name, (check, wanted) in fields.items():
+        if name not in record:
+            raise TaskDataError(f"{where}: no {name!r}; every line of a {protocol} task needs {', '.join(fields)}")
+        if not check(record[name], choices):
+            raise TaskDataError(f"{where}: {name!r} must be {wanted}; got {record[name]!r}")
+    return {name: record[name] for name in fields}
+
+
+def read_items(
+    path: Path, task_type: str, tokenizer, limit: int | None = None, protocol: str | None = None
+) -> TaskFile:
+    """Items of one mul or gen JSON-lines file (the first `limit` of them), with the fields the
+    protocol needs."""
     second = "choices" if task_type == "mul" else "targets"
     records = _json_records(path, limit, f"inputs_pretokenized and {second}_pretokenized")
     parsed = [
@@ -126,6 +167,7 @@ def read_items(path: Path, task_type: str, tokenizer, limit: int | None = None) 
                 f"be at least one; fix or drop the line"
             )
         meta = {k: v for k, v in record.items() if k in ("id", "few_shot_ids")}
+        meta.update(_protocol_fields(record, where, protocol, len(many_ids)))
         item = Item(i, context, text, meta=meta)
         if task_type == "mul":
             label = record.get("label")
@@ -179,4 +221,6 @@ def read_task_file(
     """`limit`: read only the first items (documents) of a file (a plain lm file is always read whole)."""
     if protocol == "pile":
         return read_documents(path, tokenizer, limit)
-    return read_lm_file(path, tokenizer) if task_type == "lm" else read_items(path, task_type, tokenizer, limit)
+    if task_type == "lm":
+        return read_lm_file(path, tokenizer)
+    return read_items(path, task_type, tokenizer, limit, protocol)

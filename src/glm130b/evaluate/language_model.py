@@ -113,7 +113,7 @@ def evaluate_documents(task_file: TaskFile, config: TaskConfig, model, tokenizer
         by_subset.setdefault(item.meta["subset"], []).append(records[-1])
     scores = {"BPB": UnitScores("bpb", [r["nll"] for r in records], [r["bytes"] for r in records])}
     breakdown = {
-        name: UnitScores("bpb", [r["nll"] for r in rs], [r["bytes"] for r in rs])
+        name: {"BPB": UnitScores("bpb", [r["nll"] for r in rs], [r["bytes"] for r in rs])}
         for name, rs in sorted(by_subset.items())
     }
     return FileOutcome(records, scores, breakdown)

@@ -1,8 +1,9 @@
 """Metric functions (SPEC.md section 9): per-item scores, file metrics, group statistics.
 
 Accuracy, EM and F1 are means of per-item scores x 100 (so the bootstrap can resample items);
-EM and F1 compare after SQuAD normalisation and take the best reference. Perplexity and bits per
-byte come from summed negative log-likelihoods.
+EM and F1 compare after SQuAD normalisation and take the best reference. Precision, recall and F1
+of mul tasks are micro-averaged from counts that add up over items. Perplexity and bits per byte
+come from summed negative log-likelihoods. StereoSet's scores come from prediction counts.
 """
 
 from __future__ import annotations
@@ -48,6 +49,37 @@ def best_over_references(metric, prediction: str, references: list[str]) -> floa
 def stripped_match(prediction: str, reference: str) -> float:
     """LAMBADA's rule: the texts equal after strip() (no other normalisation)."""
     return float(prediction.strip() == reference.strip())
+
+
+def micro_counts(labels: list, predictions: list) -> tuple[int, int, int]:
+    """Summed over every class c that occurs: true positives (label c, predicted c), predicted
+    positives (predicted c) and actual positives (label c), the counts of micro averaging."""
+    classes = set(labels) | set(predictions)
+    true_positives = sum(sum(1 for y, p in zip(labels, predictions) if y == p == c) for c in classes)
+    predicted = sum(predictions.count(c) for c in classes)
+    actual = sum(labels.count(c) for c in classes)
+    return true_positives, predicted, actual
+
+
+# Micro-averaged precision, recall and F1 (sklearn's average="micro") as (numerator, denominator)
+# of the summed counts (true positives, predicted, actual); F1 = 2PR / (P + R) = 2TP / (predicted + actual).
+# With one label and one prediction per item, predicted = actual = items: all three equal accuracy.
+MICRO_RATIOS = {
+    "Precision": lambda true_positives, predicted, actual: (true_positives, predicted),
+    "Recall": lambda true_positives, predicted, actual: (true_positives, actual),
+    "F1_mul": lambda true_positives, predicted, actual: (2 * true_positives, predicted + actual),
+}
+
+
+def stereoset_scores(stereotype, anti_stereotype, total):
+    """StereoSet's language model score LMS (the share of predictions that are the stereotype or the
+    anti-stereotype, not the unrelated choice), stereotype score SS (the stereotype's share of
+    those; 0 when there are none) and ICAT = LMS x min(SS, 100 - SS) / 50, all x100. Prediction
+    counts, or arrays of them."""
+    related = np.add(stereotype, anti_stereotype, dtype=np.float64)
+    lms = 100.0 * related / total
+    ss = 100.0 * np.divide(stereotype, related, out=np.zeros_like(related), where=related > 0)
+    return lms, ss, lms * np.minimum(ss, 100.0 - ss) / 50.0
 
 
 def mean_percent(scores: list[float]) -> float:

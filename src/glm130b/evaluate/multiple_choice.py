@@ -1,5 +1,6 @@
 """`mul` tasks (SPEC.md section 9): every item packed once (glm130b.evaluate.packing), each choice
-scored by its summed log-prob, the prediction the best choice (the first on ties).
+scored by its summed log-prob, the prediction the best choice (the first on ties); accuracy and
+micro-averaged precision, recall and F1.
 
 As the official code does: if every choice of the FILE is one token, one <sop> serves them all;
 each context keeps its last `max_seq_length - sum(choice lengths) - 2` tokens. Scoring variants
@@ -13,6 +14,7 @@ import numpy as np
 
 from glm130b.evaluate.config import TaskConfig
 from glm130b.evaluate.items import Item, TaskDataError, TaskFile
+from glm130b.evaluate.metrics import MICRO_RATIOS, micro_counts
 from glm130b.evaluate.packing import ScoredSequence, SpanScore, pack_choices, score_batch
 from glm130b.evaluate.parallel import Executor
 from glm130b.evaluate.scores import FileOutcome, UnitScores
@@ -61,7 +63,10 @@ def choice_scores(
     return [s.log_prob for s in spans]
 
 
-def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor) -> FileOutcome:
+def score_choices(
+    task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor
+) -> list[tuple[list[SpanScore], list[float]]]:
+    """Per item: each choice's summed log-prob (and token count), and its score under `config.scoring`."""
     specials = tokenizer.specials
     limit = min(config.max_seq_length, model.config.max_sequence_length)
     items = task_file.items
@@ -88,19 +93,39 @@ def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, exe
                 ),
             )
         )
-    records, correct = [], []
-    for item, item_spans in zip(items, spans):
-        scores = choice_scores(item, item_spans, config.scoring, empty.get(tuple(map(tuple, item.choices))))
-        prediction = int(np.argmax(scores))  # the first best on ties, as the official code
-        correct.append(float(prediction == item.label))
-        records.append(
-            {
-                "index": item.index,
-                **item.meta,
-                "label": item.label,
-                "prediction": prediction,
-                "log_probs": [s.log_prob for s in item_spans],
-                "scores": scores,
-            }
-        )
-    return FileOutcome(records, {"Accuracy": UnitScores("mean100", correct, [1.0] * len(correct))})
+    return [
+        (item_spans, choice_scores(item, item_spans, config.scoring, empty.get(tuple(map(tuple, item.choices)))))
+        for item, item_spans in zip(items, spans)
+    ]
+
+
+def item_record(item: Item, spans: list[SpanScore], scores: list[float]) -> dict:
+    """An item's record in the results; its prediction is the best choice, the first on ties (as the
+    official code)."""
+    return {
+        "index": item.index,
+        **item.meta,
+        "label": item.label,
+        "prediction": int(np.argmax(scores)),
+        "log_probs": [s.log_prob for s in spans],
+        "scores": scores,
+    }
+
+
+def classification_scores(labels: list[int], predictions: list[int], metrics: list[str]) -> dict[str, UnitScores]:
+    """Accuracy and the micro-averaged precision, recall and F1, each item a unit (its own counts)."""
+    out = {}
+    for metric in metrics:
+        if metric == "Accuracy":
+            parts = [(float(y == p), 1.0) for y, p in zip(labels, predictions)]
+        else:
+            parts = [MICRO_RATIOS[metric](*micro_counts([y], [p])) for y, p in zip(labels, predictions)]
+        out[metric] = UnitScores("mean100", [float(n) for n, _ in parts], [float(d) for _, d in parts])
+    return out
+
+
+def evaluate_file(task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor) -> FileOutcome:
+    scored = score_choices(task_file, config, model, tokenizer, executor)
+    records = [item_record(item, spans, scores) for item, (spans, scores) in zip(task_file.items, scored)]
+    labels, predictions = [r["label"] for r in records], [r["prediction"] for r in records]
+    return FileOutcome(records, classification_scores(labels, predictions, config.metric_names))

@@ -96,7 +96,8 @@ def markdown_report(run: dict, tasks: list[dict]) -> str:
         f"glm130b {package['version']} at commit {package['commit'] or 'unknown'}"
         f"{' (uncommitted changes)' if package.get('dirty') else ''}, {run['created']}.",
         "",
-        "Scores with 95 % bootstrap intervals; groups: item-weighted mean (median, max) over their files.",
+        "Scores with 95 % bootstrap intervals; groups: item-weighted mean (median, max) over their files; "
+        "categories (Pile subsets, bias types): pooled over the files.",
         "",
     ]
     rows = []
@@ -130,6 +131,9 @@ def markdown_report(run: dict, tasks: list[dict]) -> str:
                             sum(task["files"][f]["units"] for f in g["files"]),
                         ]
                     )
+        for category, entry in task.get("breakdown", {}).items():  # Pile subsets, bias types
+            for metric, pooled in entry["pooled"].items():
+                rows.append([task["name"], category, metric, _interval(pooled), entry["units"]])
     lines.append(markdown_table(["task", "group", "metric", "score", "items"], rows))
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,7 @@
-"""One task end to end: its files by group, each file scored by its type's evaluator, metrics per
-file, the official group statistics (max, median, item-weighted mean), the pooled score with a
-bootstrap interval, and what is needed to reproduce it (SPEC.md section 9).
+"""One task end to end: its files by group, each file scored by its protocol's or type's evaluator,
+metrics per file, the official group statistics (max, median, item-weighted mean), the pooled score
+with a bootstrap interval, per category scores where the protocol has categories, and what is
+needed to reproduce it (SPEC.md section 9).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from glm130b.evaluate import generation, language_model, multiple_choice
+from glm130b.evaluate import bias, generation, language_model, multiple_choice
 from glm130b.evaluate.config import TaskConfig
 from glm130b.evaluate.items import TaskFile, read_task_file
 from glm130b.evaluate.metrics import group_statistics
@@ -17,6 +18,11 @@ from glm130b.evaluate.scores import FileOutcome, UnitScores
 from glm130b.evaluate.significance import bootstrap_interval
 
 EVALUATORS = {"mul": multiple_choice.evaluate_file, "gen": generation.evaluate_file}
+PROTOCOL_EVALUATORS = {
+    "pile": language_model.evaluate_documents,
+    "crows_pair": bias.evaluate_crows_pairs,
+    "stereoset": bias.evaluate_stereoset,
+}
 # The official MMLU task adds one group over every subject's file (questions pooled).
 OVERALL_GROUP = "Overall"
 
@@ -24,8 +30,8 @@ OVERALL_GROUP = "Overall"
 def score_file(
     task_file: TaskFile, config: TaskConfig, model, tokenizer, executor: Executor, quota: int | None = None
 ) -> FileOutcome:
-    if config.protocol == "pile":
-        return language_model.evaluate_documents(task_file, config, model, tokenizer, executor)
+    if config.protocol in PROTOCOL_EVALUATORS:
+        return PROTOCOL_EVALUATORS[config.protocol](task_file, config, model, tokenizer, executor)
     if config.type == "lm":
         return language_model.evaluate_file(task_file, config, model, tokenizer, executor, max_windows=quota)
     return EVALUATORS[config.type](task_file, config, model, tokenizer, executor)
@@ -37,6 +43,17 @@ def summarize(scores: list[dict[str, UnitScores]], metrics: list[str]) -> dict:
     for metric in metrics:
         pooled = UnitScores.pooled([s[metric] for s in scores])
         out[metric] = {"value": pooled.value(), "interval": list(bootstrap_interval(pooled))}
+    return out
+
+
+def pooled_breakdown(outcomes: list[FileOutcome]) -> dict:
+    """Each category of the files' breakdowns (Pile subsets, bias types) pooled over the files: its
+    unit count and metrics with intervals."""
+    out = {}
+    for category in sorted({c for o in outcomes for c in o.breakdown}):
+        parts = [o.breakdown[category] for o in outcomes if category in o.breakdown]
+        units = sum(len(next(iter(p.values())).num) for p in parts)
+        out[category] = {"units": units, "pooled": summarize(parts, list(parts[0]))}
     return out
 
 
@@ -64,11 +81,9 @@ def evaluate_task(
             "records": outcome.records,
             "scores": {m: s.to_dict() for m, s in outcome.scores.items()},
         }
-        if outcome.breakdown:  # the Pile's BPB per subset
-            files[name]["breakdown"] = {
-                k: {"value": s.value(), "interval": list(bootstrap_interval(s))} for k, s in outcome.breakdown.items()
-            }
-    metrics = config.metric_names
+        if outcome.breakdown:
+            files[name]["breakdown"] = {c: summarize([s], list(s)) for c, s in outcome.breakdown.items()}
+    metrics = config.score_names
     group_sets = {g: [f.relative_to(base).as_posix() for f in fs] for g, fs in groups.items()}
     if config.protocol == "mmlu":
         group_sets[OVERALL_GROUP] = sorted(files)
@@ -80,6 +95,7 @@ def evaluate_task(
             "statistics": {m: group_statistics([files[n]["metrics"][m] for n in names], weights) for m in metrics},
             "pooled": summarize([outcomes[n].scores for n in names], metrics),
         }
+    breakdown = pooled_breakdown(list(outcomes.values()))
     return {
         "name": config.name,
         "type": config.type,
@@ -90,5 +106,6 @@ def evaluate_task(
         "context_length": min(config.max_seq_length, model.config.max_sequence_length),
         "metrics": summarize([o.scores for o in outcomes.values()], metrics),
         "groups": group_results,
+        **({"breakdown": breakdown} if breakdown else {}),
         "files": files,
     }

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from glm130b.evaluate.metrics import PPL_EXPONENT_CAP
+from glm130b.evaluate.metrics import PPL_EXPONENT_CAP, stereoset_scores
+
+STEREOSET_KINDS = ("lms", "ss", "icat")
 
 
 def transform(kind: str, ratio: np.ndarray | float):
@@ -19,19 +21,22 @@ def transform(kind: str, ratio: np.ndarray | float):
         return np.exp(np.minimum(PPL_EXPONENT_CAP, ratio))
     if kind == "bpb":
         return ratio / math.log(2)
+    if kind in STEREOSET_KINDS:  # ratio [..., 2]: the stereotype and anti-stereotype shares of predictions
+        return stereoset_scores(ratio[..., 0], ratio[..., 1], 1.0)[STEREOSET_KINDS.index(kind)]
     raise ValueError(f"unknown metric kind {kind!r}")
 
 
 @dataclass
 class UnitScores:
-    """Per-unit numerators and denominators of one metric, and how the ratio becomes the metric."""
+    """Per-unit numerators and denominators of one metric, and how the ratio becomes the metric. A
+    numerator is a number, or for StereoSet's kinds a pair (stereotype, anti-stereotype predictions)."""
 
-    kind: str  # mean100 | ppl | bpb
-    num: list[float]
+    kind: str  # mean100 | ppl | bpb | lms | ss | icat
+    num: list[float] | list[list[float]]
     den: list[float]
 
     def value(self) -> float:
-        return float(transform(self.kind, sum(self.num) / sum(self.den)))
+        return float(transform(self.kind, np.sum(self.num, axis=0) / sum(self.den)))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "num": self.num, "den": self.den}
@@ -50,4 +55,5 @@ class UnitScores:
 class FileOutcome:
     records: list[dict]  # one per item (or lm window), saved in the results
     scores: dict[str, UnitScores]  # per metric
-    breakdown: dict[str, UnitScores] = field(default_factory=dict)  # e.g. BPB per Pile subset
+    # category -> metric -> scores: BPB per Pile subset, CP or LMS / SS / ICAT per bias type
+    breakdown: dict[str, dict[str, UnitScores]] = field(default_factory=dict)

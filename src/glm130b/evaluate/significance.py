@@ -2,8 +2,9 @@
 
 Every metric is a transform of a ratio of sums over units, `f(sum(num) / sum(den))`: accuracy,
 EM and F1 are 100 x the mean of per-item scores (den = 1), perplexity exp(NLL / words), bits
-per byte NLL / bytes / ln 2. Resampling units with replacement and recomputing that ratio gives
-the interval; resampling the same units of two runs gives the paired test.
+per byte NLL / bytes / ln 2, StereoSet's scores a function of the summed pair (stereotype,
+anti-stereotype predictions) over the items. Resampling units with replacement and recomputing
+that ratio gives the interval; resampling the same units of two runs gives the paired test.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def _resampled_ratios(scores: list[UnitScores], resamples: int, seed: int) -> li
     for start in range(0, resamples, CHUNK):
         index = rng.integers(0, n, size=(min(CHUNK, resamples - start), n))
         for parts, (num, den) in zip(out, arrays):
-            parts.append(num[index].sum(1) / den[index].sum(1))
+            # num[index] is [draws, units] or, for a pair numerator, [draws, units, 2]; the ratio keeps the pair
+            parts.append((num[index].sum(1).T / den[index].sum(1)).T)
     return [np.concatenate(parts) for parts in out]
 
 

@@ -3,12 +3,19 @@
 `DictConfig` gives a dataclass a dict round trip that refuses unknown and missing fields by name,
 `read_mapping` / `write_mapping` are the one YAML/JSON reader and writer, and `check_field` the
 one type-and-range check, so every config says the same thing about the same mistake.
+`field_descriptions` turns the comments beside a config's fields into command-line help, so the
+source's documentation of a field is the one the user reads.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -106,3 +113,35 @@ class DictConfig:
     @classmethod
     def load(cls, path: str | Path):
         return cls.from_dict(read_mapping(path, cls.config_label))
+
+
+# A comment line made only of dashes (after an optional title) divides a config into sections: it
+# describes the section, not the field under it.
+SECTION_RULE = "-" * 8
+
+
+def field_descriptions(cls: type) -> dict[str, str]:
+    """Each dataclass field's description, read from the class's source: the comment lines right
+    above the field (up to a blank line or a section rule) followed by the comment at the end of
+    its line. A field without either is absent."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whole line is a comment)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            whole_line = not token.line[: token.start[1]].strip()
+            comments[token.start[0]] = (token.string.lstrip("#").strip(), whole_line)
+    class_node = ast.parse(source).body[0]
+    descriptions = {}
+    for node in class_node.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above = []
+        line = node.lineno - 1
+        while line in comments and comments[line][1] and SECTION_RULE not in comments[line][0]:
+            above.insert(0, comments[line][0])
+            line -= 1
+        trailing = comments.get(node.end_lineno)
+        parts = above + ([trailing[0]] if trailing and not trailing[1] else [])
+        if parts:
+            descriptions[node.target.id] = " ".join(parts)
+    return descriptions

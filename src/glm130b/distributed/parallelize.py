@@ -41,8 +41,8 @@ class ParallelConfig(DictConfig):
 
     config_label = "parallel"
 
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel degree (Megatron splits of every linear layer)
+    pp: int = 1  # pipeline-parallel degree (stages of consecutive blocks)
     # FSDP2 degree; -1 = whatever world_size / (tp * pp) leaves.
     dp: int = -1
     # FSDP2 frees the gathered weights after each block's forward (ZeRO-3); False keeps them until
@@ -56,8 +56,8 @@ class ParallelConfig(DictConfig):
     # FSDP2 mixed precision: weights gathered and computed in param_dtype, gradients reduced in
     # reduce_dtype, the sharded fp32 master weights and AdamW states stay fp32.
     param_dtype: str = "fp32"
-    reduce_dtype: str = "fp32"
-    pp_schedule: str = "1F1B"
+    reduce_dtype: str = "fp32"  # the dtype gradients are reduced in
+    pp_schedule: str = "1F1B"  # the pipeline schedule (torch.distributed.pipelining): 1F1B or GPipe
     # Pipeline microbatches per step. None = one per micro-batch of a data-parallel rank's share of
     # the global batch: global_batch_size / (dp x micro_batch_size), Megatron's rule (the most
     # microbatches, so the smallest 1F1B bubble, (pp - 1) / (m + pp - 1)). `glm130b pretrain` and

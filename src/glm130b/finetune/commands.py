@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from glm130b.adapters.folder import merge_adapter
 from glm130b.adapters.lora import LORA_TARGETS
 from glm130b.core.atomic import check_output_folder
 from glm130b.core.config_io import read_mapping
-from glm130b.distributed.parallelize import ParallelConfig
-from glm130b.finetune.config import METHODS, QUANTIZED, FinetuneConfig
+from glm130b.finetune.config import FINETUNE_DEFAULTS, METHOD_DEFAULTS, METHODS, QUANTIZED, FinetuneConfig
 from glm130b.finetune.runner import run_finetune
-from glm130b.train.config import TrainConfig, apply_overrides
-from glm130b.train.spike_guard import SpikeGuardConfig
+from glm130b.train.config import apply_overrides, option_help, option_names
 
 # FinetuneConfig fields with their own options (the rest come from --config or --train.<field>).
 OPTIONS = {
@@ -82,15 +79,24 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
             else str,
         )
     group = p.add_argument_group("training settings (TrainConfig fields; defaults: glm130b.finetune.config)")
-    names = [
-        f.name
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in FIXED_TRAIN_FIELDS + ("spike_guard", "parallel")
-    ]
-    names += [f"spike_guard.{f.name}" for f in dataclasses.fields(SpikeGuardConfig)]
-    names += [f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)]
-    for name in names:
-        group.add_argument(f"--train.{name}", dest=f"train:{name}", metavar="VALUE")
+    for name in option_names(exclude=FIXED_TRAIN_FIELDS):
+        group.add_argument(
+            f"--train.{name}",
+            dest=f"train:{name}",
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=option_help(name, finetune_default(name)),
+        )
+
+
+def finetune_default(name: str) -> str | None:
+    """A setting's fine-tuning default as help text, where fine-tuning changes the recipe's."""
+    section, _, leaf = name.rpartition(".")
+    defaults = FINETUNE_DEFAULTS.get(section, {}) if section else FINETUNE_DEFAULTS
+    if leaf in defaults:
+        return str(defaults[leaf])
+    per_method = [f"{method} {values[leaf]}" for method, values in METHOD_DEFAULTS.items() if leaf in values]
+    return ", ".join(per_method) if per_method and not section else None
 
 
 def cmd_merge_adapter(args: argparse.Namespace) -> int:

@@ -141,16 +141,18 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="scales per group of input columns for --quantized (default: one per output row, GLM-130B's scheme)",
     )
-    p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
+    p.add_argument(
+        "--strategy", choices=("greedy", "sample", "beam"), default="greedy", help="how each next token is chosen"
+    )
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="new tokens per blank")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sample: divides the logits (below 1: surer)")
+    p.add_argument("--top-k", type=int, default=0, help="sample: only the k likeliest tokens (0: no limit)")
     p.add_argument("--top-p", type=float, default=0.7, help="the official default")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram", type=int, default=3)
-    p.add_argument("--min-length", type=int, default=0)
+    p.add_argument("--num-beams", type=int, default=4, help="beam: hypotheses kept")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam: above 1 favours longer outputs")
+    p.add_argument("--no-repeat-ngram", type=int, default=3, help="beam: no n-gram of this size twice (0: off)")
+    p.add_argument("--min-length", type=int, default=0, help="beam: no end before this many new tokens")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument(
         "--dtype",

@@ -27,15 +27,15 @@ PREFIX_KERNELS = ("auto", "varlen", "varlen_packed", "flex", "loop")
 class GLMConfig(DictConfig):
     config_label = "GLMConfig"
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    vocab_size: int
+    num_layers: int  # transformer blocks
+    hidden_size: int  # model width
+    num_attention_heads: int  # heads per attention layer; hidden_size must divide by it
+    vocab_size: int  # rows of the (tied) embedding: the tokenizer's size, padded
     # Width of one FFN branch. GLM-130B: 32768 (= 8/3 x 12288, so GeGLU costs what a 4h FFN does).
     # None means 4 x hidden_size, the official code's default.
     inner_hidden_size: int | None = None
-    max_sequence_length: int = 2048
-    layernorm_epsilon: float = 1e-5
+    max_sequence_length: int = 2048  # longest sequence (rotary tables and KV cache are sized by it)
+    layernorm_epsilon: float = 1e-5  # added to the variance in every LayerNorm
     # "1d": rotary over the whole head dim by position id (GLM-130B).
     # "2d": two halves rotated by position id and block position id (ChatGLM-6B).
     position_encoding: str = "1d"
@@ -44,12 +44,12 @@ class GLMConfig(DictConfig):
     rotary_dtype: str = "fp16"
     # "geglu": value half * erf-GELU(gate half) (GLM-130B); "gelu": one tanh-GELU FFN (ChatGLM-6B).
     ffn: str = "geglu"
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = True  # the output layer reuses the input embedding (GLM-130B)
     # Layer count used for DeepNorm alpha = sqrt(2 N). None = num_layers. ChatGLM-6B's code
     # hard-wires 28 whatever the real depth; its preset keeps that quirk.
     deepnorm_num_layers: int | None = None
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1  # dropout on each block's branch outputs (training only)
+    attention_dropout: float = 0.1  # dropout on the attention probabilities (training only)
     # "sdpa": torch scaled_dot_product_attention with the bool mask (within 1e-5 of the reference
     # in fp32); "reference": the official arithmetic step by step; "prefix": the prefix-LM kernels
     # on the compact mask (no attention dropout); "auto": prefix unless attention dropout is on,

@@ -93,7 +93,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="scales per group of input columns for --quantized (default: one per output row, GLM-130B's scheme)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--max-batch", type=int, default=limits.MAX_BATCH, help="cache rows: sequences decoded together")
@@ -122,4 +122,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "every step computes all max-batch rows and prompts are prefilled one by one (slower)",
     )
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level",
+    )

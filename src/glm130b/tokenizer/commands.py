@@ -58,12 +58,12 @@ def add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="lines picked at random to train on",
     )
     train.add_argument("--threads", type=int, default=None, help="training threads (default: all cores)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seeds sentencepiece's sampling of the corpus")
 
 
 def add_encode_arguments(encode: argparse.ArgumentParser) -> None:
     encode.add_argument("tokenizer", help="a saved tokenizer folder, or icetk's ice_text.model (or its folder)")
-    encode.add_argument("text")
+    encode.add_argument("text", help="the text to encode (quote it)")
     encode.add_argument(
         "--prompt", action="store_true", help="turn [MASK]/[sMASK]/[gMASK] written in the text into mask tokens"
     )

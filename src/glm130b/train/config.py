@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from glm130b.core.config_io import DictConfig, check_field, check_positive_int, read_mapping
+from glm130b.core.config_io import DictConfig, check_field, check_positive_int, field_descriptions, read_mapping
 from glm130b.core.errors import ConfigError
 from glm130b.distributed.parallelize import ParallelConfig
 from glm130b.model.config import PRESETS, GLMConfig
@@ -37,7 +38,7 @@ class TrainConfig(DictConfig):
     config_label = "TrainConfig"
 
     # ---------------------------------------------------------------- model
-    model_preset: str = "glm-130b"
+    model_preset: str = "glm-130b"  # the model shape to start from (glm130b.model.config.PRESETS)
     # GLMConfig fields that replace the preset's (e.g. vocab_size from the tokenizer, dropout).
     # attention_backend defaults to auto here (the fastest correct kernel: docs/attention.md).
     # Recomputation in the backward is parallel.activation_checkpointing (below).
@@ -50,26 +51,26 @@ class TrainConfig(DictConfig):
     # Instruction pairs (JSON lines, glm130b.objective.load_mip_pairs) for the recipe's 5 % MIP
     # share; empty = the self-supervised mix only.
     mip_data: str = ""
-    sequence_length: int = 2048
+    sequence_length: int = 2048  # tokens per training sequence
 
     # ---------------------------------------------------------------- run length and batch
-    train_samples: int = 4224 * 49_300  # GLM-130B: ~400 B tokens in 49,300 steps (SPEC.md section 10)
+    train_samples: int = 4224 * 49_300  # sequences to train on (GLM-130B: ~400 B tokens in 49,300 steps, SPEC 10)
     micro_batch_size: int = 1  # sequences per forward; global batch = an accumulation of these
-    global_batch_size: int = 4224
+    global_batch_size: int = 4224  # sequences per optimiser step, over every device and accumulation
     # Batch ramp-up: start at this many sequences and grow linearly to global_batch_size over
     # rampup_fraction of train_samples (GLM-130B: 192 -> 4224 over 2.5 %). None = no ramp-up.
     rampup_start_batch_size: int | None = 192
-    rampup_fraction: float = 0.025
+    rampup_fraction: float = 0.025  # the share of train_samples the ramp-up lasts
 
     # ---------------------------------------------------------------- optimiser and schedule
-    lr: float = 8e-5
+    lr: float = 8e-5  # peak learning rate, reached after warmup
     min_lr: float = 8e-6  # the cosine floor
     warmup_fraction: float = 0.005  # linear warmup over 0.5 % of train_samples
     decay_fraction: float = 0.9  # cosine from lr to min_lr ends at 90 % of train_samples
     weight_decay: float = 0.1  # none on biases and LayerNorms
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # AdamW's first-moment decay
+    adam_beta2: float = 0.95  # AdamW's second-moment decay (the recipe's 0.95, not 0.999)
+    adam_eps: float = 1e-8  # AdamW's denominator floor
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
 
     # ---------------------------------------------------------------- numerics and stability
@@ -77,15 +78,15 @@ class TrainConfig(DictConfig):
     # Dynamic loss scale of the recipe (fp16 only): start 2^16, double after 2000 clean steps,
     # halve after `hysteresis` overflows, never below 1.
     initial_loss_scale: float = 2.0**16
-    loss_scale_window: int = 2000
-    loss_scale_hysteresis: int = 2
-    min_loss_scale: float = 1.0
+    loss_scale_window: int = 2000  # clean steps before the scale doubles
+    loss_scale_hysteresis: int = 2  # overflows before the scale halves
+    min_loss_scale: float = 1.0  # the scale never goes below this
     # Embedding gradient shrink: the share of their gradient that the embedding lookup and the tied
     # head pass (0.1 in the recipe; 1 = off). With ramp steps > 0 it grows as
     # scale + (1 - scale) * (step - start) / steps, reaching 1, the schedule the team used.
     embedding_grad_scale: float = 0.1
-    embedding_grad_scale_ramp_start: int = 0
-    embedding_grad_scale_ramp_steps: int = 0
+    embedding_grad_scale_ramp_start: int = 0  # the step the ramp to 1 starts
+    embedding_grad_scale_ramp_steps: int = 0  # steps the ramp takes; 0 = the scale stays put
     spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
 
     # ---------------------------------------------------------------- hardware
@@ -102,14 +103,14 @@ class TrainConfig(DictConfig):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     # ---------------------------------------------------------------- output
-    out_dir: str = "runs/pretrain"
+    out_dir: str = "runs/pretrain"  # the run folder: checkpoints, metrics, settings, the exported model
     log_every: int = 10  # steps between console lines (every step goes to the metrics file)
-    metrics_format: str = "jsonl"
+    metrics_format: str = "jsonl"  # the per-step metrics file: jsonl or csv
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
     eval_every: int = 1000  # steps between validation passes (and one at the end)
     eval_batches: int = 8  # micro-batches per validation source
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
+    checkpoint_every: int = 1000  # steps between checkpoints (the spike guard rolls back to the last)
+    keep_checkpoints: int = 3  # the newest this many are kept, older ones deleted
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
 
     def __post_init__(self) -> None:
@@ -317,21 +318,53 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# The TrainConfig fields that are sections of their own, set on the command line as --section.field.
+SECTIONS: dict[str, type] = {"spike_guard": SpikeGuardConfig, "parallel": ParallelConfig, "model": GLMConfig}
+
+
+def option_names(exclude: tuple[str, ...] = ()) -> list[str]:
+    """Every TrainConfig setting as a command-line name (`lr`, `spike_guard.window`, `model.ffn`),
+    less the fields and sections in `exclude`."""
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SECTIONS and f.name not in exclude]
+    for section, cls in SECTIONS.items():
+        if section not in exclude:
+            names += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return names
+
+
+@functools.cache
+def _descriptions(cls: type) -> dict[str, str]:
+    return field_descriptions(cls)
+
+
+def option_help(name: str, default: str | None = None) -> str:
+    """`--name`'s help: the description beside the field in the source and its default (`default`
+    when the command has its own; a model field's comes from the preset)."""
+    section, _, leaf = name.rpartition(".")
+    cls = SECTIONS[section] if section else TrainConfig
+    if default is None and section == "model":
+        default = "the preset's"
+    elif default is None:
+        value = next(f.default for f in dataclasses.fields(cls) if f.name == leaf)
+        default = repr(value) if isinstance(value, str) else str(value)
+    text = f"{_descriptions(cls).get(leaf, leaf.replace('_', ' '))} (default: {default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """`--<field> VALUE` for every TrainConfig field, `--spike_guard.<field>`, `--parallel.<field>`
-    and `--model.<field>`."""
+    and `--model.<field>`, each with its description and default."""
     group = parser.add_argument_group("run settings (override the config file)")
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "spike_guard", "parallel")]
-    names += [f"spike_guard.{f.name}" for f in dataclasses.fields(SpikeGuardConfig)]
-    names += [f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)]
-    names += [f"model.{f.name}" for f in dataclasses.fields(GLMConfig)]
-    for name in names:
-        group.add_argument(f"--{name}", dest=f"override:{name}", metavar="VALUE", default=None)
+    for name in option_names():
+        # SUPPRESS: an option not given is absent, so it cannot override the config file
+        group.add_argument(
+            f"--{name}", dest=f"override:{name}", metavar="VALUE", default=argparse.SUPPRESS, help=option_help(name)
+        )
     group.add_argument(
         f"--{DEPRECATED_ACTIVATION_CHECKPOINTING}",
         dest=f"override:{DEPRECATED_ACTIVATION_CHECKPOINTING}",
         metavar="VALUE",
-        default=None,
+        default=argparse.SUPPRESS,
         help="deprecated: use --parallel.activation_checkpointing",
     )
 

@@ -22,18 +22,18 @@ from glm130b.core.errors import ConfigError
 class SpikeGuardConfig(DictConfig):
     config_label = "spike_guard"
 
-    enabled: bool = True
+    enabled: bool = True  # watch every step and roll back to the last checkpoint on a spike
     window: int = 50  # healthy steps whose median is the reference
     min_history: int = 20  # no ratio test before this many healthy steps (early losses move fast)
     # A spike is a loss above loss_ratio x median, or a pre-clip grad norm above
     # grad_norm_ratio x median. Loss falls over a window, so its median sits above the current
     # loss and a modest ratio is safe; grad norms swing by several times in healthy training.
     loss_ratio: float = 1.5
-    grad_norm_ratio: float = 10.0
+    grad_norm_ratio: float = 10.0  # the grad-norm threshold (loss_ratio above is the loss's)
     max_rollbacks: int = 10  # more spikes than this and the run stops with an error
     # Multipliers applied at each rollback (1 = leave unchanged).
-    lr_factor: float = 1.0
-    embedding_grad_scale_factor: float = 1.0
+    lr_factor: float = 1.0  # on the learning rate
+    embedding_grad_scale_factor: float = 1.0  # on the embedding gradient shrink
 
     def validate(self) -> None:
         check_field("spike_guard.enabled", self.enabled, bool, expected="true or false")

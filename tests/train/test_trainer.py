@@ -14,7 +14,7 @@ from glm130b.checkpoint.model_dir import load_model
 from glm130b.core.errors import ConfigError, GLMError
 from glm130b.model.flops import training_flops
 from glm130b.train.config import TrainConfig, add_config_arguments, apply_overrides, overrides_from_args
-from glm130b.train.metrics import batch_work, read_metrics, throughput
+from glm130b.train.metrics import MetricsLog, batch_work, read_metrics, throughput
 from glm130b.train.run_checkpoint import latest_checkpoint, list_checkpoints
 from tests.train.helpers import LENGTH, CountingSource, last_loss_per_step, make_trainer, tiny_run_config
 
@@ -34,6 +34,8 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path):
     torch.manual_seed(12345)  # whatever the RNG holds now, the checkpoint's state must win
     valid = resumed.train()
     assert last_loss_per_step(killed.out_dir) == reference  # exact, dropout included
+    steps = [r["step"] for r in read_metrics(f"{killed.out_dir}/metrics", "train")]
+    assert steps == list(range(1, len(reference) + 1))  # steps 11 and 12, logged before the kill, once each
     assert math.isfinite(valid["count"])
 
 
@@ -339,3 +341,20 @@ def test_the_scored_positions_loss_equals_the_full_logits_loss():
     at = torch.tensor([0, 7, 40])
     picked = model(batch.input_ids, batch.position_ids, batch.compact_mask(), logits_where=at)
     assert torch.allclose(picked, full.flatten(0, 1)[at], atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_metrics_forget_the_steps_after_a_resumed_checkpoint(tmp_path, fmt):
+    log = MetricsLog(tmp_path, fmt, tensorboard=False)
+    for step in range(1, 6):
+        log.write("train", {"step": step, "loss": 1.0 / step})
+    log.write("valid", {"step": 4, "count": 2.5})
+    log.forget_after(3)
+    log.write("train", {"step": 4, "loss": 0.3})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path, "train")] == [
+        (1, 1.0),
+        (2, 0.5),
+        (3, 1 / 3),
+        (4, 0.3),
+    ]
+    assert read_metrics(tmp_path, "valid") == []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from glm130b.core.atomic import atomic_write_text
 from glm130b.model.config import GLMConfig
 from glm130b.model.flops import training_flops
 from glm130b.model.masks import visible_pairs
@@ -84,6 +85,32 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after `step`: a run resumed from the checkpoint of `step` logs
+        them again, and an interrupted step must not appear twice. TensorBoard's events of those
+        steps are purged as its writer reopens."""
+        if not self.enabled:
+            return
+        for path in self.directory.glob(f"*.{self.fmt}"):
+            records = read_metrics(self.directory, path.stem)
+            kept = [r for r in records if r["step"] <= step]
+            if len(kept) == len(records):
+                continue
+            if self.fmt == "jsonl":
+                text = "".join(json.dumps(r) + "\n" for r in kept)
+            else:
+                text = (
+                    ",".join(records[0])
+                    + "\n"
+                    + "".join(",".join(_csv_cell(v) for v in r.values()) + "\n" for r in kept)
+                )
+            atomic_write_text(path, text)
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter  # present: the writer was made with it
+
+            self.writer.close()
+            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=step + 1)
 
     def close(self) -> None:
         if self.writer is not None:

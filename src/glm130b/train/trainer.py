@@ -350,6 +350,7 @@ class Trainer:
                     stacklevel=2,
                 )
                 continue
+            self.metrics.forget_after(self.state.step)
             if self.show_progress:
                 tqdm.write(f"resumed from {directory} (step {self.state.step})")
             return

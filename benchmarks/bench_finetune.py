@@ -2,7 +2,8 @@
 model, and exact match before and after on the toy task's held-out words.
 
   python benchmarks/bench_finetune.py --small --device cpu   # toy sizes on the CPU (checks the script)
-  python benchmarks/bench_finetune.py --device cuda          # the GPU suite
+  python benchmarks/bench_finetune.py --device cuda          # speed, memory and the toy task on the GPU
+  python benchmarks/bench_finetune.py --device cuda --no-toy # the GPU suite's line: speed and memory
   python benchmarks/bench_finetune.py ... --append           # also append the tables to benchmarks/RESULTS.md
 
 Speed and memory: one random-weight GLM for every method (cuda: 18 layers, hidden 2048, GLM-130B's
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 from run_info import commit, device_name
+from suite_summary import figure, write_summary
 
 from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import load_model
@@ -52,6 +54,7 @@ from glm130b.train.optim import build_optimizer
 from glm130b.train.step import forward_backward
 
 WARMUP, STEPS = 3, 10
+TOY_GOAL_PERCENT = 90  # issue 17: every method takes the toy task's exact match to >= 90 %
 GIB = 2**30
 
 
@@ -98,6 +101,11 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def tensor_sums(model: torch.nn.Module) -> dict[str, float]:
+    """A float64 sum per parameter and buffer: a cheap fingerprint (a copy would count in peak memory)."""
+    return {name: t.detach().sum(dtype=torch.float64).item() for name, t in model.state_dict(keep_vars=True).items()}
+
+
 def measure_method(case: str, small: bool, device: torch.device) -> dict:
     """Build the model for `case`, train WARMUP + STEPS steps; runs in a process of its own."""
     fields, _ = METHOD_RUNS[case]
@@ -124,6 +132,7 @@ def measure_method(case: str, small: bool, device: torch.device) -> dict:
     apply_method(model, ft, seed=0)
     optimizer = build_optimizer(model, train)
     batch = prefix_lm_batch(rows, length, cfg.vocab_size)
+    before_sums = tensor_sums(model)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -144,6 +153,14 @@ def measure_method(case: str, small: bool, device: torch.device) -> dict:
         if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     )
+    after_sums = tensor_sums(model)
+    trained = {name for name, t in model.state_dict(keep_vars=True).items() if t.requires_grad}  # tied: both names
+    frozen_changed = [n for n in before_sums if n not in trained and before_sums[n] != after_sums[n]]
+    trained_still = [n for n in trained if before_sums[n] == after_sums[n]]
+    if frozen_changed or trained_still:  # adapters must leave the base bit-identical, and every trained tensor move
+        raise SystemExit(
+            f"{case}: frozen tensors changed {frozen_changed[:3]}, trained ones did not {trained_still[:3]}"
+        )
     return {
         "method": case,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -246,6 +263,8 @@ def tables(device: torch.device, small: bool, speed: list[dict], quality: list[d
         f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} |\n"
         for r in speed
     )
+    if not quality:
+        return text
     text += (
         "\nToy task (glm130b.finetune.toy_task), fp32, exact match on 100 held-out words: the fine-tune's "
         "own greedy check (glm130b.finetune.scores) and the evaluation toolkit's EM (the held-out records "
@@ -262,11 +281,48 @@ def tables(device: torch.device, small: bool, speed: list[dict], quality: list[d
     return text
 
 
+def summary_rows(speed: list[dict], quality: list[dict]) -> list[dict]:
+    """The GPU suite's rows: per method steps/s (against full fine-tuning), peak memory, and the toy
+    task's exact match after fine-tuning against the base's."""
+    full = next(r for r in speed if r["method"] == "full")
+    rows = []
+    for r in speed:
+        rows.append(figure(f"steps/s, {r['method']}", r["steps_per_s"], "steps/s", None, "full", full["steps_per_s"]))
+        rows.append(
+            figure(
+                f"peak memory, {r['method']}",
+                r["peak_bytes"] / GIB,
+                "GiB",
+                None,
+                "full",
+                full["peak_bytes"] / GIB,
+                False,
+            )
+        )
+    for r in quality:
+        rows.append(
+            figure(
+                f"toy exact match, {r['method']}",
+                r["exact_match_after"] / 100,
+                "%",
+                TOY_GOAL_PERCENT / 100,
+                "before",
+                r["exact_match_before"] / 100,
+            )
+        )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="toy sizes (checks the script, not the speed)")
     parser.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--no-toy",
+        action="store_true",
+        help="speed and memory only (the GPU suite: the toy task's fp32 scores are the CPU run's, minutes there)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method, print JSON
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -276,6 +332,14 @@ def main() -> int:
         print(json.dumps(measure_method(args.one, args.small, device)))
         return 0
 
+    quality = []
+    if not args.no_toy:
+        with tempfile.TemporaryDirectory() as root:
+            quality = toy_quality(device, Path(root))
+    failed = [r["method"] for r in quality if r["exact_match_after"] < TOY_GOAL_PERCENT]
+    if failed:
+        print(f"toy task: exact match below {TOY_GOAL_PERCENT} % after fine-tuning: {', '.join(failed)}")
+        return 1
     speed = []
     for case in METHOD_RUNS:
         command = [sys.executable, __file__, "--one", case, "--device", args.device] + (
@@ -283,8 +347,7 @@ def main() -> int:
         )
         speed.append(json.loads(subprocess.check_output(command, text=True).strip().splitlines()[-1]))
         print(speed[-1], flush=True)
-    with tempfile.TemporaryDirectory() as root:
-        quality = toy_quality(device, Path(root))
+    write_summary("finetune", summary_rows(speed, quality))
     text = tables(device, args.small, speed, quality)
     out = os.environ.get("OUT")
     if out:

@@ -70,6 +70,28 @@ CASES = [
     ("convert a truncated model", ["convert", "{truncated}", "{out}"], "model.safetensors"),
     ("tokenizer train into a file", ["tokenizer", "train", "--out", "{a_file}", "{text}"], "a_file.txt"),
     ("tokenizer train on non-UTF-8", ["tokenizer", "train", "--out", "{out}", "{latin1}"], "latin1.txt"),
+    # /proc takes no new files, not even root's (a chmod'ed folder would not stop root)
+    ("tokenizer train into a read-only place", ["tokenizer", "train", "--out", "/proc/glm130b-tok", "{text}"], "/proc"),
+    ("quantize into a read-only place", ["quantize", "--bits", "8", "{model}", "/proc/glm130b-q"], "/proc"),
+    (
+        "data prepare into a read-only place",
+        [
+            "data",
+            "prepare",
+            "--source",
+            "name=x,lang=en,path={text}",
+            "--tokenizer",
+            "{model}/tokenizer",
+            "--out",
+            "/proc/glm130b-c",
+        ],
+        "/proc",
+    ),
+    (
+        "finetune into a read-only place",
+        ["finetune", "--model", "{model}", "--data", "{prompts}", "--method", "lora", "--out-dir", "/proc/glm130b-ft"],
+        "/proc",
+    ),
     ("tokenizer encode with a folder of nothing", ["tokenizer", "encode", "{folder}", "hi"], "folder"),
     (
         "data prepare on non-UTF-8",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +27,17 @@ def check_output_folder(path: str | Path) -> Path:
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} is a file, and the output is a folder; choose another path")
     existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{existing} cannot be written; choose an output folder you can write to")
+    unwritable = InputError(f"{existing} cannot be written; choose an output folder you can write to")
+    if not existing.is_dir():
+        raise unwritable
+    # A file made and removed, not os.access: root passes access() on a read-only folder, and no
+    # one passes a read-only mount or /proc.
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".glm130b-write-check-")
+    except OSError:
+        raise unwritable from None
+    os.close(handle)
+    os.unlink(probe)
     return path
 
 

@@ -10,7 +10,7 @@ import pytest
 from glm130b.checkpoint.model_dir import save_model
 from glm130b.cli.commands import main
 from glm130b.tokenizer.tokenizers import train_tokenizer
-from tests.helpers import oracle_model
+from tests.helpers import FIXTURES, oracle_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸跳过了懒狗。" * 20
 
@@ -38,6 +38,18 @@ def files(tmp_path_factory):
         "prompts": root / "data.jsonl",
         "text": root / "text.txt",
     }
+    official = root / "official-truncated"  # an official checkpoint with one shard cut short
+    shutil.copytree(FIXTURES / "official_tp2_fp32", official)
+    shard = official / "49300" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    bad["official_truncated"] = official
+    import pyarrow as pa  # the `parquet` extra, installed for the tests
+    import pyarrow.parquet as pq
+
+    bad["parquet_truncated"] = root / "cut.parquet"
+    pq.write_table(pa.table({"text": [TEXT] * 50}), bad["parquet_truncated"])
+    cut = bad["parquet_truncated"].read_bytes()
+    bad["parquet_truncated"].write_bytes(cut[: len(cut) // 2])
     bad["text"].write_text(TEXT)
     bad["latin1"].write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 50)
     bad["bad_yaml"].write_text("lr: [1e-4\nmodel_preset: glm-tiny\n")
@@ -68,6 +80,21 @@ CASES = [
     ("quantize a truncated model", ["quantize", "--bits", "8", "{truncated}", "{out}"], "model.safetensors"),
     ("quantize into a file", ["quantize", "--bits", "8", "{model}", "{a_file}"], "a_file.txt"),
     ("convert a truncated model", ["convert", "{truncated}", "{out}"], "model.safetensors"),
+    ("convert-official a truncated .pt shard", ["convert-official", "{official_truncated}", "{out}"], "mp_rank_00"),
+    (
+        "data prepare on a truncated parquet",
+        [
+            "data",
+            "prepare",
+            "--source",
+            "name=x,lang=en,path={parquet_truncated}",
+            "--tokenizer",
+            "{model}/tokenizer",
+            "--out",
+            "{out}",
+        ],
+        "cut.parquet",
+    ),
     ("tokenizer train into a file", ["tokenizer", "train", "--out", "{a_file}", "{text}"], "a_file.txt"),
     ("tokenizer train on non-UTF-8", ["tokenizer", "train", "--out", "{out}", "{latin1}"], "latin1.txt"),
     # /proc takes no new files, not even root's (a chmod'ed folder would not stop root)

@@ -242,13 +242,19 @@ def _read_rows(
 
 def _read_parquet(file: InputFile, spec: SourceSpec, advance: Advance) -> Iterator[RawRecord]:
     try:
-        import pyarrow.parquet as pq  # deferred: an optional, heavy dependency needed for Parquet only
+        import pyarrow as pa  # deferred: an optional, heavy dependency needed for Parquet only
+        import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {file.path} needs pyarrow: pip install 'glm130b[data]'") from None
-    parquet = pq.ParquetFile(file.path)
-    _check_columns(spec, file.path, parquet.schema_arrow.names)
-    blocks = (b.to_pydict() for b in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=_columns(spec)))
-    yield from _read_rows(file, spec, blocks, parquet.metadata.num_rows, advance)
+    try:
+        parquet = pq.ParquetFile(file.path)
+        _check_columns(spec, file.path, parquet.schema_arrow.names)
+        blocks = (b.to_pydict() for b in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=_columns(spec)))
+        yield from _read_rows(file, spec, blocks, parquet.metadata.num_rows, advance)
+    except pa.ArrowException as err:  # a file cut short or not Parquet at all
+        raise DataError(
+            f"{file.path} cannot be read as Parquet ({str(err).splitlines()[0]}); copy or write the file again"
+        ) from None
 
 
 def _read_hf(file: InputFile, spec: SourceSpec, advance: Advance) -> Iterator[RawRecord]:

@@ -44,6 +44,11 @@ SHARED_EVAL = REPO.parent / "shared" / "data" / "eval"
 BYTE_OFFSET = 8  # ids 0..7: GLM specials; bytes at 8..263
 SPECIALS = SpecialTokens(mask=1, gmask=2, smask=3, sop=4, eop=5, eos=6, pad=0)
 VOCAB = BYTE_OFFSET + 256
+# Rows of the models' embedding and output layer: Llama's real vocabulary size by default (both
+# models, the byte ids among them; the rest are never read), or just the byte ids. A real vocabulary
+# is what makes the output layer cost: lm-eval's HFLM computes it at every position, the toolkit at
+# the scored ones only.
+MODEL_VOCABS = {"llama": 32000, "bytes": VOCAB}
 BATCH = 8
 REPEATS = 5
 SIZES = {  # (layers, hidden, heads, GeGLU/SwiGLU inner, context, MMLU items, HellaSwag items)
@@ -93,7 +98,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, codes)}
 
 
-def models(size: str, device: torch.device, dtype: torch.dtype):
+def models(size: str, device: torch.device, dtype: torch.dtype, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     layers, hidden, heads, inner, context, _, _ = SIZES[size]
@@ -105,7 +110,7 @@ def models(size: str, device: torch.device, dtype: torch.dtype):
                 num_layers=layers,
                 hidden_size=hidden,
                 num_attention_heads=heads,
-                vocab_size=VOCAB,
+                vocab_size=vocab,
                 inner_hidden_size=inner,
                 max_sequence_length=context,
                 hidden_dropout=0.0,
@@ -119,7 +124,7 @@ def models(size: str, device: torch.device, dtype: torch.dtype):
     llama = (
         LlamaForCausalLM(
             LlamaConfig(
-                vocab_size=VOCAB,
+                vocab_size=vocab,
                 hidden_size=hidden,
                 intermediate_size=inner,
                 num_hidden_layers=layers,
@@ -194,11 +199,11 @@ def best_times(paths: dict, device: torch.device, repeats: int = REPEATS) -> dic
     return best
 
 
-def run(size: str, device: torch.device, source: Path) -> tuple[list[list], dict]:
+def run(size: str, device: torch.device, source: Path, vocab: int) -> tuple[list[list], dict]:
     from lm_eval.models.huggingface import HFLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    glm, llama = models(size, device, dtype)
+    glm, llama = models(size, device, dtype, vocab)
     sample = "Answer: (A) 答案 é\n"
     hf_tokenizer = hf_byte_tokenizer()
     assert hf_tokenizer.encode(sample, add_special_tokens=False) == ByteTokenizer().encode(sample), "tokenizers differ"
@@ -269,13 +274,20 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", default=str(SHARED_EVAL), help="benchmark data (the layout of shared/data/eval)")
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--vocab",
+        choices=tuple(MODEL_VOCABS),
+        default="llama",
+        help="embedding rows: Llama's 32,000 or the 264 byte ids",
+    )
     args = parser.parse_args()
     import lm_eval
     import transformers
 
     device = torch.device(args.device)
     size = "small" if args.small else device.type
-    rows, details = run(size, device, Path(args.data))
+    vocab = MODEL_VOCABS[args.vocab]
+    rows, details = run(size, device, Path(args.data), vocab)
     layers, hidden, heads, inner, context, n_mmlu, n_hs = SIZES[size]
     card = (
         torch.cuda.get_device_name()
@@ -287,7 +299,7 @@ def main() -> None:
         "",
         f"{card}, torch {torch.__version__}, lm-eval {lm_eval.__version__}, transformers {transformers.__version__}, "
         f"commit {git_commit()}. Shape ({size}): {layers} layers, hidden {hidden}, {heads} heads, inner {inner}, "
-        f"byte vocabulary, context {context}, {'bf16' if device.type == 'cuda' else 'fp32'}, batch {BATCH}; "
+        f"vocabulary {vocab:,} rows (byte tokenizer: ids below {VOCAB}), context {context}, {'bf16' if device.type == 'cuda' else 'fp32'}, batch {BATCH}; "
         f"{n_mmlu} MMLU 5-shot items (spread over the subjects), {n_hs} HellaSwag items; best of {REPEATS} "
         "interleaved rounds. Positions: token positions run through the model per item, padding included.",
         "",
@@ -298,6 +310,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], "bench_evaluate.json").write_text(json.dumps(details, indent=1))
     if args.append:
         with open(REPO / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:

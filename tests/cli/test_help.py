@@ -80,3 +80,11 @@ def test_field_descriptions_read_the_comments_beside_each_field():
         "beside": "a '#' in the value is not a comment",
     }
     assert "lr" in field_descriptions(TrainConfig)
+
+
+def test_field_descriptions_without_the_source_are_empty_not_an_error(monkeypatch):
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr("inspect.getsource", no_source)
+    assert field_descriptions(Documented) == {}

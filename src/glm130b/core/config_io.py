@@ -123,8 +123,12 @@ SECTION_RULE = "-" * 8
 def field_descriptions(cls: type) -> dict[str, str]:
     """Each dataclass field's description, read from the class's source: the comment lines right
     above the field (up to a blank line or a section rule) followed by the comment at the end of
-    its line. A field without either is absent."""
-    source = textwrap.dedent(inspect.getsource(cls))
+    its line. A field without either is absent, and all are when the source is not installed (a
+    build of .pyc files only): help then names the fields without describing them."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
     comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whole line is a comment)
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:

@@ -70,7 +70,8 @@ def test_sigterm_drains_the_running_request_before_exit(model_dir):
                 choice = json.loads(line.removeprefix("data: "))["choices"][0]
                 text += choice["text"]
                 finish = choice["finish_reason"] or finish
-        assert done and finish == "length" and len(text) >= 450  # every token, some of them <eod>-like names
+        # "length": all 450 tokens came (counting characters cannot tell: byte tokens can merge into one)
+        assert done and finish == "length" and text
         # uvicorn re-raises the signal once its graceful shutdown is over, so supervisors see it
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)
         log = process.stdout.read()

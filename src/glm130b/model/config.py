@@ -179,8 +179,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         inner_hidden_size=160,
         max_sequence_length=128,
     ),
-    # ~9M parameters: a CPU-sized model (the demo narrows it, configs/demo.yaml). inner 640: GLM-130B's 8/3 x hidden (683) rounded down to a
-    # multiple of 128, so INT4/INT8 groups of 128 divide every weight's input dimension.
+    # ~9M parameters: a CPU-sized model (the demo narrows it, configs/demo.yaml). inner 640:
+    # GLM-130B's 8/3 x hidden (683) rounded down to a multiple of 128, so INT4/INT8 groups of 128
+    # divide every weight's input dimension.
     "glm-10m": dict(
         num_layers=6,
         hidden_size=256,

@@ -281,13 +281,10 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resumable(saved: DictConfig, new: DictConfig, run_dir: Path) -> None:
+def check_resumable(saved: TrainConfig, new: TrainConfig, run_dir: Path) -> None:
     """Refuse to resume the run in `run_dir` (its settings `saved`) with settings `new` that differ
     in a field outside RESUMABLE_CHANGES (the model compared as built: preset plus overrides)."""
-    before, after = (
-        _flat({**c.to_dict(), "model": c.model_config().to_dict()} if hasattr(c, "model_config") else c.to_dict())
-        for c in (saved, new)
-    )
+    before, after = (_flat({**c.to_dict(), "model": c.model_config().to_dict()}) for c in (saved, new))
     changed = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
     changed = [key for key in changed if key not in RESUMABLE_CHANGES and not key.startswith(RESUMABLE_SECTIONS)]
     if changed:

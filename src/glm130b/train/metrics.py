@@ -74,13 +74,8 @@ class MetricsLog:
         if not self.enabled:
             return
         path = self.directory / f"{kind}.{self.fmt}"
-        if self.fmt == "jsonl":
-            line = json.dumps(record)
-        else:
-            new = not path.exists() or path.stat().st_size == 0
-            line = (",".join(record) + "\n" if new else "") + ",".join(_csv_cell(v) for v in record.values())
         with path.open("a") as f:
-            f.write(line + "\n")
+            f.write(self._text([record], header=not path.exists() or path.stat().st_size == 0))
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -97,20 +92,22 @@ class MetricsLog:
             kept = [r for r in records if r["step"] <= step]
             if len(kept) == len(records):
                 continue
-            if self.fmt == "jsonl":
-                text = "".join(json.dumps(r) + "\n" for r in kept)
-            else:
-                text = (
-                    ",".join(records[0])
-                    + "\n"
-                    + "".join(",".join(_csv_cell(v) for v in r.values()) + "\n" for r in kept)
-                )
-            atomic_write_text(path, text)
+            atomic_write_text(path, self._text(kept, header=True, columns=records[0]))
         if self.writer is not None:
             from torch.utils.tensorboard import SummaryWriter  # present: the writer was made with it
 
             self.writer.close()
             self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=step + 1)
+
+    def _text(self, records: list[dict], header: bool, columns: dict | None = None) -> str:
+        """Lines of `records` in the log's format; a CSV file starts with a header of the keys of
+        `columns` (default: the first record's)."""
+        if self.fmt == "jsonl":
+            return "".join(json.dumps(r) + "\n" for r in records)
+        lines = [",".join(_csv_cell(v) for v in r.values()) for r in records]
+        if header:
+            lines.insert(0, ",".join(columns or records[0]))
+        return "".join(line + "\n" for line in lines)
 
     def close(self) -> None:
         if self.writer is not None:

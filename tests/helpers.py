@@ -1,6 +1,7 @@
 """Shared test helpers: the oracle fixtures and the GLM config each one pins, paths, a free port."""
 
 import hashlib
+import random
 import socket
 import zlib
 from pathlib import Path
@@ -88,8 +89,24 @@ def valid_lengths(fixture: dict) -> torch.Tensor:
     return fixture.get("lengths", torch.full((ids.shape[0],), ids.shape[1]))
 
 
+# Ports the kernel hands out for outgoing connections (Linux's default range; read from /proc where
+# it exists). A rendezvous port drawn from inside it can be taken between the draw and the listen
+# by any connection a gloo group opens (CI saw EADDRINUSE on 39509), so draw below it.
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_DRAWN_PORT = 10000  # above the registered services most machines run
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now (for a process group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on loopback that nothing listens on now and that the kernel does not hand to
+    outgoing connections (for a process group's rendezvous or a test server)."""
+    first_ephemeral = int(EPHEMERAL_RANGE.read_text().split()[0]) if EPHEMERAL_RANGE.exists() else 32768
+    draw = random.SystemRandom()  # not the seeded generator: parallel test workers must not draw alike
+    for _ in range(100):
+        port = draw.randrange(LOWEST_DRAWN_PORT, max(first_ephemeral, LOWEST_DRAWN_PORT + 1000))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port on loopback below the ephemeral range after 100 draws")

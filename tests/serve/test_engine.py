@@ -15,6 +15,7 @@ from glm130b.generate.inputs import build_generation_batch
 from glm130b.generate.prompts import parse_prompt
 from glm130b.generate.strategies import BeamSearch, Sampling
 from glm130b.serve.engine import DecodeOptions, Engine, JobFailed, QueueFull, SequenceDone, SequenceSpec, TextDelta
+from glm130b.serve.slots import RowSlotCache, decode_rows
 from glm130b.serve.text import SpanText
 
 WAIT_S = 60  # generous: the whole engine test module runs in a few seconds on one core
@@ -293,3 +294,25 @@ def test_span_text_holds_back_an_incomplete_character():
     text = "añ中b€"
     span, shown = _stream(list(text.encode()), lambda tokens: bytes(tokens).decode("utf-8", errors="replace"), ())
     assert "".join(shown) == text and all("\ufffd" not in s for s in shown)
+
+
+# ---------------------------------------------------------------------------------- cache rows
+def test_a_decode_step_reads_no_slot_past_the_longest_row(reference):
+    """Rows at slots 3 and 20 attend over the first 32 slots (20 + 1 rounded up to 16s): slots
+    beyond hold NaN here, which any read would spread, and the logits still equal those of a step
+    over every slot of a clean cache."""
+    model, _ = reference
+    cfg = model.config
+    caches = [RowSlotCache(cfg, 2, cfg.max_sequence_length) for _ in range(2)]
+    for cache in caches:
+        for buffer in cache.keys + cache.values:
+            buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(1)))
+    for buffer in caches[0].keys + caches[0].values:
+        buffer[:, :, 32:] = float("nan")
+    assert cfg.max_sequence_length > 32
+    windowed, full = (
+        decode_rows(model, cache, [5, 7], [3, 20], [3, 20], full_window=full_window)
+        for cache, full_window in zip(caches, (False, True))
+    )
+    assert torch.isfinite(windowed).all()
+    torch.testing.assert_close(windowed, full)

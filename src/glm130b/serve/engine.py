@@ -161,11 +161,12 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 class Engine:
     """Continuous batching over `max_batch` cache rows of `max_total_tokens` slots each.
 
-    By default a step decodes rows 0..(highest busy row), rows being handed out lowest first, and
-    the prompts admitted since the last step are prefilled together as one padded batch: a row's
-    answer equals its answer alone up to floating-point rounding. batch_invariant=True makes it
-    bit for bit: every step computes all max_batch rows (idle ones a dummy token) and each prompt
-    is prefilled alone, so no row's arithmetic depends on the others (slower)."""
+    By default a step decodes rows 0..(highest busy row), rows being handed out lowest first, over
+    the slots up to the longest row's, and the prompts admitted since the last step are prefilled
+    together as one padded batch: a row's answer equals its answer alone up to floating-point
+    rounding. batch_invariant=True makes it bit for bit: every step computes all max_batch rows
+    (idle ones a dummy token) over every slot and each prompt is prefilled alone, so no row's
+    arithmetic depends on the others (slower)."""
 
     def __init__(
         self,
@@ -199,7 +200,7 @@ class Engine:
         self.ban = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.ban[self.banned] = True
         self.ends = set(end_tokens(self.specials))
-        self.end_ids = sorted(self.ends)
+        self.end_ids = torch.tensor(sorted(self.ends), device=self.device)
         self.logits = torch.zeros(max_batch, cfg.vocab_size, device=self.device)  # next-token logits per row
         self.on_step = on_step
         self.tokens_generated = 0
@@ -374,9 +375,10 @@ class Engine:
             return 0
         n = self.max_batch if self.batch_invariant else max(s.row for s in busy) + 1
         logits = self.logits[:n].masked_fill(self.ban, float("-inf"))
-        for seq in busy:
-            if seq.options.ignore_eos:
-                logits[seq.row, self.end_ids] = float("-inf")
+        ignoring_eos = [seq.row for seq in busy if seq.options.ignore_eos]
+        if ignoring_eos:  # one indexed write for all of them: a write per row costs ~15 us each on a CPU
+            rows = torch.tensor(ignoring_eos, device=self.device).view(-1, 1)
+            logits[rows, self.end_ids] = float("-inf")
         chosen = logits.argmax(dim=-1)
         for seq in busy:
             if seq.chooser is not None:
@@ -402,7 +404,7 @@ class Engine:
             else:
                 positions[row] = seq.base + j * seq.step
             slots[row] = seq.context_length + j
-        self.logits[:n] = decode_rows(self.model, self.cache, tokens, positions, slots)
+        self.logits[:n] = decode_rows(self.model, self.cache, tokens, positions, slots, self.batch_invariant)
 
     def _advance(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
         """Take the row's chosen token; True when the row goes on to the next decode step."""

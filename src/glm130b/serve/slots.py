@@ -3,8 +3,9 @@
 Row b of the cache holds one request's sequence in slots 0..n_b-1, exactly as if it ran alone:
 its prompt is prefilled alone into that row, and each decode step writes every row's new key at
 that row's own slot (`RowSlotCache.store` with slots [B, 1]). The mask lets row b see its slots
-0..n_b and nothing else, so a row never reads another request's keys, and shapes stay fixed by
-the batch bucket and the cache length, whatever each row's length.
+0..n_b and nothing else, so a row never reads another request's keys. A step attends over the
+first slots up to the longest row's (rounded up), not the whole cache: short sequences in a long
+cache do not pay for its empty slots.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ from glm130b.model.glm import GLM
 from glm130b.model.kv_cache import KVCache
 from glm130b.tokenizer.specials import SpecialTokens
 
+# Attention windows are rounded up to a multiple of this many slots, so that a sequence growing a
+# token a step changes the attention's shape once every 16 steps, not at each (kernels and their
+# caches are chosen per shape).
+WINDOW_GRANULE = 16
+
 
 class RowSlotCache(KVCache):
-    """KVCache [rows, H, T, D] whose decode writes go to one slot per row (`slots` [B, S])."""
+    """KVCache [rows, H, T, D] whose decode writes go to one slot per row (`slots` [B, S]); such a
+    step attends over the first `window` slots (decode_rows sets it)."""
+
+    window: int | None = None
 
     def store(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
@@ -30,7 +39,7 @@ class RowSlotCache(KVCache):
         keys, values = self.keys[layer][:B], self.values[layer][:B]  # views: writes land in the buffers
         keys.scatter_(2, index, k)
         values.scatter_(2, index, v)
-        return keys, values
+        return keys[:, :, : self.window], values[:, :, : self.window]
 
     def row(self, b: int) -> KVCache:
         """A batch-1 KVCache viewing row b (for prefilling one request in place)."""
@@ -62,14 +71,28 @@ def prefill_rows(
         return logits
 
 
-def decode_rows(model: GLM, cache: RowSlotCache, tokens: list[int], positions: list, slots: list[int]) -> torch.Tensor:
+def _round_up(slots: int) -> int:
+    return -(-slots // WINDOW_GRANULE) * WINDOW_GRANULE
+
+
+def decode_rows(
+    model: GLM,
+    cache: RowSlotCache,
+    tokens: list[int],
+    positions: list,
+    slots: list[int],
+    full_window: bool = False,
+) -> torch.Tensor:
     """One token per row of rows 0..B-1: row b feeds tokens[b] at position positions[b] (an int,
-    or a pair for 2-D positions) into slot slots[b] and sees slots 0..slots[b]. Logits [B, V] fp32."""
+    or a pair for 2-D positions) into slot slots[b] and sees slots 0..slots[b]. Logits [B, V] fp32.
+    full_window: attend over every slot of the cache, so that no row's arithmetic depends on the
+    others' lengths (the engine's batch_invariant mode)."""
     device = cache.keys[0].device
     B = len(tokens)
     slot = torch.tensor(slots, device=device).view(B, 1)
     position = torch.tensor(positions, device=device).view(B, -1, 1).squeeze(1)  # [B, 1] or [B, 2, 1]
-    cols = torch.arange(cache.max_length, device=device)
+    cache.window = cache.max_length if full_window else min(cache.max_length, _round_up(max(slots) + 1))
+    cols = torch.arange(cache.window, device=device)
     mask = (cols.view(1, -1) > slot).view(B, 1, 1, -1)  # [B, 1, 1, T], True = blocked
     with torch.no_grad():
         logits = model(

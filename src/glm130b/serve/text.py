@@ -11,8 +11,8 @@ REPLACEMENT = "\ufffd"
 class SpanText:
     """Decoded text of a growing list of tokens, cut at the first stop string.
 
-    `add(token)` decodes again and reports whether a stop string appeared; `delta()` returns the
-    text not shown yet, holding back what may still change (an incomplete character, or a tail
+    `add(token)` reports whether a stop string appeared (decoding again only when there are stop
+    strings: without them the text is decoded when asked for); `delta()` returns the text not shown yet, holding back what may still change (an incomplete character, or a tail
     that could begin a stop string). After `finish()`, `delta()` returns the rest. The shown
     deltas joined always equal `text` once finished, so streamed and whole answers agree.
     """
@@ -21,7 +21,8 @@ class SpanText:
         self.decode = decode
         self.stop = tuple(s for s in stop if s)
         self.tokens: list[int] = []
-        self.text = ""
+        self._text = ""
+        self._decoded = 0  # how many of the tokens _text was decoded from
         self.shown = 0
         self.stopped = False
         self.finished = False
@@ -29,16 +30,24 @@ class SpanText:
     def add(self, token: int) -> bool:
         """Append a token; True when the text now holds a stop string (the text is cut before it)."""
         self.tokens.append(token)
-        before = len(self.text)
-        self.text = self.decode(self.tokens)
+        if not self.stop:
+            return False
+        before = len(self._text)  # decoded up to the previous token (there are stop strings)
+        self._text, self._decoded = self.decode(self.tokens), len(self.tokens)
         longest = max((len(s) for s in self.stop), default=0)
         start = max(0, before - longest)  # a stop string may straddle the old end
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [i for i in (self._text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            self._text = self._text[: min(hits)]
             self.stopped = True
             self.finish()
         return self.stopped
+
+    @property
+    def text(self) -> str:
+        if self._decoded < len(self.tokens):
+            self._text, self._decoded = self.decode(self.tokens), len(self.tokens)
+        return self._text
 
     def finish(self) -> None:
         self.finished = True

@@ -2,6 +2,7 @@
 records a computed figure, and the suite prints one table with a row per benchmark (the plumbing
 the GPU run relies on; the figures themselves mean nothing here)."""
 
+import json
 import os
 import re
 import subprocess
@@ -49,3 +50,17 @@ def test_suite_refuses_budgets_over_nine_minutes(tmp_path):
         timeout=60,
     )
     assert done.returncode == 2 and "over the 60 s the suite may take" in done.stderr
+
+
+def test_serve_benchmark_script_runs_at_small_size_and_records_its_figures(tmp_path):
+    """benchmarks/gpu_serve.sh (the serving benchmark, outside the suite's 9 minutes) at toy size:
+    the real server answers at concurrency 1, 8 and 32 and both goal figures are computed."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS_DIR": str(tmp_path / "no_wheels")}
+    script = SUITE.parent / "gpu_serve.sh"
+    done = subprocess.run(
+        ["bash", str(script), "--small", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^\| 32 \| 64 \| [0-9,]+ \|", done.stdout, flags=re.M), done.stdout
+    figures = json.loads((tmp_path / "summary" / "serve.json").read_text())
+    assert len(figures) == 2 and all(isinstance(f["value"], float) and f["value"] > 0 for f in figures), figures

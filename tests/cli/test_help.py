@@ -33,6 +33,12 @@ def test_every_option_of_every_command_has_a_description(path, parser):
         and not (action.help or "").strip()
     ]
     assert not undocumented, f"glm130b {' '.join(path)}: options without a description: {undocumented}"
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        own, shown = action.help or "", formatter._get_help_string(action) or ""
+        added = shown[len(own) :] if shown.startswith(own) else shown
+        assert "None" not in added, f"glm130b {' '.join(path)} {action.option_strings}: shows argparse's None: {shown}"
+        assert shown.count("default:") <= 1, f"glm130b {' '.join(path)} {action.option_strings}: default twice: {shown}"
 
 
 def test_pretrain_help_shows_each_settings_description_and_default(capsys):

@@ -142,12 +142,22 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
 GROUP_HELP = {"tokenizer": "train or use a tokenizer", "data": "prepare and inspect pretraining corpora"}
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each option's help, except where there is no default to
+    show (None) or the help states its own (e.g. "default: configs/demo.yaml")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add(subparsers, name: str, command: Command) -> None:
     parser = subparsers.add_parser(
         name,
         help=command.help,
         description=command.description or command.help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsShown,
     )
     command.add_arguments(parser)
     parser.set_defaults(func=command.run)

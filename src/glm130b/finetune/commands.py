@@ -26,8 +26,18 @@ OPTIONS = {
     "lora_targets": f"comma-separated, from {','.join(LORA_TARGETS)}",
     "prefix_length": "P-tuning v2 virtual tokens per layer",
 }
-# TrainConfig fields a fine-tune takes from the base model or from the method, not from the user.
-FIXED_TRAIN_FIELDS = ("model_preset", "model", "corpus", "valid_corpus", "tokenizer", "mip_data", "out_dir")
+# TrainConfig fields a fine-tune takes from the base model or from the method, not from the user
+# (its examples are packed prompt/target pairs, not the pretraining objective's sample mix).
+FIXED_TRAIN_FIELDS = (
+    "model_preset",
+    "model",
+    "corpus",
+    "valid_corpus",
+    "tokenizer",
+    "mip_data",
+    "objective",
+    "out_dir",
+)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from glm130b.core.config_io import DictConfig, check_field, check_positive_int, 
 from glm130b.core.errors import ConfigError
 from glm130b.distributed.parallelize import ParallelConfig
 from glm130b.model.config import PRESETS, GLMConfig
+from glm130b.objective.samples import ObjectiveConfig
 from glm130b.train.spike_guard import SpikeGuardConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -52,6 +53,10 @@ class TrainConfig(DictConfig):
     # share; empty = the self-supervised mix only.
     mip_data: str = ""
     sequence_length: int = 2048  # tokens per training sequence
+    # ObjectiveConfig fields (glm130b.objective.samples) that replace the recipe's sample mix, itself
+    # scaled to sequence_length: e.g. suffix_fraction_min. Validation scores the recipe's [gMASK]
+    # suffixes whatever is set here, so that runs with different mixes are measured alike.
+    objective: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- run length and batch
     train_samples: int = 4224 * 49_300  # sequences to train on (GLM-130B: ~400 B tokens in 49,300 steps, SPEC 10)
@@ -132,6 +137,17 @@ class TrainConfig(DictConfig):
     def model_config(self, **overrides: Any) -> GLMConfig:
         return GLMConfig.from_preset(self.model_preset, **{"attention_backend": "auto", **self.model, **overrides})
 
+    def objective_config(self) -> ObjectiveConfig:
+        """The recipe's sample mix scaled to sequence_length, with the fields of `objective` in place."""
+        check_field("objective", self.objective, dict, expected="a mapping of ObjectiveConfig fields")
+        if "sequence_length" in self.objective:
+            raise ConfigError(
+                "objective.sequence_length cannot be set: the sample mix is scaled to the run's "
+                "sequence_length; set that instead"
+            )
+        scaled = ObjectiveConfig.for_sequence_length(self.sequence_length)
+        return ObjectiveConfig.from_dict({**scaled.to_dict(), **self.objective})
+
     @property
     def sampler_seed(self) -> int:
         return self.seed if self.data_seed is None else self.data_seed
@@ -153,6 +169,8 @@ class TrainConfig(DictConfig):
         if self.model_preset not in PRESETS:
             raise ConfigError(f"model_preset {self.model_preset!r} is unknown; choose one of {', '.join(PRESETS)}")
         self.model_config()  # raises ConfigError naming a bad model field
+        if self.objective:  # a bad objective field (fine-tunes, which pack their own sequences, set none)
+            self.objective_config()
         for name in (
             "sequence_length",
             "train_samples",
@@ -316,7 +334,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 # The TrainConfig fields that are sections of their own, set on the command line as --section.field.
-SECTIONS: dict[str, type] = {"spike_guard": SpikeGuardConfig, "parallel": ParallelConfig, "model": GLMConfig}
+SECTIONS: dict[str, type] = {
+    "spike_guard": SpikeGuardConfig,
+    "parallel": ParallelConfig,
+    "model": GLMConfig,
+    "objective": ObjectiveConfig,
+}
+
+
+# Section fields that follow from another setting and cannot be set themselves.
+DERIVED = frozenset({"objective.sequence_length"})
+
+
+@functools.cache
+def _scaled_objective_fields() -> frozenset[str]:
+    """ObjectiveConfig fields whose recipe value depends on the sequence length."""
+    recipe, shorter = ObjectiveConfig(), ObjectiveConfig.for_sequence_length(ObjectiveConfig().sequence_length // 4)
+    return frozenset(
+        f.name for f in dataclasses.fields(ObjectiveConfig) if getattr(recipe, f.name) != getattr(shorter, f.name)
+    )
 
 
 def option_names(exclude: tuple[str, ...] = ()) -> list[str]:
@@ -325,7 +361,7 @@ def option_names(exclude: tuple[str, ...] = ()) -> list[str]:
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SECTIONS and f.name not in exclude]
     for section, cls in SECTIONS.items():
         if section not in exclude:
-            names += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+            names += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if f"{section}.{f.name}" not in DERIVED]
     return names
 
 
@@ -341,6 +377,8 @@ def option_help(name: str, default: str | None = None) -> str:
     cls = SECTIONS[section] if section else TrainConfig
     if default is None and section == "model":
         default = "the preset's"
+    elif default is None and section == "objective" and leaf in _scaled_objective_fields():
+        default = "the recipe's, scaled to sequence_length"
     elif default is None:
         value = next(f.default for f in dataclasses.fields(cls) if f.name == leaf)
         default = repr(value) if isinstance(value, str) else str(value)

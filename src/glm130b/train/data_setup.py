@@ -44,14 +44,23 @@ def sources_by_language(corpus) -> dict[str, list[str]]:
 
 def validation_objective(objective: ObjectiveConfig) -> ObjectiveConfig:
     """Validation scores [gMASK] samples only: the loss of a left-to-right suffix given its
-    prefix, comparable across languages and with a unigram model of the same tokens."""
-    return dataclasses.replace(objective, gmask_share=1.0, mip_share=0.0)
+    prefix, comparable across languages and with a unigram model of the same tokens. The suffix
+    lengths are the recipe's whatever the training mix draws, so that runs with different mixes
+    are scored on the same targets."""
+    recipe = ObjectiveConfig()
+    return dataclasses.replace(
+        objective,
+        gmask_share=1.0,
+        mip_share=0.0,
+        suffix_fraction_min=recipe.suffix_fraction_min,
+        suffix_fraction_max=recipe.suffix_fraction_max,
+    )
 
 
 def build_data(config: TrainConfig, tokenizer) -> tuple[BatchSource, dict[str, list[TrainingBatch]]]:
     """The training sampler over `config.corpus` and fixed validation batches per language of
     `config.valid_corpus` (glm130b.data, glm130b.objective.sampler)."""
-    objective = ObjectiveConfig.for_sequence_length(config.sequence_length)
+    objective = config.objective_config()
     mip_pairs = load_mip_pairs(config.mip_data, tokenizer) if config.mip_data else None
     if mip_pairs is None:  # no instruction data: the self-supervised mix only
         objective = dataclasses.replace(objective, mip_share=0.0)

@@ -12,8 +12,9 @@ class SpanText:
     """Decoded text of a growing list of tokens, cut at the first stop string.
 
     `add(token)` reports whether a stop string appeared (decoding again only when there are stop
-    strings: without them the text is decoded when asked for); `delta()` returns the text not shown yet, holding back what may still change (an incomplete character, or a tail
-    that could begin a stop string). After `finish()`, `delta()` returns the rest. The shown
+    strings: without them the text is decoded when asked for); `delta()` returns the text not
+    shown yet, holding back what may still change (an incomplete character, or a tail that could
+    begin a stop string). After `finish()`, `delta()` returns the rest. The shown
     deltas joined always equal `text` once finished, so streamed and whole answers agree.
     """
 

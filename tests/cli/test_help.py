@@ -39,6 +39,8 @@ def test_every_option_of_every_command_has_a_description(path, parser):
         added = shown[len(own) :] if shown.startswith(own) else shown
         assert "None" not in added, f"glm130b {' '.join(path)} {action.option_strings}: shows argparse's None: {shown}"
         assert shown.count("default:") <= 1, f"glm130b {' '.join(path)} {action.option_strings}: default twice: {shown}"
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) and "default:" not in own:
+            assert "default:" in shown, f"glm130b {' '.join(path)} {action.option_strings}: default hidden: {shown}"
 
 
 def test_pretrain_help_shows_each_settings_description_and_default(capsys):

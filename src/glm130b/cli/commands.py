@@ -144,10 +144,11 @@ GROUP_HELP = {"tokenizer": "train or use a tokenizer", "data": "prepare and insp
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's "(default: X)" after each option's help, except where there is no default to
-    show (None) or the help states its own (e.g. "default: configs/demo.yaml")."""
+    show (None) or the help states its own ("(default: configs/demo.yaml)"); a help that only
+    mentions a default ("the official default") still gets the value."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

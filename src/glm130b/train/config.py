@@ -140,9 +140,10 @@ class TrainConfig(DictConfig):
     def objective_config(self) -> ObjectiveConfig:
         """The recipe's sample mix scaled to sequence_length, with the fields of `objective` in place."""
         check_field("objective", self.objective, dict, expected="a mapping of ObjectiveConfig fields")
-        if "sequence_length" in self.objective:
+        derived = [name for name in self.objective if f"objective.{name}" in DERIVED]
+        if derived:
             raise ConfigError(
-                "objective.sequence_length cannot be set: the sample mix is scaled to the run's "
+                f"objective.{derived[0]} cannot be set: the sample mix is scaled to the run's "
                 "sequence_length; set that instead"
             )
         scaled = ObjectiveConfig.for_sequence_length(self.sequence_length)

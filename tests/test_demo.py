@@ -10,7 +10,7 @@ import pytest
 from glm130b.data.demo_corpus import DemoCorpus
 from glm130b.data.sources import SourceSpec
 from glm130b.demo import run_demo
-from glm130b.demo.baselines import NgramBaselines, ScoredTargets, bits_per_byte
+from glm130b.demo.baselines import NgramBaselines, ScoredTargets, bits_per_byte, covered_text
 from glm130b.demo.infilling import (
     FillItem,
     chinese_items,
@@ -77,14 +77,24 @@ def test_demo_report_shows_every_figure_computed(tmp_path, local_corpus):
     report = report_path.read_text()
     assert (tmp_path / "demo" / "loss_curve.png").stat().st_size > 1000
     assert "![loss curve](loss_curve.png)" in report
-    # bits per byte: model, bigram, unigram, token and byte counts, the verdict; per language
+    # bits per byte: model, bigram, unigram, the verdict, token and byte counts, the tokens the
+    # baselines were fitted on (the text the model read: 24 windows of 64, part of the split), the
+    # whole split's bigram; per language
     rows = re.findall(
-        r"^\| (en|zh) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| (\d+) \| (\d+) \| (yes|\*\*no\*\*) \|$", report, re.M
+        r"^\| (en|zh) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| (yes|\*\*no\*\*) \| (\d+) \| (\d+) \| ([0-9,]+) "
+        r"\((\d+)%\) \| ([0-9.]+) \|$",
+        report,
+        re.M,
     )
     assert [r[0] for r in rows] == ["en", "zh"]
-    for _, model, bigram, unigram, tokens, num_bytes, verdict in rows:
-        assert 0 < number(model) and 0 < number(bigram) and 0 < number(unigram) and int(num_bytes) >= int(tokens) > 0
+    fitted = 0
+    for _, model, bigram, unigram, verdict, tokens, num_bytes, fitted_tokens, share, whole in rows:
+        assert 0 < number(model) and 0 < number(bigram) and 0 < number(unigram) and 0 < number(whole)
+        assert int(num_bytes) >= int(tokens) > 0
         assert (verdict == "yes") == (float(model) < min(float(bigram), float(unigram)))
+        assert 0 < int(share) < 100
+        fitted += int(fitted_tokens.replace(",", ""))
+    assert fitted <= 24 * 64
     # infilling: items, model rate, unigram rate with its guess, ratio, verdict
     fills = re.findall(
         r"^\| (en|zh) \| (\d+) \| [0-9.]+% \| ([0-9.]+)% \| ([0-9.]+)% \((.+?)\) \| ([0-9.]+x|-) \| (yes|\*\*no\*\*) \|$",
@@ -161,6 +171,30 @@ def test_ngram_baselines_against_counts_by_hand():
     assert bits_per_byte(math.log(2) * 8, 4) == pytest.approx(2.0)
 
 
+def test_covered_text_merges_overlapping_windows_and_reads_each_token_once():
+    import numpy as np
+
+    from glm130b.objective.sampler import Window
+
+    class Corpus:
+        def window(self, source, start, length):
+            return np.arange(start, start + length) + (1000 if source == "b" else 0)
+
+    windows = [Window("a", 10, 5, True), Window("a", 0, 4, True), Window("b", 3, 2, False), Window("a", 12, 6, True)]
+    windows.append(Window("a", 4, 2, True))  # touches 0..4: one stretch 0..6
+    text = covered_text(Corpus(), windows)
+    assert [t.tolist() for t in text["a"]] == [list(range(0, 6)), list(range(10, 18))]
+    assert [t.tolist() for t in text["b"]] == [[1003, 1004]]
+
+
+def test_used_micro_batches_leave_out_the_skipped_ranges():
+    from glm130b.train.run_checkpoint import RunState
+
+    state = RunState(data_position=8, skipped=[[2, 4], [6, 7]])
+    assert state.used_micro_batches() == [0, 1, 4, 5, 7]
+    assert RunState().used_micro_batches() == []
+
+
 def test_english_items_blank_one_word_and_restore_the_line():
     text = "ACT I.\nThe king hath sent for thee, my lord.\nKING.\nO, that this too too solid flesh would melt\nAy\n"
     lines = list(english_lines([text]))
@@ -234,9 +268,7 @@ def test_the_real_demo_learns_both_languages(tmp_path):
     unigram guess, and writes words of each language. GLM130B_DEMO_SEED picks the seed."""
     seed = __import__("os").environ.get("GLM130B_DEMO_SEED", "1234")
     report = run_demo(tmp_path / "demo", overrides=[f"seed={seed}"], show_progress=False).read_text()
-    learned = re.findall(
-        r"^\| (en|zh) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| \d+ \| \d+ \| (yes|\*\*no\*\*) \|$", report, re.M
-    )
+    learned = re.findall(r"^\| (en|zh) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| (yes|\*\*no\*\*) \|", report, re.M)
     assert learned == [("en", "yes"), ("zh", "yes")], report
     fills = re.findall(r"^\| (en|zh) \|.*\| (yes|\*\*no\*\*) \|$", report.split("## Blank infilling")[1], re.M)
     assert fills[:2] == [("en", "yes"), ("zh", "yes")], report

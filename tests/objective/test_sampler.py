@@ -21,6 +21,7 @@ from tests.objective.helpers import (
     FakeCorpus,
     analyse,
     make_pairs,
+    parse_row,
 )
 
 
@@ -132,6 +133,25 @@ def test_batches_depend_only_on_seed_and_step(small):
     assert not torch.equal(twin.micro_batch(18).input_ids, batches[17].input_ids)
     other = GLMBatchSampler(FakeCorpus(), config, SPECIALS, 64, 99, mip_pairs=sampler.mip_pairs)
     assert not torch.equal(other.micro_batch(17).input_ids, batches[17].input_ids)
+
+
+def test_windows_name_the_text_each_row_was_cut_from(small):
+    """windows(i) without building samples: a [gMASK] row's rebuilt text is its whole window, a
+    [MASK] row's starts at its window's start and stays inside it, a MIP row has none."""
+    config, sampler, _, batches = small
+    for index in (0, 17, 59):
+        windows = sampler.windows(index)
+        assert len(windows) == sampler.batch_size
+        for b, window in enumerate(windows):
+            kind, facts = parse_row(batches[index], b, config, "1d")
+            if kind == "mip":
+                assert window is None
+                continue
+            text = facts[0][1] if kind == "gmask" else np.concatenate([f[1] for f in facts])
+            expected = sampler.corpus.window(window.source, window.start, window.length)
+            assert window.gmask == (kind == "gmask")
+            assert (text == expected[: len(text)]).all()
+            assert len(text) == window.length if kind == "gmask" else len(text) < window.length
 
 
 def test_validation_batches_are_fixed_and_apart_from_training(small):

@@ -1,15 +1,18 @@
-"""What the demo model must beat: unigram and bigram models fitted on the training tokens, scored
-on exactly the validation targets the model is scored on, in bits per byte (comparable across
-languages and tokenizers: a byte of text costs the same whatever the vocabulary)."""
+"""What the demo model must beat: unigram and bigram models fitted on the training tokens the model
+read (covered_text), scored on exactly the validation targets the model is scored on, in bits per
+byte (comparable across languages and tokenizers: a byte of text costs the same whatever the
+vocabulary)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from glm130b.objective.batch import TrainingBatch
+from glm130b.objective.sampler import Window
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,24 @@ class NgramBaselines:
         own = np.divide(pair, seen, out=np.zeros_like(seen, dtype=float), where=seen > 0)
         p = weight * own + (1 - weight) * np.exp(self.unigram_log_p[scored.targets])
         return float(-np.log(p).sum())
+
+
+def covered_text(corpus, windows: Iterable[Window]) -> dict[str, list[np.ndarray]]:
+    """Per source, the text that `windows` cover, each token once: overlapping and touching
+    windows merge into one stretch, so a bigram never spans a gap the model did not read."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for window in windows:
+        spans.setdefault(window.source, []).append((window.start, window.start + window.length))
+    text = {}
+    for source, intervals in spans.items():
+        merged: list[list[int]] = []
+        for start, end in sorted(intervals):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        text[source] = [np.asarray(corpus.window(source, start, end - start), np.int64) for start, end in merged]
+    return text
 
 
 def bits_per_byte(nats: float, num_bytes: int) -> float:

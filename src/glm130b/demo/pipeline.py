@@ -17,12 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from glm130b.checkpoint.model_dir import load_config, load_model
 from glm130b.core.config_io import read_mapping
 from glm130b.data.corpus import TokenCorpus
 from glm130b.data.demo_corpus import DEFAULT_CACHE, DemoCorpus, fetch_demo_corpus
 from glm130b.data.prepare import prepare_corpus
-from glm130b.demo.baselines import NgramBaselines, ScoredTargets, bits_per_byte
+from glm130b.demo.baselines import NgramBaselines, ScoredTargets, bits_per_byte, covered_text
 from glm130b.demo.infilling import (
     ITEMS_PER_LANGUAGE,
     FillScore,
@@ -74,13 +76,18 @@ def default_config_path() -> Path:
 
 @dataclass
 class LanguageScores:
-    """Bits per byte on one language's validation targets."""
+    """Bits per byte on one language's validation targets: the model's, and the n-gram models'
+    fitted on the text the model read (`fitted_tokens` of the split's `split_tokens`); the bigram
+    fitted on the whole split is shown beside them."""
 
     target_tokens: int
     target_bytes: int
+    fitted_tokens: int
+    split_tokens: int
     model: float
     bigram: float
     unigram: float
+    bigram_whole_split: float
 
     @property
     def beats_baselines(self) -> bool:
@@ -95,10 +102,15 @@ class LanguageScores:
 
 
 def language_scores(
-    train_corpus: TokenCorpus, valid_batches: dict[str, list[TrainingBatch]], losses: dict[str, float], tokenizer
+    train_corpus: TokenCorpus,
+    read_text: dict[str, list[np.ndarray]],
+    valid_batches: dict[str, list[TrainingBatch]],
+    losses: dict[str, float],
+    tokenizer,
 ) -> dict[str, LanguageScores]:
     """The model's validation `losses` (nats per target token) and n-gram models fitted on the
-    language's training tokens, on the same targets, in bits per byte."""
+    language's training text that the model read (`read_text`: per source, covered_text of its
+    windows), on the same targets, in bits per byte."""
     byte_lengths = tokenizer.byte_lengths()
     scores = {}
     for language, names in sorted(sources_by_language(train_corpus).items()):
@@ -106,14 +118,20 @@ def language_scores(
             continue
         scored = ScoredTargets.of(valid_batches[language], tokenizer.specials.sop)
         num_bytes = scored.bytes(byte_lengths)
-        streams = [train_corpus.window(name, 0, train_corpus.num_tokens(name)) for name in names]
+        streams = [stream for name in names for stream in read_text.get(name, [])]
+        whole_split = [train_corpus.window(name, 0, train_corpus.num_tokens(name)) for name in names]
         ngram = NgramBaselines(streams, tokenizer.vocab_size)
         scores[language] = LanguageScores(
             len(scored.targets),
             num_bytes,
+            fitted_tokens=sum(map(len, streams)),
+            split_tokens=sum(map(len, whole_split)),
             model=bits_per_byte(losses[language] * len(scored.targets), num_bytes),  # mean -> total nats
             bigram=bits_per_byte(ngram.bigram_nats(scored), num_bytes),
             unigram=bits_per_byte(ngram.unigram_nats(scored), num_bytes),
+            bigram_whole_split=bits_per_byte(
+                NgramBaselines(whole_split, tokenizer.vocab_size).bigram_nats(scored), num_bytes
+            ),
         )
     return scores
 
@@ -231,7 +249,9 @@ def run_demo(
 
     train_corpus = TokenCorpus(config.corpus)
     losses = quantized_losses(result.model_dir, result.valid_batches)
-    scores = language_scores(train_corpus, result.valid_batches, losses["fp32"], tokenizer)
+    windows = (w for i in result.trained_micro_batches for w in result.train_source.windows(i) if w is not None)
+    read_text = covered_text(train_corpus, windows)
+    scores = language_scores(train_corpus, read_text, result.valid_batches, losses["fp32"], tokenizer)
     quantized = {
         name: {lang: scores[lang].bits_per_byte(loss) for lang, loss in per_lang.items() if lang in scores}
         for name, per_lang in losses.items()

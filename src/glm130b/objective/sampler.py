@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +23,15 @@ from glm130b.objective.samples import MIPPair, ObjectiveConfig, Sample, gmask_sa
 from glm130b.tokenizer.specials import SpecialTokens
 
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
+
+
+class Window(NamedTuple):
+    """The stretch of a source that one row is cut from."""
+
+    source: str
+    start: int
+    length: int
+    gmask: bool  # a [gMASK] row (else a [MASK] row)
 
 
 class GLMBatchSampler:
@@ -93,25 +102,38 @@ class GLMBatchSampler:
         return fitting
 
     # ------------------------------------------------------------------ drawing
-    def sample(self, rng: np.random.Generator) -> Sample:
-        """One row: its kind, then its source and window, then the sample."""
+    def _window(self, rng: np.random.Generator) -> Window | None:
+        """A row's first draws: its kind, then its source and window (None for a MIP row)."""
         config = self.config
         if rng.random() < self.mip_share:
-            return mip_sample(self.mip_pairs, rng, config, self.specials)
+            return None
         gmask = rng.random() < config.gmask_share
         length = config.gmask_raw_length if gmask else config.mask_window_length
         source = self.sources[int(rng.choice(len(self.sources), p=self.source_weights))]
         start = int(rng.integers(0, self.corpus.num_tokens(source) - length + 1))
-        raw = np.asarray(self.corpus.window(source, start, length), np.int64)
-        build = gmask_sample if gmask else mask_sample
-        return build(raw, rng, config, self.specials)
+        return Window(source, start, length, gmask)
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        """One row: its kind, then its source and window, then the sample."""
+        window = self._window(rng)
+        if window is None:
+            return mip_sample(self.mip_pairs, rng, self.config, self.specials)
+        raw = np.asarray(self.corpus.window(window.source, window.start, window.length), np.int64)
+        build = gmask_sample if window.gmask else mask_sample
+        return build(raw, rng, self.config, self.specials)
+
+    def _row_rng(self, stream: int, index: int, row: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, index, row)))
 
     def _batch(self, stream: int, index: int) -> TrainingBatch:
-        rows = [
-            self.sample(np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(stream, index, row))))
-            for row in range(self.batch_size)
-        ]
+        rows = [self.sample(self._row_rng(stream, index, row)) for row in range(self.batch_size)]
         return collate(rows, self.config.sequence_length, self.specials.pad, self.position_encoding)
+
+    def windows(self, index: int) -> list[Window | None]:
+        """The corpus windows that the rows of training micro-batch `index` are cut from (None for
+        a MIP row), without building the samples: what the model read in that micro-batch. A
+        [MASK] row leaves the tail of its window unused (mask_sample), a few tokens."""
+        return [self._window(self._row_rng(TRAIN_STREAM, index, row)) for row in range(self.batch_size)]
 
     def micro_batch(self, index: int) -> TrainingBatch:
         """Training micro-batch number `index`: a function of (seed, index) only."""

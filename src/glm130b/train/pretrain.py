@@ -31,6 +31,8 @@ RUN_OUTPUTS = ("checkpoints", "metrics", "model", RUN_CONFIG_FILE, "loss_curve.p
 class PretrainResult:
     valid_losses: dict[str, float]
     valid_batches: dict[str, list[TrainingBatch]]
+    train_source: BatchSource
+    trained_micro_batches: list[int]  # indices into train_source of the updates the model kept
     model_dir: Path  # the trained model, in the glm130b.checkpoint format
     metrics_dir: Path
     loss_curve: Path | None
@@ -79,7 +81,9 @@ def run_pretraining(config: TrainConfig, show_progress: bool = True) -> Pretrain
     if built.mesh is not None:
         dist.barrier()  # the export is complete before any rank returns
         dist.destroy_process_group()
-    return PretrainResult(valid, valid_batches, model_dir, metrics_dir, curve)
+    return PretrainResult(
+        valid, valid_batches, train_source, trainer.state.used_micro_batches(), model_dir, metrics_dir, curve
+    )
 
 
 def export_model(trainer: Trainer, directory: Path, metadata: dict[str, str]) -> None:

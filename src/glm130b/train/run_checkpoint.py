@@ -45,6 +45,15 @@ class RunState:
     embedding_grad_scale_factor: float = 1.0
     rollbacks: int = 0
 
+    def used_micro_batches(self) -> list[int]:
+        """Indices of the micro-batches whose updates the model kept: all drawn so far, less the
+        ranges the spike guard skipped."""
+        used = []
+        for index in range(self.data_position):
+            if not any(start <= index < end for start, end in self.skipped):
+                used.append(index)
+        return used
+
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories of interrupted saves are hidden)."""

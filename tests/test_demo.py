@@ -279,6 +279,7 @@ def test_the_real_demo_learns_both_languages(tmp_path):
             added = output[len(prompt.removesuffix("[gMASK]")) :]
             wanted = r"[A-Za-z]{2,}" if re.search(r"[A-Za-z]", prompt) else r"[\u4e00-\u9fff]{2,}"
             assert re.search(wanted, added), (prompt, output)
-        else:  # a blank is never left empty
+        else:  # a blank is never left empty or filled with whitespace only
             before, after = prompt.split("[MASK]")
-            assert output.startswith(before) and output.endswith(after) and len(output) > len(before + after)
+            assert output.startswith(before) and output.endswith(after)
+            assert output[len(before) : len(output) - len(after)].strip(), (prompt, output)

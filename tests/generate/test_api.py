@@ -112,5 +112,22 @@ def test_min_new_tokens_holds_the_end_back(trained):
     longer = generate(trained, tok, prompts, Greedy(), 8, min_new_tokens=5)
     assert [len(r.blanks[0]) for r in longer] == [5, 5] or all(len(r.blanks[0]) >= 5 for r in longer)
     assert [r.blanks[0][:3] for r in longer] == [r.blanks[0] for r in generate(trained, tok, prompts, Greedy(), 8)]
-    with pytest.raises(InputError, match="min_new_tokens is for greedy and sampling"):
+    with pytest.raises(InputError, match="min_new_tokens and begin_suppress_tokens are for greedy and sampling"):
         generate(trained, tok, prompts, "beam", 8, min_new_tokens=1)
+
+
+def test_begin_suppress_tokens_ban_the_first_token_only(trained):
+    tok = CharTokenizer()
+    prompts = ["abc", "ab[MASK]f"]  # the trained reverser fills "cba" and "cde"
+    natural = [r.blanks[0] for r in generate(trained, tok, prompts, Greedy(), 8)]
+    assert natural == ["cba", "cde"]
+    first = tok.encode("c")
+    assert all(
+        r.blanks[0] and r.blanks[0][0] != "c"
+        for r in generate(trained, tok, prompts, Greedy(), 8, begin_suppress_tokens=first)
+    )
+    # "a" and "e" come later in the natural fills: banned at the first step only, they stay
+    later = tok.encode("ae")
+    assert [r.blanks[0] for r in generate(trained, tok, prompts, Greedy(), 8, begin_suppress_tokens=later)] == natural
+    with pytest.raises(InputError, match="begin_suppress_tokens are for greedy and sampling"):
+        generate(trained, tok, prompts, "beam", 8, begin_suppress_tokens=first)

@@ -235,3 +235,14 @@ def test_byte_lengths_sum_to_the_utf8_length_of_the_text(tiny):
         assert sum(lengths[i] for i in ids) == len(text.encode())
     specials = tiny.specials
     assert [lengths[t] for t in (specials.gmask, specials.sop, specials.eos, specials.pad)] == [0, 0, 0, 0]
+
+
+def test_whitespace_ids_are_the_ids_of_whitespace_only_text(tiny):
+    found = set(tiny.whitespace_ids())
+    assert found and all(tiny.decode([i]).isspace() for i in found)
+    for text in (" ", "\n", "\t", "   "):  # each encodes to whitespace-only ids only
+        assert set(tiny.encode(text)) <= found, text
+    words = {i for text in ("hello world", "中文", "a\nb") for i in tiny.encode(text) if not tiny.decode([i]).isspace()}
+    assert not words & found
+    specials = tiny.specials
+    assert not {specials.mask, specials.gmask, specials.sop, specials.eop, specials.pad} & found

@@ -179,14 +179,18 @@ def fill_scores(model, tokenizer: Tokenizer, corpus: DemoCorpus) -> dict[str, Fi
 
 def samples(model, tokenizer: Tokenizer, seed: int) -> list[tuple[str, str, str]]:
     """(prompt, strategy, output): each continuation greedy and sampled (the official defaults,
-    top_p 0.7, seeded), each fill greedy and never empty (min_new_tokens 1)."""
+    top_p 0.7, seeded), each fill greedy; every blank starts with text (no whitespace-only piece
+    first, and so never empty)."""
     rows = []
+    whitespace = tokenizer.whitespace_ids()
     for name, strategy, prompts in (
         ("greedy", "greedy", CONTINUATION_PROMPTS),
         ("sampled", Sampling(seed=seed), CONTINUATION_PROMPTS),
         ("greedy", "greedy", FILL_PROMPTS),
     ):
-        results = generate(model, tokenizer, list(prompts), strategy, NEW_TOKENS, min_new_tokens=1)
+        results = generate(
+            model, tokenizer, list(prompts), strategy, NEW_TOKENS, min_new_tokens=1, begin_suppress_tokens=whitespace
+        )
         rows += [(prompt, name, result.text) for prompt, result in zip(prompts, results)]
     return rows
 

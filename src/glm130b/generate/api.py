@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from glm130b.core.errors import GLMError
@@ -46,11 +46,14 @@ def generate(
     *,
     compile: bool = False,
     min_new_tokens: int = 0,
+    begin_suppress_tokens: Sequence[int] = (),
 ) -> list[GenerationResult]:
     """Generate for a batch of text prompts. Each prompt holds [MASK] blanks (filled left to right),
     [gMASK] (continue; appended when no marker is written) or [sMASK] (warned: never trained); with
     several kinds, the official rule fills one: [MASK] before [sMASK] before [gMASK].
-    `min_new_tokens`: no blank ends before that many tokens (1: never an empty fill)."""
+    `min_new_tokens`: no blank ends before that many tokens (1: never an empty fill);
+    `begin_suppress_tokens`: ids no blank starts with (e.g. whitespace-only pieces, so that a fill
+    starts with text: Tokenizer.whitespace_ids)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     parsed = [parse_prompt(p, tokenizer, _two_d(model)) for p in prompts]
     banned = banned_tokens(tokenizer.specials, model.config.vocab_size, tokenizer.vocab_size)
@@ -63,6 +66,7 @@ def generate(
         banned=banned,
         compile=compile,
         min_new_tokens=min_new_tokens,
+        begin_suppress_tokens=begin_suppress_tokens,
     )
     results = []
     for prompt, sequence, item_spans in zip(parsed, sequences, spans):

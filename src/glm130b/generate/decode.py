@@ -198,11 +198,13 @@ def iterate_tokens(
     compile: bool = False,
     check_every: int = DONE_CHECK_EVERY,
     min_new_tokens: int = 0,
+    begin_suppress_tokens: Sequence[int] = (),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Decoding of a batch under Greedy or Sampling; yields (tokens [B], ended_before [B]) on the device
     each step. A row that ended keeps yielding its end token; the loop stops after max_new_tokens
     or once every row has ended (read from the device every `check_every` steps). The end tokens
-    are banned for the first `min_new_tokens` steps (Hugging Face's option of that name)."""
+    are banned for the first `min_new_tokens` steps, `begin_suppress_tokens` at the first step
+    (Hugging Face's options of those names)."""
     device = model.transformer.word_embeddings.weight.device
     B = len(contexts)
     cache = new_cache(model, B, _cache_length(model, contexts, max_new_tokens))
@@ -212,6 +214,8 @@ def iterate_tokens(
     ends = torch.tensor(end_tokens(specials), device=device)
     ban_with_ends = ban.clone()
     ban_with_ends[ends] = True
+    ban_first = (ban_with_ends if min_new_tokens else ban).clone()
+    ban_first[torch.tensor(list(begin_suppress_tokens), dtype=torch.long, device=device)] = True
     step_fn = compiled_decode_one_token if compile else decode_one_token
     steps = torch.arange(max_new_tokens, device=device)
     # no_grad around each call, not around the loop: a generator's grad mode would leak into the
@@ -222,7 +226,8 @@ def iterate_tokens(
     last = torch.full((B,), specials.eop, dtype=torch.long, device=device)
     for j in range(max_new_tokens):
         with torch.no_grad():
-            tokens = choose(logits.masked_fill(ban_with_ends if j < min_new_tokens else ban, float("-inf")))
+            banned_now = ban_first if j == 0 else ban_with_ends if j < min_new_tokens else ban
+            tokens = choose(logits.masked_fill(banned_now, float("-inf")))
             tokens = torch.where(ended, last, tokens)  # an ended row stays ended
         yield tokens, ended
         last = tokens
@@ -288,6 +293,7 @@ def generate_ids(
     compile: bool = False,
     all_hypotheses: bool = False,
     min_new_tokens: int = 0,
+    begin_suppress_tokens: Sequence[int] = (),
 ) -> list[list[int]] | list[list[list[int]]]:
     """The tokens of the first blank of each context (each a list of ids ending with <sop>, as
     glm130b.generate.inputs.generation_context builds it), without the end token. Tokens after
@@ -306,8 +312,10 @@ def generate_ids(
         banned = banned_tokens(specials, model.config.vocab_size)
     ends = end_tokens(specials)
     if isinstance(strategy, BeamSearch):
-        if min_new_tokens:
-            raise InputError("min_new_tokens is for greedy and sampling; beam search ranks whole spans")
+        if min_new_tokens or begin_suppress_tokens:
+            raise InputError(
+                "min_new_tokens and begin_suppress_tokens are for greedy and sampling; beam search ranks whole spans"
+            )
         found = [
             [
                 _strip_end(h, ends)
@@ -319,7 +327,15 @@ def generate_ids(
     columns = [
         tokens
         for tokens, _ in iterate_tokens(
-            model, contexts, specials, strategy, max_new_tokens, banned, compile, min_new_tokens=min_new_tokens
+            model,
+            contexts,
+            specials,
+            strategy,
+            max_new_tokens,
+            banned,
+            compile,
+            min_new_tokens=min_new_tokens,
+            begin_suppress_tokens=begin_suppress_tokens,
         )
     ]
     generated = torch.stack(columns, dim=1).tolist()  # [B, steps]: the one sync at the end
@@ -360,6 +376,7 @@ def fill_blanks(
     banned: Sequence[int] | None = None,
     compile: bool = False,
     min_new_tokens: int = 0,
+    begin_suppress_tokens: Sequence[int] = (),
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
     """Fill every blank of every context (ids without <sop>), left to right: the blanks are the masks
     of the kind `blank_kinds` picks; one generation pass per blank, the sequence rebuilt with the
@@ -385,6 +402,7 @@ def fill_blanks(
             banned=banned,
             compile=compile,
             min_new_tokens=min_new_tokens,
+            begin_suppress_tokens=begin_suppress_tokens,
         )
         for i, span in zip(rows, outputs):
             at = sequences[i].index(kinds[i])

@@ -155,6 +155,18 @@ class Tokenizer:
                 lengths[piece + self.text_id_offset] = len(text.encode())
         return lengths
 
+    def whitespace_ids(self) -> list[int]:
+        """Text ids that decode to whitespace only (the lone "▁", runs of spaces, the bytes of
+        newline and tab): what a filled blank should not start with (generate's
+        begin_suppress_tokens)."""
+        ids = []
+        for piece in range(self.num_pieces):
+            if not (self._sp.is_control(piece) or self._sp.is_unknown(piece)):
+                text = self.decode([piece + self.text_id_offset])
+                if text and text.isspace():
+                    ids.append(piece + self.text_id_offset)
+        return ids
+
     # -- identity and storage --------------------------------------------------------------------
     def layout(self) -> dict:
         """Everything besides the model file that decides the ids."""

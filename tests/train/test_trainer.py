@@ -49,6 +49,15 @@ def test_validation_is_logged_and_learning_happens(tmp_path):
     assert [r["step"] for r in read_metrics(f"{config.out_dir}/metrics", "valid")] == [0, 8, 16, 20]
 
 
+def test_bf16_autocast_learns_on_the_cpu_with_the_official_fp16_rotary_tables(tmp_path):
+    """CPU bf16 autocast refuses to concatenate fp16 tensors: the rotary tables are built outside it."""
+    config = tiny_run_config(tmp_path, precision="bf16")
+    assert config.model_config().rotary_dtype == "fp16"
+    trainer = make_trainer(config)
+    untrained = trainer.run_validation()["count"]
+    assert trainer.train()["count"] < 0.5 * untrained
+
+
 def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     config = tiny_run_config(tmp_path, train_samples=8 * 4, checkpoint_every=2, rampup_start_batch_size=None)
     trainer = make_trainer(config)

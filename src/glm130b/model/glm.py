@@ -34,12 +34,14 @@ def rotary_cos_sin(positions: torch.Tensor, dim: int, table_dtype: torch.dtype) 
     Computed from the positions directly (no cached table: the values are elementwise, so this is
     identical to indexing a table, and a model built on the meta device needs no buffers). With
     table_dtype fp16 this reproduces the official tables bit for bit: inv_freq, positions and angles
-    all rounded to half precision before the cos/sin (SPEC.md section 4).
+    all rounded to half precision before the cos/sin (SPEC.md section 4). Autocast is off here: the
+    tables keep table_dtype under any autocast (CPU bf16 autocast refuses to concatenate fp16).
     """
-    inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    angles = positions.to(table_dtype).unsqueeze(-1) * inv_freq.to(table_dtype)  # [..., dim/2]
-    angles = torch.cat((angles, angles), dim=-1)  # [..., dim]: dims i and i + dim/2 rotate together
-    return angles.cos(), angles.sin()
+    with torch.autocast(positions.device.type, enabled=False):
+        inv_freq = 1.0 / (ROTARY_BASE ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+        angles = positions.to(table_dtype).unsqueeze(-1) * inv_freq.to(table_dtype)  # [..., dim/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [..., dim]: dims i and i + dim/2 rotate together
+        return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -62,10 +62,13 @@ CONTINUATION_PROMPTS = (
 FILL_PROMPTS = ("The king[MASK] the crown.", "I will[MASK] you to-morrow, my lord.", "我们要大力[MASK]经济。")
 NEW_TOKENS = 32
 # Tokenizer ids, and the share of characters kept whole (the rest are spelled in UTF-8 byte
-# pieces): at the default 0.9995 the corpus needs ~3,850 Chinese characters, which leaves 4,096 ids
-# no room for English pieces; at 0.99 ~3,500 remain. Sizing arithmetic: configs/demo.yaml.
+# pieces). Measured on the demo corpus: at 0.99 the 4,096 ids held 1,693 Chinese characters, 1,128
+# multi-character Chinese pieces and 955 English pieces, so English words were spelled in ~2.3
+# pieces; at 0.98 (SentencePiece's lowest) 1,266 characters, 1,388 Chinese words and 1,135 English
+# pieces, and the model learned both languages better (docs/training.md, "The demo").
+# Sizing arithmetic: configs/demo.yaml.
 DEMO_VOCAB_SIZE = 4096
-DEMO_CHARACTER_COVERAGE = 0.99
+DEMO_CHARACTER_COVERAGE = 0.98
 FILL_SEED = 0  # the same fill items for every training seed
 
 

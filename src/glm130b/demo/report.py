@@ -50,7 +50,8 @@ vocabulary {glm.vocab_size} (our bilingual tokenizer), sequence length {config.s
 Training: {train[-1]["step"] if train else 0} steps, {config.train_samples} sequences ({positions:,} token
 positions, {positions / parameters:.1f} per parameter), precision {config.precision}, seed {config.seed}, the
 GLM-130B objective ({objective.gmask_share:.0%} [gMASK] with suffixes of
-{objective.suffix_fraction_min:.0%}-{objective.suffix_fraction_max:.0%} of the window, the rest [MASK]) and recipe (AdamW, warmup + cosine, batch ramp-up
+{objective.suffix_fraction_min:.0%}-{objective.suffix_fraction_max:.0%} of the window; the rest [MASK], {objective.mask_ratio:.0%}
+of the tokens in spans of 1-{objective.max_span_length}) and recipe (AdamW, warmup + cosine, batch ramp-up
 {config.rampup_start_batch_size} -> {config.global_batch_size}, embedding gradient shrink alpha
 {config.embedding_grad_scale}, DeepNorm init). Sizing arithmetic: configs/demo.yaml.
 Spike-guard interventions: {len(interventions)}.

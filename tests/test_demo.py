@@ -97,13 +97,14 @@ def test_demo_report_shows_every_figure_computed(tmp_path, local_corpus):
     assert fitted <= 24 * 64
     # infilling: items, model rate, unigram rate with its guess, ratio, verdict
     fills = re.findall(
-        r"^\| (en|zh) \| (\d+) \| [0-9.]+% \| ([0-9.]+)% \| ([0-9.]+)% \((.+?)\) \| ([0-9.]+x|-) \| (yes|\*\*no\*\*) \|$",
+        r"^\| (en|zh) \| (\d+) \| [0-9.]+% \| ([0-9.]+)% \| ([0-9.]+)% \| ([0-9.]+)% \((.+?)\) \| ([0-9.]+x|-) \| (yes|\*\*no\*\*) \|$",
         report,
         re.M,
     )
     assert [f[0] for f in fills] == ["en", "zh"]
-    for _, items, model_rate, unigram_rate, guess, ratio, verdict in fills:
+    for _, items, model_rate, left_to_right_rate, unigram_rate, guess, ratio, verdict in fills:
         assert int(items) > 0 and 0 <= number(model_rate) <= 100 and 0 <= number(unigram_rate) <= 100 and guess
+        assert 0 <= number(left_to_right_rate) <= 100
         assert (verdict == "yes") == (float(model_rate) >= 2 * float(unigram_rate) and float(model_rate) > 0)
         if ratio != "-":  # the rates are printed rounded to 0.1 %
             assert number(ratio) == pytest.approx(float(model_rate) / float(unigram_rate), rel=0.05, abs=0.1)
@@ -244,8 +245,12 @@ def test_fills_choose_among_the_candidates_the_same_however_they_are_packed(tmp_
     assert [e[:2] for e in score.examples] == [(i.prompt, i.answer) for i in items]
     assert all(fill in counts for _, _, fill in score.examples)
     assert score.model_rate == pytest.approx(sum(fill == answer for _, answer, fill in score.examples) / 6)
+    assert len(score.left_to_right_fills) == 6 and all(fill in counts for fill in score.left_to_right_fills)
+    assert score.left_to_right_rate == pytest.approx(sum(f == a for f, a in zip(score.left_to_right_fills, answers)) / 6)
     # a context of 40 positions takes a few choices per packed sequence: the same choice wins
-    assert score_fills(tight, tokenizer, items, counts, separator=" ").examples == score.examples
+    tight_score = score_fills(tight, tokenizer, items, counts, separator=" ")
+    assert tight_score.examples == score.examples
+    assert tight_score.left_to_right_fills == score.left_to_right_fills
 
 
 def test_choice_groups_fit_the_context_and_keep_the_order():

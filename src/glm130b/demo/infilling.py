@@ -1,7 +1,8 @@
 """The demo's blank-infilling test: held-out sentences with one word replaced by [MASK] (an English
 word; a two-character Chinese word of People's Daily's own segmentation). The model's fill is its
 top-1 among the training split's most frequent words of that kind, each scored by its
-log-probability in the blank (packed, one forward per sentence: glm130b.evaluate.packing); the
+log-probability in the blank (packed, one forward per sentence: glm130b.evaluate.packing), and
+for comparison its top-1 reading each completed sentence left to right after [gMASK]; the
 unigram guess is the most frequent of them, written into every blank."""
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ class FillItem:
 @dataclass(frozen=True)
 class FillScore:
     items: int
-    model_rate: float
+    model_rate: float  # the [MASK] fill
+    left_to_right_rate: float  # the same choices read left to right after [gMASK]
     unigram_rate: float
     unigram_guess: str
     candidates: int  # words each blank chooses from
     covered: float  # share of items whose answer is among them: the most either can get right
-    examples: list[tuple[str, str, str]]  # (prompt, answer, model's fill)
+    examples: list[tuple[str, str, str]]  # (prompt, answer, model's [MASK] fill)
+    left_to_right_fills: list[str]  # of the same items
 
 
 def read_jsonl_field(paths: Iterable[Path], field: str) -> Iterator:
@@ -133,37 +136,69 @@ def _choice_groups(context: int, choices: list[list[int]], limit: int) -> list[r
     return groups + [range(start, len(choices))]
 
 
-def score_fills(model, tokenizer, items: list[FillItem], counts: Counter, separator: str) -> FillScore:
-    """Each blank's fill: the candidate (the CANDIDATES most frequent words of `counts`, each
-    written as `separator + word`, the text the blank replaced) with the highest summed
-    log-probability in it, scored as the evaluation toolkit scores multiple choice: the choices
-    packed behind the sentence, as many per sequence as the model's context holds. A sentence too
-    long for the context with its longest choice is left out (none at the demo's 512)."""
-    candidates = [word for word, _ in counts.most_common(CANDIDATES)]
-    choice_ids = [tokenizer.encode(separator + word) for word in candidates]
+def _log_probs(model, tokenizer, contexts: list[list[int]], choices: list[list[list[int]]], gmask: bool) -> list[list[float]]:
+    """Per item, the summed log-probability of each of its choices after its context's mask,
+    scored as the evaluation toolkit scores multiple choice: the choices packed behind the context,
+    as many per sequence as the model's positions hold."""
     limit = model.config.max_sequence_length
-    contexts = [parse_prompt(item.prompt, tokenizer).context for item in items]
-    longest = max(map(len, choice_ids))
-    kept = [i for i, context in enumerate(contexts) if len(context) + longest <= limit]  # the rest cannot be scored
-    items, contexts = [items[i] for i in kept], [contexts[i] for i in kept]
-    if not items:
-        raise InputError(f"no fill sentence fits the model's {limit} positions with its longest choice")
-    sequences, owners = [], []  # owners: (item, first candidate) of each packed sequence
-    for index, context in enumerate(contexts):
-        for group in _choice_groups(len(context), choice_ids, limit):
-            group_ids = [choice_ids[i] for i in group]
-            sequences.append(pack_choices(context, group_ids, tokenizer.specials, gmask=False, single_token=False))
+    sequences, owners = [], []  # owners: (item, first choice) of each packed sequence
+    for index, (context, item_choices) in enumerate(zip(contexts, choices)):
+        for group in _choice_groups(len(context), item_choices, limit):
+            group_ids = [item_choices[i] for i in group]
+            sequences.append(pack_choices(context, group_ids, tokenizer.specials, gmask=gmask, single_token=False))
             owners.append((index, group.start))
-    log_probs = [[0.0] * len(candidates) for _ in items]
+    log_probs = [[0.0] * len(item_choices) for item_choices in choices]
     for start in range(0, len(sequences), SCORING_BATCH):
         batch = sequences[start : start + SCORING_BATCH]
         for (index, first), spans in zip(owners[start:], score_batch(model, batch, tokenizer.specials.pad)):
             for offset, span in enumerate(spans):
                 log_probs[index][first + offset] = span.log_prob
-    fills = [candidates[max(range(len(candidates)), key=row.__getitem__)] for row in log_probs]
-    hits = sum(fill == item.answer for fill, item in zip(fills, items))
+    return log_probs
+
+
+def score_fills(model, tokenizer, items: list[FillItem], counts: Counter, separator: str) -> FillScore:
+    """Each blank's fill: the candidate (the CANDIDATES most frequent words of `counts`, each
+    written as `separator + word`, the text the blank replaced) with the highest summed
+    log-probability in the [MASK] blank. The left-to-right fill reads the same choices without
+    [MASK]: the sentence up to the blank, then [gMASK], then the choice and the rest of the
+    sentence scored as the continuation (the choice whose completed sentence the model finds most
+    probable). A sentence too long for the context with its longest choice is left out (none at
+    the demo's 512 positions)."""
+    candidates = [word for word, _ in counts.most_common(CANDIDATES)]
+    choice_ids = [tokenizer.encode(separator + word) for word in candidates]
+    limit = model.config.max_sequence_length
+    halves = [item.prompt.split("[MASK]") for item in items]
+    blank_contexts = [parse_prompt(item.prompt, tokenizer).context for item in items]
+    prefix_contexts = [parse_prompt(left + "[gMASK]", tokenizer).context for left, _ in halves]
+    continuations = [[tokenizer.encode(separator + word + right) for word in candidates] for _, right in halves]
+    longest = max(map(len, choice_ids))
+    kept = [  # the rest cannot be scored
+        i
+        for i in range(len(items))
+        if len(blank_contexts[i]) + longest <= limit
+        and len(prefix_contexts[i]) + max(map(len, continuations[i])) <= limit
+    ]
+    if not kept:
+        raise InputError(f"no fill sentence fits the model's {limit} positions with its longest choice")
+    items = [items[i] for i in kept]
+    blank_scores = _log_probs(model, tokenizer, [blank_contexts[i] for i in kept], [choice_ids] * len(kept), False)
+    prefix_scores = _log_probs(
+        model, tokenizer, [prefix_contexts[i] for i in kept], [continuations[i] for i in kept], True
+    )
+
+    def best(row: list[float]) -> str:
+        return candidates[max(range(len(candidates)), key=row.__getitem__)]
+
+    fills = [best(row) for row in blank_scores]
+    left_to_right = [best(row) for row in prefix_scores]
+    n = len(items)
+
+    def rate(chosen: list[str]) -> float:
+        return sum(fill == item.answer for fill, item in zip(chosen, items)) / n
+
     guessed = sum(item.answer == candidates[0] for item in items)
     covered = sum(item.answer in set(candidates) for item in items)
     examples = [(item.prompt, item.answer, fill) for item, fill in zip(items, fills)]
-    n = len(items)
-    return FillScore(n, hits / n, guessed / n, candidates[0], len(candidates), covered / n, examples)
+    return FillScore(
+        n, rate(fills), rate(left_to_right), guessed / n, candidates[0], len(candidates), covered / n, examples, left_to_right
+    )

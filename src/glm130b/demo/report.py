@@ -112,6 +112,7 @@ the last column is a bigram fitted on the whole training split, most of which th
                 f.items,
                 f"{f.covered:.1%}",
                 f"{f.model_rate:.1%}",
+                f"{f.left_to_right_rate:.1%}",
                 f"{f.unigram_rate:.1%} ({f.unigram_guess})",
                 f"{f.model_rate / f.unigram_rate:.1f}x" if f.unigram_rate else "-",
                 _yes(f.model_rate >= 2 * f.unigram_rate and f.model_rate > 0),
@@ -131,9 +132,12 @@ One word replaced by [MASK] in held-out lines (English: a word of letters; Chine
 word of People's Daily's segmentation). Both fill every blank from the same choices, the training
 split's {next(iter(fills.values())).candidates} most frequent words of that kind: the model with the one of highest
 log-probability in the blank (scored as glm130b evaluate scores multiple choice), the unigram guess
-with the most frequent. Top-1 exact match; "answer among the choices" bounds both rates.
+with the most frequent. Top-1 exact match; "answer among the choices" bounds both rates. The ratio
+and the verdict judge the [MASK] fill; for comparison, the next column fills the same blanks
+without [MASK]: the sentence up to the blank, [gMASK], then each choice with the rest of the
+sentence scored as the continuation (the completed sentence the model finds most probable).
 
-{markdown_table(["language", "items", "answer among the choices", "model", "unigram guess", "ratio", "model >= 2x"], rows)}
+{markdown_table(["language", "items", "answer among the choices", "model ([MASK])", "model, left to right ([gMASK])", "unigram guess", "ratio", "model >= 2x"], rows)}
 
 The first fills of each language:
 

@@ -246,7 +246,9 @@ def test_fills_choose_among_the_candidates_the_same_however_they_are_packed(tmp_
     assert all(fill in counts for _, _, fill in score.examples)
     assert score.model_rate == pytest.approx(sum(fill == answer for _, answer, fill in score.examples) / 6)
     assert len(score.left_to_right_fills) == 6 and all(fill in counts for fill in score.left_to_right_fills)
-    assert score.left_to_right_rate == pytest.approx(sum(f == a for f, a in zip(score.left_to_right_fills, answers)) / 6)
+    assert score.left_to_right_rate == pytest.approx(
+        sum(f == a for f, a in zip(score.left_to_right_fills, answers)) / 6
+    )
     # a context of 40 positions takes a few choices per packed sequence: the same choice wins
     tight_score = score_fills(tight, tokenizer, items, counts, separator=" ")
     assert tight_score.examples == score.examples

@@ -136,7 +136,9 @@ def _choice_groups(context: int, choices: list[list[int]], limit: int) -> list[r
     return groups + [range(start, len(choices))]
 
 
-def _log_probs(model, tokenizer, contexts: list[list[int]], choices: list[list[list[int]]], gmask: bool) -> list[list[float]]:
+def _log_probs(
+    model, tokenizer, contexts: list[list[int]], choices: list[list[list[int]]], gmask: bool
+) -> list[list[float]]:
     """Per item, the summed log-probability of each of its choices after its context's mask,
     scored as the evaluation toolkit scores multiple choice: the choices packed behind the context,
     as many per sequence as the model's positions hold."""
@@ -200,5 +202,13 @@ def score_fills(model, tokenizer, items: list[FillItem], counts: Counter, separa
     covered = sum(item.answer in set(candidates) for item in items)
     examples = [(item.prompt, item.answer, fill) for item, fill in zip(items, fills)]
     return FillScore(
-        n, rate(fills), rate(left_to_right), guessed / n, candidates[0], len(candidates), covered / n, examples, left_to_right
+        n,
+        rate(fills),
+        rate(left_to_right),
+        guessed / n,
+        candidates[0],
+        len(candidates),
+        covered / n,
+        examples,
+        left_to_right,
     )

@@ -95,7 +95,7 @@ def test_demo_report_shows_every_figure_computed(tmp_path, local_corpus):
         assert 0 < int(share) < 100
         fitted += int(fitted_tokens.replace(",", ""))
     assert fitted <= 24 * 64
-    # infilling: items, model rate, unigram rate with its guess, ratio, verdict
+    # infilling: items, [MASK] rate, left-to-right rate, unigram rate with its guess, ratio, verdict
     fills = re.findall(
         r"^\| (en|zh) \| (\d+) \| [0-9.]+% \| ([0-9.]+)% \| ([0-9.]+)% \| ([0-9.]+)% \((.+?)\) \| ([0-9.]+x|-) \| (yes|\*\*no\*\*) \|$",
         report,

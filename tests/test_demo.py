@@ -13,6 +13,7 @@ from glm130b.demo import run_demo
 from glm130b.demo.baselines import NgramBaselines, ScoredTargets, bits_per_byte, covered_text
 from glm130b.demo.infilling import (
     FillItem,
+    _log_probs,
     chinese_items,
     chinese_sentences,
     chinese_words,
@@ -97,14 +98,15 @@ def test_demo_report_shows_every_figure_computed(tmp_path, local_corpus):
     assert fitted <= 24 * 64
     # infilling: items, [MASK] rate, left-to-right rate, unigram rate with its guess, ratio, verdict
     fills = re.findall(
-        r"^\| (en|zh) \| (\d+) \| [0-9.]+% \| ([0-9.]+)% \| ([0-9.]+)% \| ([0-9.]+)% \((.+?)\) \| ([0-9.]+x|-) \| (yes|\*\*no\*\*) \|$",
+        r"^\| (en|zh) \| (\d+) \| [0-9.]+% \| ([0-9.]+)% \| ([0-9.]+)% of (\d+) \| ([0-9.]+)% \((.+?)\) \| ([0-9.]+x|-) \| "
+        r"(yes|\*\*no\*\*) \|$",
         report,
         re.M,
     )
     assert [f[0] for f in fills] == ["en", "zh"]
-    for _, items, model_rate, left_to_right_rate, unigram_rate, guess, ratio, verdict in fills:
+    for _, items, model_rate, left_to_right_rate, compared, unigram_rate, guess, ratio, verdict in fills:
         assert int(items) > 0 and 0 <= number(model_rate) <= 100 and 0 <= number(unigram_rate) <= 100 and guess
-        assert 0 <= number(left_to_right_rate) <= 100
+        assert 0 <= number(left_to_right_rate) <= 100 and 0 < int(compared) <= int(items)
         assert (verdict == "yes") == (float(model_rate) >= 2 * float(unigram_rate) and float(model_rate) > 0)
         if ratio != "-":  # the rates are printed rounded to 0.1 %
             assert number(ratio) == pytest.approx(float(model_rate) / float(unigram_rate), rel=0.05, abs=0.1)
@@ -126,6 +128,24 @@ def test_demo_report_shows_every_figure_computed(tmp_path, local_corpus):
     from glm130b.checkpoint.model_dir import load_model
 
     assert load_model(model_dir).config.vocab_size == 3200
+    # the default budget affords the 24 samples asked for; the note gives the measured speed
+    length = re.search(r"^Training length: (\d+) of the config's 24 samples: .* at (\d+) samples/s", report, re.M)
+    assert length and length.group(1) == "24" and int(length.group(2)) > 0
+
+
+def test_the_time_budget_cuts_a_new_run_and_a_started_run_keeps_its_length(tmp_path, local_corpus):
+    from glm130b.demo.pipeline import fit_to_budget
+    from glm130b.train.config import TrainConfig
+
+    run_demo(tmp_path / "demo", overrides=TINY, corpus=local_corpus, vocab_size=3200, show_progress=False)
+    finished = TrainConfig.load(tmp_path / "demo" / "train" / "train_config.yaml")
+    assert finished.train_samples == 24
+    fresh = TrainConfig.load(tmp_path / "demo" / "train" / "train_config.yaml", [f"out_dir={tmp_path / 'new'}"])
+    cut, note = fit_to_budget(fresh, seconds=1e-6)  # no step fits: one global batch at the least
+    assert cut.train_samples == fresh.global_batch_size == 8 and "8 of the config's 24 samples" in note
+    assert not (tmp_path / "new").exists()
+    kept, note = fit_to_budget(finished, seconds=1e-6)  # the finished run is re-evaluated, not cut
+    assert kept.train_samples == 24 and "as the run in" in note
 
 
 def batch_of(inputs: list[int], targets: list[int], scored: list[float]):
@@ -239,18 +259,28 @@ def test_fills_choose_among_the_candidates_the_same_however_they_are_packed(tmp_
     counts = Counter({w: 100 - i for i, w in enumerate("the king and queen wear crown of land a an".split())})
     answers = ["the", "the", "king", "crown", "land", "sword"]
     items = [FillItem(f"and[MASK] wear the crown of {i}", answer) for i, answer in enumerate(answers)]
-    score = score_fills(roomy, tokenizer, items, counts, separator=" ")
+    score = score_fills(roomy, tokenizer, items, counts, " ", left_to_right_items=4)
     assert score.items == 6 and score.unigram_guess == "the" and score.unigram_rate == pytest.approx(2 / 6)
     assert score.candidates == 10 and score.covered == pytest.approx(5 / 6)  # "sword" is no candidate
     assert [e[:2] for e in score.examples] == [(i.prompt, i.answer) for i in items]
     assert all(fill in counts for _, _, fill in score.examples)
     assert score.model_rate == pytest.approx(sum(fill == answer for _, answer, fill in score.examples) / 6)
-    assert len(score.left_to_right_fills) == 6 and all(fill in counts for fill in score.left_to_right_fills)
+    # the left-to-right comparison: the first 4 items only
+    assert score.left_to_right_items == 4 and len(score.left_to_right_fills) == 4
+    assert all(fill in counts for fill in score.left_to_right_fills)
     assert score.left_to_right_rate == pytest.approx(
-        sum(f == a for f, a in zip(score.left_to_right_fills, answers)) / 6
+        sum(f == a for f, a in zip(score.left_to_right_fills, answers)) / 4
     )
+    # the blank's context is the sentence with its [MASK] and nothing after (no eos): each fill is
+    # the choice of highest log-probability behind exactly those ids
+    ids = [tokenizer.encode(" " + word) for word in counts]
+    for item, (_, _, fill) in zip(items, score.examples):
+        context = tokenizer.encode_prompt(item.prompt)
+        assert context[-1] != tokenizer.specials.eos
+        [row] = _log_probs(roomy, tokenizer, [context], [ids], gmask=False)
+        assert fill == list(counts)[max(range(len(row)), key=row.__getitem__)]
     # a context of 40 positions takes a few choices per packed sequence: the same choice wins
-    tight_score = score_fills(tight, tokenizer, items, counts, separator=" ")
+    tight_score = score_fills(tight, tokenizer, items, counts, " ", left_to_right_items=4)
     assert tight_score.examples == score.examples
     assert tight_score.left_to_right_fills == score.left_to_right_fills
 

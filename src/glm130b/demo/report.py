@@ -32,16 +32,20 @@ def write_demo_report(
     corpus: DemoCorpus,
     parameters: int,
     new_tokens: int,
-    budget_note: str,
 ) -> Path:
     """`scores`: {language: glm130b.demo.pipeline.LanguageScores}; `quantized`: {weights: {language:
-    bits per byte}}; `samples`: (prompt, strategy, output); `budget_note`: how the number of training
-    samples was chosen (glm130b.demo.pipeline.fit_to_budget)."""
+    bits per byte}}; `samples`: (prompt, strategy, output)."""
     train = read_metrics(result.metrics_dir, "train")
     interventions = read_metrics(result.metrics_dir, "intervention")
     glm = config.model_config()
     objective = config.objective_config()
-    positions = config.train_samples * config.sequence_length
+    trained = train[-1]["samples"] if train else 0
+    positions = trained * config.sequence_length
+    stopped = (
+        f" (stopped at the time limit of {config.time_limit_s:.0f} s; run the demo again to resume)"
+        if result.stopped_early
+        else ""
+    )
     sections = [
         (
             "Run",
@@ -49,14 +53,13 @@ def write_demo_report(
 Model: {glm.num_layers} layers, hidden {glm.hidden_size}, {glm.num_attention_heads} heads, FFN {glm.inner_hidden_size},
 vocabulary {glm.vocab_size} (our bilingual tokenizer), sequence length {config.sequence_length}:
 {parameters:,} parameters ({parameters - glm.vocab_size * glm.hidden_size:,} outside the tied embedding).
-Training: {train[-1]["step"] if train else 0} steps, {config.train_samples} sequences ({positions:,} token
+Training: {train[-1]["step"] if train else 0} steps, {trained} of {config.train_samples} sequences{stopped} ({positions:,} token
 positions, {positions / parameters:.1f} per parameter), precision {config.precision}, seed {config.seed}, the
 GLM-130B objective ({objective.gmask_share:.0%} [gMASK] with suffixes of
 {objective.suffix_fraction_min:.0%}-{objective.suffix_fraction_max:.0%} of the window; the rest [MASK], {objective.mask_ratio:.0%}
 of the tokens in spans of 1-{objective.max_span_length}) and recipe (AdamW, warmup + cosine, batch ramp-up
 {config.rampup_start_batch_size} -> {config.global_batch_size}, embedding gradient shrink alpha
 {config.embedding_grad_scale}, DeepNorm init). Sizing arithmetic: configs/demo.yaml.
-Training length: {budget_note}.
 Spike-guard interventions: {len(interventions)}.
 Median throughput: {statistics.median(r["tokens_per_s"] for r in train) if train else 0:,.0f} token positions/s.
 

@@ -117,6 +117,9 @@ class TrainConfig(DictConfig):
     checkpoint_every: int = 1000  # steps between checkpoints (the spike guard rolls back to the last)
     keep_checkpoints: int = 3  # the newest this many are kept, older ones deleted
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    # Seconds of training after which the run stops early: it checkpoints, validates and ends,
+    # and a later launch resumes it towards train_samples. null = no limit.
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -228,6 +231,8 @@ class TrainConfig(DictConfig):
             )
         if self.peak_flops is not None:
             check_field("peak_flops", self.peak_flops, float, lambda v: v > 0, "a positive FLOP/s figure or null")
+        if self.time_limit_s is not None:
+            check_field("time_limit_s", self.time_limit_s, float, lambda v: v > 0, "positive seconds or null")
         if self.sequence_length > self.model_config().max_sequence_length:
             raise ConfigError(
                 f"sequence_length {self.sequence_length} exceeds the model's max_sequence_length "
@@ -286,6 +291,7 @@ RESUMABLE_CHANGES = frozenset(
         "resume",
         "peak_flops",
         "device",
+        "time_limit_s",
     }
 )
 

@@ -36,6 +36,7 @@ class PretrainResult:
     model_dir: Path  # the trained model, in the glm130b.checkpoint format
     metrics_dir: Path
     loss_curve: Path | None
+    stopped_early: bool  # at config.time_limit_s, before train_samples
 
 
 def discard_run(out_dir: Path) -> None:
@@ -82,7 +83,14 @@ def run_pretraining(config: TrainConfig, show_progress: bool = True) -> Pretrain
         dist.barrier()  # the export is complete before any rank returns
         dist.destroy_process_group()
     return PretrainResult(
-        valid, valid_batches, train_source, trainer.state.used_micro_batches(), model_dir, metrics_dir, curve
+        valid,
+        valid_batches,
+        train_source,
+        trainer.state.used_micro_batches(),
+        model_dir,
+        metrics_dir,
+        curve,
+        trainer.stopped_early,
     )
 
 

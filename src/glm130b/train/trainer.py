@@ -91,6 +91,7 @@ class Trainer:
             self.checkpoint_dir, config.keep_checkpoints, mesh, flatten_optimizer=self.runner is not None
         )
         self.state = RunState()
+        self.stopped_early = False  # by config.time_limit_s, before train_samples
         self.scaler = DynamicLossScaler.from_config(config)
         self.guard = SpikeGuard(config.spike_guard)
         self.show_progress = show_progress and self.is_main
@@ -134,6 +135,7 @@ class Trainer:
             disable=not self.show_progress,
             dynamic_ncols=True,
         ) as progress:
+            deadline = time.monotonic() + cfg.time_limit_s if cfg.time_limit_s else None
             while self.state.samples < cfg.train_samples:
                 before = self.state.samples
                 record = self.step()
@@ -143,11 +145,19 @@ class Trainer:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
                 if self.show_progress and record["step"] % cfg.log_every == 0:
                     progress.write(format_record(record))
-                done = self.state.samples >= cfg.train_samples
+                out_of_time = deadline is not None and self._rank0(time.monotonic() >= deadline)  # all stop or none
+                done = self.state.samples >= cfg.train_samples or out_of_time
                 if record["step"] % cfg.eval_every == 0 and not done:
                     self.run_validation(progress)
                 if record["step"] % cfg.checkpoint_every == 0 or done:
                     self.save_checkpoint()
+                if out_of_time:
+                    self.stopped_early = True
+                    progress.write(
+                        f"time limit of {cfg.time_limit_s:.0f} s reached after {self.state.samples} of "
+                        f"{cfg.train_samples} samples: checkpoint saved, run again to resume"
+                    )
+                    break
         valid = self.run_validation()  # the final model's (also when an already finished run is resumed)
         self.metrics.close()
         return valid
@@ -188,10 +198,7 @@ class Trainer:
             self.scaler.update(overflow=True)
         else:
             reason = self.guard.check(loss, grad_norm) if cfg.spike_guard.enabled else None
-            if self.mesh is not None:  # rank 0's verdict, so that every rank rolls back or none does
-                verdict = [reason]
-                dist.broadcast_object_list(verdict, src=0)
-                reason = verdict[0]
+            reason = self._rank0(reason)  # so that every rank rolls back or none does
             if reason is not None:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.roll_back(reason, indices)
@@ -227,6 +234,15 @@ class Trainer:
         }
         self.metrics.write("train", record)
         return record
+
+    def _rank0(self, value):
+        """Rank 0's `value` on every rank: one decision where the ranks' views (a clock, a spike
+        verdict) could differ."""
+        if self.mesh is None:
+            return value
+        verdict = [value]
+        dist.broadcast_object_list(verdict, src=0)
+        return verdict[0]
 
     def run_validation(self, progress: tqdm | None = None) -> dict[str, float]:
         """The validation loss of every set of valid_batches, logged; {} without validation data."""

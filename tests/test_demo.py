@@ -132,13 +132,20 @@ def test_demo_report_shows_every_figure_computed(tmp_path, local_corpus):
     assert re.search(r"^Training: \d+ steps, 24 of 24 sequences \(", report, re.M)
 
 
-def test_a_demo_out_of_time_stops_early_says_so_and_a_second_run_resumes_it(tmp_path, local_corpus):
-    out = tmp_path / "demo"
+def test_a_demo_out_of_time_stops_early_and_says_so(tmp_path, local_corpus, monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from glm130b.train import trainer
+
+    ticks = iter(range(10**6))  # the trainer's clock: one second a reading
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(monotonic=lambda: next(ticks), perf_counter=time.perf_counter))
     kwargs = dict(overrides=TINY, corpus=local_corpus, vocab_size=3200, show_progress=False)
-    report = run_demo(out, time_limit=1e-9, **kwargs).read_text()  # over after the first step
-    assert re.search(r"^Training: 1 steps, 4 of 24 sequences \(stopped at the time limit", report, re.M)
-    report = run_demo(out, time_limit=None, **kwargs).read_text()
-    assert re.search(r"^Training: \d+ steps, 24 of 24 sequences \(\d", report, re.M)
+    report = run_demo(tmp_path / "demo", time_limit=4, **kwargs).read_text()
+    trained = re.search(
+        r"^Training: (\d+) steps, (\d+) of 24 sequences \(stopped at the time limit of 4 s", report, re.M
+    )
+    assert trained and 0 < int(trained.group(1)) and 0 < int(trained.group(2)) < 24
 
 
 def batch_of(inputs: list[int], targets: list[int], scored: list[float]):

@@ -39,22 +39,29 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path):
     assert math.isfinite(valid["count"])
 
 
-def test_a_run_out_of_time_checkpoints_and_resumes_to_the_uninterrupted_losses(tmp_path):
-    straight = tiny_run_config(tmp_path, "straight")
-    make_trainer(straight).train()
-    reference = last_loss_per_step(straight.out_dir)
+def test_a_time_limit_runs_the_schedule_by_the_clock_then_stops_and_a_later_launch_trains_on(tmp_path):
+    from glm130b.train.optim import learning_rate
 
-    hurried = tiny_run_config(tmp_path, "hurried", time_limit_s=1e-9)  # over after the first step
-    trainer = make_trainer(hurried)
-    valid = trainer.train()
-    assert trainer.stopped_early and trainer.state.step == 1 and trainer.state.samples == 4 < hurried.train_samples
-    assert latest_checkpoint(tmp_path / "hurried" / "checkpoints").name == "step_00000001"
-    assert math.isfinite(valid["count"])  # the stopped run is still validated
-    # a later launch without the limit (a resumable change) finishes the same run
-    resumed = make_trainer(tiny_run_config(tmp_path, "hurried"))
-    resumed.train()
-    assert not resumed.stopped_early and resumed.state.samples == hurried.train_samples
-    assert last_loss_per_step(hurried.out_dir) == reference
+    config = tiny_run_config(tmp_path, time_limit_s=50.0)  # 128 samples; 10 s a step below: 5 steps
+    trainer = make_trainer(config)
+    trainer.clock = lambda: 10.0 * trainer.state.step
+    trainer.train()
+    records = read_metrics(f"{config.out_dir}/metrics", "train")
+    assert trainer.stopped_early and trainer.state.step == 5 and trainer.state.samples == 4 * 5 < 128
+    # step k starts 10 (k - 1) s in: the schedule reads 128 x (k - 1) / 5 samples, ahead of the
+    # samples trained, so the last step is well into the decay
+    for record in records:
+        clock = max(4 * (record["step"] - 1), int(128 * 10 * (record["step"] - 1) / 50))
+        assert record["lr"] == pytest.approx(learning_rate(clock, config))
+    assert records[-1]["lr"] < 0.5 * config.lr
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000005"
+    # the clock is kept: a launch with the same limit has no time left; without it, the run goes on
+    again = make_trainer(config)
+    again.train()
+    assert again.stopped_early and again.state.step == 5
+    unlimited = make_trainer(tiny_run_config(tmp_path, time_limit_s=None))
+    unlimited.train()
+    assert not unlimited.stopped_early and unlimited.state.samples == 128
 
 
 def test_validation_is_logged_and_learning_happens(tmp_path):

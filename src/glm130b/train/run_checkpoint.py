@@ -38,6 +38,7 @@ class RunState:
 
     step: int = 0
     samples: int = 0  # samples whose update was applied: the schedule's clock
+    seconds: float = 0.0  # of training, over every launch: the clock of config.time_limit_s
     data_position: int = 0  # index of the next micro-batch to draw
     # Kept across rollbacks (the guard's memory of what it already did):
     skipped: list[list[int]] = field(default_factory=list)  # [start, end) micro-batch ranges never used

@@ -92,6 +92,9 @@ class Trainer:
         )
         self.state = RunState()
         self.stopped_early = False  # by config.time_limit_s, before train_samples
+        self.clock = time.monotonic  # tests put a fake one in
+        self._saved_step: int | None = None  # the step of the newest checkpoint this launch wrote
+        self._launched_at, self._seconds_before = 0.0, 0.0
         self.scaler = DynamicLossScaler.from_config(config)
         self.guard = SpikeGuard(config.spike_guard)
         self.show_progress = show_progress and self.is_main
@@ -123,7 +126,8 @@ class Trainer:
         self._barrier()
         if latest is not None:
             self._resume()
-        elif cfg.spike_guard.enabled:
+        self.start_clock()
+        if latest is None and cfg.spike_guard.enabled:
             self.save_checkpoint()  # a rollback target before the first step
         self.model.train()
         if self.show_progress:
@@ -135,8 +139,10 @@ class Trainer:
             disable=not self.show_progress,
             dynamic_ncols=True,
         ) as progress:
-            deadline = time.monotonic() + cfg.time_limit_s if cfg.time_limit_s else None
             while self.state.samples < cfg.train_samples:
+                if cfg.time_limit_s is not None and self.seconds_trained() >= cfg.time_limit_s:
+                    self.stop_for_time(progress)
+                    break
                 before = self.state.samples
                 record = self.step()
                 progress.update(self.state.samples - before)
@@ -145,19 +151,11 @@ class Trainer:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
                 if self.show_progress and record["step"] % cfg.log_every == 0:
                     progress.write(format_record(record))
-                out_of_time = deadline is not None and self._rank0(time.monotonic() >= deadline)  # all stop or none
-                done = self.state.samples >= cfg.train_samples or out_of_time
+                done = self.state.samples >= cfg.train_samples
                 if record["step"] % cfg.eval_every == 0 and not done:
                     self.run_validation(progress)
                 if record["step"] % cfg.checkpoint_every == 0 or done:
                     self.save_checkpoint()
-                if out_of_time:
-                    self.stopped_early = True
-                    progress.write(
-                        f"time limit of {cfg.time_limit_s:.0f} s reached after {self.state.samples} of "
-                        f"{cfg.train_samples} samples: checkpoint saved, run again to resume"
-                    )
-                    break
         valid = self.run_validation()  # the final model's (also when an already finished run is resumed)
         self.metrics.close()
         return valid
@@ -171,7 +169,7 @@ class Trainer:
             size -= size % (cfg.micro_batch_size * self.dp_size)
         indices = self._take(size // cfg.micro_batch_size)
         micro_batches = [self.train_source.micro_batch(i) for i in indices[self.dp_rank :: self.dp_size]]
-        lr = learning_rate(state.samples, cfg) * state.lr_factor
+        lr = learning_rate(self.schedule_samples(), cfg) * state.lr_factor
         grad_scale = embedding_grad_scale(state.step, cfg) * state.embedding_grad_scale_factor
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -234,6 +232,37 @@ class Trainer:
         }
         self.metrics.write("train", record)
         return record
+
+    def stop_for_time(self, progress: tqdm) -> None:
+        """End the run at config.time_limit_s: the schedule has run its course by the clock
+        (schedule_samples); the step trained last is checkpointed."""
+        self.stopped_early = True
+        if self._saved_step != self.state.step:
+            self.save_checkpoint()
+        if self.show_progress:
+            progress.write(
+                f"time limit of {self.config.time_limit_s:.0f} s reached after {self.state.samples} of "
+                f"{self.config.train_samples} samples, the schedule completed by the clock; a launch with a "
+                "higher time_limit_s (or null) trains on"
+            )
+
+    def start_clock(self) -> None:
+        """Start counting this launch's training time, after what earlier launches spent."""
+        self._launched_at, self._seconds_before = self.clock(), self.state.seconds
+
+    def seconds_trained(self) -> float:
+        """Training time over every launch, rank 0's on every rank (so that all agree on the
+        schedule and stop at the same step)."""
+        return self._rank0(self._seconds_before + self.clock() - self._launched_at)
+
+    def schedule_samples(self) -> int:
+        """The learning-rate schedule's clock: the samples trained or, under config.time_limit_s,
+        the share of the limit spent times train_samples, whichever is further along, so that a run
+        the limit cuts short still warms up and decays in full."""
+        cfg = self.config
+        if cfg.time_limit_s is None:
+            return self.state.samples
+        return max(self.state.samples, int(cfg.train_samples * self.seconds_trained() / cfg.time_limit_s))
 
     def _rank0(self, value):
         """Rank 0's `value` on every rank: one decision where the ranks' views (a clock, a spike
@@ -342,12 +371,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write step_<step> atomically (run_checkpoint.RunCheckpoints) and prune old ones."""
+        self.state.seconds = self._seconds_before + self.clock() - self._launched_at
         state = {
             "run": asdict(self.state),
             "loss_scaler": self.scaler.state_dict(),
             "spike_guard": self.guard.state_dict(),
             "config": self.config.to_dict(),
         }
+        self._saved_step = self.state.step
         return self.checkpoints.save(self.state.step, self.model, self.optimizer, state)
 
     def _resume(self) -> None:
@@ -367,6 +398,7 @@ class Trainer:
                 )
                 continue
             self.metrics.forget_after(self.state.step)
+            self._saved_step = self.state.step
             if self.show_progress:
                 tqdm.write(f"resumed from {directory} (step {self.state.step})")
             return

@@ -42,7 +42,7 @@ def write_demo_report(
     trained = train[-1]["samples"] if train else 0
     positions = trained * config.sequence_length
     stopped = (
-        f" (stopped at the time limit of {config.time_limit_s:.0f} s; run the demo again to resume)"
+        f" (stopped at the time limit of {config.time_limit_s:.0f} s, the schedule run by the clock)"
         if result.stopped_early
         else ""
     )

@@ -117,8 +117,10 @@ class TrainConfig(DictConfig):
     checkpoint_every: int = 1000  # steps between checkpoints (the spike guard rolls back to the last)
     keep_checkpoints: int = 3  # the newest this many are kept, older ones deleted
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
-    # Seconds of training after which the run stops early: it checkpoints, validates and ends,
-    # and a later launch resumes it towards train_samples. null = no limit.
+    # Seconds of training (over every launch) after which the run stops: checkpoint, validation,
+    # export. The learning-rate schedule follows the share of this time spent where it is further
+    # along than the share of train_samples, so a run cut short still warms up and decays in full.
+    # null = no limit.
     time_limit_s: float | None = None
 
     def __post_init__(self) -> None:

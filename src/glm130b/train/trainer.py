@@ -371,7 +371,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write step_<step> atomically (run_checkpoint.RunCheckpoints) and prune old ones."""
-        self.state.seconds = self._seconds_before + self.clock() - self._launched_at
+        self.state.seconds = self.seconds_trained()  # collective like the save itself
         state = {
             "run": asdict(self.state),
             "loss_scaler": self.scaler.state_dict(),

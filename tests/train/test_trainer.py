@@ -48,11 +48,15 @@ def test_a_time_limit_runs_the_schedule_by_the_clock_then_stops_and_a_later_laun
     trainer.train()
     records = read_metrics(f"{config.out_dir}/metrics", "train")
     assert trainer.stopped_early and trainer.state.step == 5 and trainer.state.samples == 4 * 5 < 128
-    # step k starts 10 (k - 1) s in: the schedule reads 128 x (k - 1) / 5 samples, ahead of the
-    # samples trained, so the last step is well into the decay
+    # step k starts 10 (k - 1) s in, after 4 (k - 1) samples: the warmup (12 samples) counts
+    # samples; past it the schedule reads 128 x (k - 1) / 5 samples, ahead of the samples trained,
+    # so the last step is well into the decay
+    assert config.warmup_samples == 12
     for record in records:
-        clock = max(4 * (record["step"] - 1), int(128 * 10 * (record["step"] - 1) / 50))
+        trained = 4 * (record["step"] - 1)
+        clock = trained if trained < 12 else max(trained, int(128 * 10 * (record["step"] - 1) / 50))
         assert record["lr"] == pytest.approx(learning_rate(clock, config))
+    assert [r["lr"] for r in records[:3]] == pytest.approx([config.lr * n / 12 for n in (1, 5, 9)])
     assert records[-1]["lr"] < 0.5 * config.lr
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000005"
     # the clock is kept: a launch with the same limit has no time left; without it, the run goes on

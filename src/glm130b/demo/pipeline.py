@@ -76,8 +76,9 @@ FILL_SEED = 0  # the same fill items for every training seed
 # slowest measured (install ~100, corpus, tokenizer and preparation ~36, evaluation ~127; with a
 # 620 s limit the whole took 14 min 52 s). The 2-core machines differ, and one machine from minute
 # to minute (shared cores: one run swung between 3,600 and 6,500 token positions/s), so no speed
-# measured beforehand predicts the run; the limit bounds it, and the schedule follows the clock
-# where that is further along than the samples (a slow machine's run still decays in full). A
+# measured beforehand predicts the run; the limit bounds it, and past the warmup the schedule
+# follows the clock where that is further along than the samples (a slow machine's run still
+# decays in full). A
 # machine that trains configs/demo.yaml's 34,000 samples at ~65 samples/s or faster never meets it.
 TRAINING_TIME_LIMIT_S = 560
 

@@ -118,8 +118,9 @@ class TrainConfig(DictConfig):
     keep_checkpoints: int = 3  # the newest this many are kept, older ones deleted
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     # Seconds of training (over every launch) after which the run stops: checkpoint, validation,
-    # export. The learning-rate schedule follows the share of this time spent where it is further
-    # along than the share of train_samples, so a run cut short still warms up and decays in full.
+    # export. Past the warmup (which counts samples), the learning-rate schedule follows the share of
+    # this time spent where it is further along than the share of train_samples, so a run cut short
+    # still decays in full.
     # null = no limit.
     time_limit_s: float | None = None
 

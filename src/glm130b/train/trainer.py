@@ -260,7 +260,7 @@ class Trainer:
         past the warmup, the share of the limit spent times train_samples, whichever is further
         along, so that a run the limit cuts short still decays in full. The warmup itself always
         counts samples: run by the clock on a machine at half the expected speed it reached the peak
-        rate in half the updates, and three of five such demo runs threw a gradient spike there
+        rate in half the updates, and four of seven such demo runs threw a gradient spike there
         (steps 44-68; none in runs that warmed up over their samples)."""
         cfg = self.config
         if cfg.time_limit_s is None or self.state.samples < cfg.warmup_samples:

@@ -120,17 +120,23 @@ def task(rng):
 
 def train_reverser():
     model = tiny_glm(vocab=16, embedding_std=0.02)
-    rng = random.Random(0)
-    steps = 300
+    return fit_spans(model, task, TOK)
+
+
+def fit_spans(model: GLM, draw_sample, specials: SpecialTokens, steps: int = 300, seed: int = 0) -> GLM:
+    """Train `model` on batches of 32 `draw_sample(rng)` -> (context ids, span ids), the loss on the
+    span and its <eop> as generation fills one (AdamW, one-cycle rate up to 5e-3); returns it in
+    eval mode."""
+    rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps, pct_start=0.1)
     for _ in range(steps):
-        samples = [task(rng) for _ in range(32)]
-        batch = build_generation_batch([c + [TOK.sop] + t for c, t in samples], TOK)
+        samples = [draw_sample(rng) for _ in range(32)]
+        batch = build_generation_batch([c + [specials.sop] + t for c, t in samples], specials)
         targets = torch.zeros_like(batch.input_ids)
         weights = torch.zeros(batch.input_ids.shape)
-        for b, (c, t) in enumerate(samples):  # the loss covers the span and its <eop>
-            targets[b, len(c) : len(c) + len(t) + 1] = torch.tensor(t + [TOK.eop])
+        for b, (c, t) in enumerate(samples):
+            targets[b, len(c) : len(c) + len(t) + 1] = torch.tensor(t + [specials.eop])
             weights[b, len(c) : len(c) + len(t) + 1] = 1.0
         logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, check_inputs=False)
         loss = masked_lm_loss(logits, targets, weights)

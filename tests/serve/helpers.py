@@ -18,9 +18,8 @@ import uvicorn
 
 from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import save_model
-from glm130b.generate.inputs import build_generation_batch
-from glm130b.objective.loss import masked_lm_loss
 from glm130b.tokenizer.tokenizers import train_tokenizer
+from tests.generate.helpers import fit_spans
 from tests.helpers import free_port
 
 LETTERS = "abcdefgh"
@@ -64,24 +63,7 @@ def train_model(tokenizer, steps: int = 300, seed: int = 0) -> GLM:
     torch.nn.init.normal_(model.transformer.word_embeddings.weight, std=0.02)
     tok = tokenizer.specials
     letter_ids = [tokenizer.encode(c)[0] for c in LETTERS]
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps, pct_start=0.1)
-    for _ in range(steps):
-        samples = [task(rng, letter_ids, tok) for _ in range(32)]
-        batch = build_generation_batch([c + [tok.sop] + t for c, t in samples], tok)
-        targets = torch.zeros_like(batch.input_ids)
-        weights = torch.zeros(batch.input_ids.shape)
-        for b, (c, t) in enumerate(samples):  # the loss covers the span and its <eop>
-            targets[b, len(c) : len(c) + len(t) + 1] = torch.tensor(t + [tok.eop])
-            weights[b, len(c) : len(c) + len(t) + 1] = 1.0
-        logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, check_inputs=False)
-        loss = masked_lm_loss(logits, targets, weights)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
-    return model.eval()
+    return fit_spans(model, lambda rng: task(rng, letter_ids, tok), tok, steps, seed)
 
 
 def write_model_dir(directory: Path) -> Path:

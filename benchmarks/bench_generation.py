@@ -289,16 +289,7 @@ def glm_1b_config(small: bool) -> GLMConfig:
             hidden_dropout=0.0,
             attention_dropout=0.0,
         )
-    # 18 x 12 h^2 + the 150528-row embedding = 1.21B; inner 5504 = 8/3 x 2048 rounded up to 128
-    return GLMConfig(
-        num_layers=18,
-        hidden_size=2048,
-        num_attention_heads=16,
-        vocab_size=150528,
-        inner_hidden_size=5504,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
+    return GLMConfig.from_preset("glm-1b", hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def glm_130b_config(small: bool) -> GLMConfig:

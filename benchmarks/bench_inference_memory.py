@@ -47,17 +47,7 @@ def config_for(small: bool) -> GLMConfig:
             hidden_dropout=0.0,
             attention_dropout=0.0,
         )
-    # ~1.2B: GLM-130B's vocabulary and layer shape ratios at hidden 2048
-    return GLMConfig(
-        num_layers=18,
-        hidden_size=2048,
-        num_attention_heads=16,
-        vocab_size=150528,
-        inner_hidden_size=5504,
-        max_sequence_length=2048,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
+    return GLMConfig.from_preset("glm-1b", hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def cpu_resident() -> int:

@@ -37,6 +37,7 @@ from suite_summary import figure, write_summary  # noqa: E402
 
 from glm130b import GLM, GLMConfig
 from glm130b.checkpoint.model_dir import save_model
+from glm130b.model.config import PRESETS
 from glm130b.tokenizer.tokenizers import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +49,7 @@ GOAL_SPEEDUP, GOAL_P99 = 8.0, 2.0
 SIZES = {  # CPU sizes: a minute per run on two cores; "1b" is bench_generation.py's ~1.2B GPU shape
     "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=160, max_sequence_length=128),
     "small": dict(num_layers=4, hidden_size=256, num_attention_heads=8, inner_hidden_size=640, max_sequence_length=128),
-    "1b": dict(
-        num_layers=18,
-        hidden_size=2048,
-        num_attention_heads=16,
-        inner_hidden_size=5504,
-        max_sequence_length=512,
-        vocab_size=150528,
-    ),
+    "1b": {**PRESETS["glm-1b"], "max_sequence_length": 512},
 }
 
 

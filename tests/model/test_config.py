@@ -23,6 +23,16 @@ def test_glm130b_preset_on_meta_device_has_the_published_parameter_count():
     assert math.isclose(model.config.deepnorm_alpha, 11.832, abs_tol=1e-3)
 
 
+def test_glm1b_preset_is_the_benchmarks_1_2b_shape_with_head_dim_128():
+    with torch.device("meta"):
+        model = GLM(GLMConfig.from_preset("glm-1b"))
+    h, inner, vocab = 2048, 5504, 150528
+    per_layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * 2 * inner + 2 * inner) + (inner * h + h) + 2 * 2 * h
+    assert model.num_parameters() == 18 * per_layer + vocab * h + 2 * h == 1_219_503_616
+    assert model.config.hidden_size // model.config.num_attention_heads == 128  # GLM-130B's head dimension
+    assert model.config.inner_hidden_size % 128 == 0  # INT4 groups of 128 divide every input dimension
+
+
 def test_defaults_are_the_official_glm130b_class():
     cfg = GLMConfig(**SHAPE)
     assert (cfg.position_encoding, cfg.rotary_dtype, cfg.ffn, cfg.tie_word_embeddings) == ("1d", "fp16", "geglu", True)

@@ -179,6 +179,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         inner_hidden_size=160,
         max_sequence_length=128,
     ),
+    # ~1.2B parameters: GLM-130B's vocabulary and head dimension (128) at hidden 2048, one GPU's
+    # worth; the benchmarks' GPU shape. 18 x 12 h^2 + the 150528-row embedding = 1.21B; inner 5504 =
+    # 8/3 x 2048 rounded up to a multiple of 128 (INT4/INT8 groups of 128 divide it).
+    "glm-1b": dict(
+        num_layers=18,
+        hidden_size=2048,
+        num_attention_heads=16,
+        vocab_size=150528,
+        inner_hidden_size=5504,
+        max_sequence_length=2048,
+    ),
     # ~9M parameters: a CPU-sized model (the demo narrows it, configs/demo.yaml). inner 640:
     # GLM-130B's 8/3 x hidden (683) rounded down to a multiple of 128, so INT4/INT8 groups of 128
     # divide every weight's input dimension.

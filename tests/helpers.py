@@ -9,19 +9,12 @@ from pathlib import Path
 import torch
 
 from glm130b import GLM, GLMConfig
+from glm130b.model.config import SHAPE_FIELDS
 from glm130b.tokenizer.specials import SpecialTokens
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # shared/ sits beside the repository (CI copies it next to its clone); tests that read real data skip without it.
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHAPE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "vocab_size",
-    "inner_hidden_size",
-    "max_sequence_length",
-)
 # The switches that distinguish each reference from the official GLM-130B class (the defaults).
 ORACLE_SWITCHES = {
     "sat_basic_fp32": {},

@@ -16,6 +16,7 @@ from glm130b.generate.decode import banned_tokens, generate_ids
 from glm130b.generate.inputs import build_generation_batch
 from glm130b.generate.strategies import Greedy
 from glm130b.interop.convert import convert
+from glm130b.model.config import SHAPE_FIELDS
 from glm130b.tokenizer.specials import SpecialTokens
 from tests.helpers import ORACLE_TOKENS, load_fixture, oracle_model
 
@@ -141,18 +142,7 @@ def chatglm_folder(directory, fixture) -> None:
         "eos_token_id": 993,
         "pad_token_id": 0,
         "torch_dtype": "float32",
-        **{
-            k: fixture["config"][k]
-            for k in (
-                "num_layers",
-                "hidden_size",
-                "num_attention_heads",
-                "vocab_size",
-                "inner_hidden_size",
-                "max_sequence_length",
-                "layernorm_epsilon",
-            )
-        },
+        **{k: fixture["config"][k] for k in (*SHAPE_FIELDS, "layernorm_epsilon")},
     }
     (directory / "config.json").write_text(json.dumps(config))
     names = list(fixture["state_dict"])

@@ -10,22 +10,14 @@ from glm130b.checkpoint.model_dir import CONFIG_FILE
 from glm130b.checkpoint.safetensors import safetensors_files
 from glm130b.checkpoint.sources import SafetensorsSource, TensorSource, TorchFilesSource, torch_files
 from glm130b.core.errors import CheckpointError
-from glm130b.model.config import GLMConfig
+from glm130b.model.config import SHAPE_FIELDS, GLMConfig
 from glm130b.tokenizer.specials import GLM130B_TOKENS, SpecialTokens
 
 MODEL_TYPE = "glm130b"
 CHATGLM_MODEL_TYPE = "chatglm"
 KEY_PREFIX = "model."  # GLMForCausalLM keeps the GLM under `.model`
 # ChatGLM-6B's config.json fields that are GLMConfig fields under the same name.
-CHATGLM_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "vocab_size",
-    "inner_hidden_size",
-    "max_sequence_length",
-    "layernorm_epsilon",
-)
+CHATGLM_FIELDS = (*SHAPE_FIELDS, "layernorm_epsilon")
 
 
 def chatglm_config(data: dict, where: Path) -> GLMConfig:

@@ -21,7 +21,7 @@ from glm130b.checkpoint.sources import TensorSource, TensorSpec, blocks_of, load
 from glm130b.core.atomic import atomic_path, atomic_write_text
 from glm130b.core.config_io import read_mapping
 from glm130b.core.errors import CheckpointError
-from glm130b.model.config import GLMConfig
+from glm130b.model.config import SHAPE_FIELDS, GLMConfig
 from glm130b.model.glm import ROTARY_BASE
 
 SHARD_PATTERN = re.compile(r"mp_rank_(\d+)_model_states\.pt")
@@ -36,17 +36,7 @@ ROW_SPLIT = (
 )
 COLUMN_SPLIT = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
 # SAT's model_config.json fields that map onto GLMConfig as they are.
-SAT_CONFIG_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "vocab_size",
-    "inner_hidden_size",
-    "max_sequence_length",
-    "layernorm_epsilon",
-    "hidden_dropout",
-    "attention_dropout",
-)
+SAT_CONFIG_FIELDS = (*SHAPE_FIELDS, "layernorm_epsilon", "hidden_dropout", "attention_dropout")
 # SAT keeps the rotary inverse frequencies as a buffer under this name in every shard.
 SAT_ROTARY_KEY = "mixins.rotary-embedding.rotary_emb.inv_freq"
 DEFAULT_ITERATION = "0"  # the `latest` of a checkpoint that did not come from official shards

@@ -23,6 +23,17 @@ ATTENTION_SOFTMAX_DTYPES = ("fp32", "half")
 PREFIX_KERNELS = ("auto", "varlen", "varlen_packed", "flex", "loop")
 
 
+# The fields that fix a model's shape (and its weights' sizes): what a checkpoint's config must name.
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "inner_hidden_size",
+    "max_sequence_length",
+)
+
+
 @dataclass
 class GLMConfig(DictConfig):
     config_label = "GLMConfig"
@@ -84,14 +95,7 @@ class GLMConfig(DictConfig):
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        for name in (
-            "num_layers",
-            "hidden_size",
-            "num_attention_heads",
-            "vocab_size",
-            "inner_hidden_size",
-            "max_sequence_length",
-        ):
+        for name in SHAPE_FIELDS:
             check_positive_int(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(

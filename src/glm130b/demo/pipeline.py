@@ -78,8 +78,8 @@ FILL_SEED = 0  # the same fill items for every training seed
 # to minute (shared cores: one run swung between 3,600 and 6,500 token positions/s), so no speed
 # measured beforehand predicts the run; the limit bounds it, and past the warmup the schedule
 # follows the clock where that is further along than the samples (a slow machine's run still
-# decays in full). A
-# machine that trains configs/demo.yaml's 34,000 samples at ~65 samples/s or faster never meets it.
+# decays in full). A machine that trains configs/demo.yaml's 34,000 samples at ~65 samples/s or
+# faster never meets it.
 TRAINING_TIME_LIMIT_S = 560
 
 

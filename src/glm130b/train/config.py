@@ -120,8 +120,7 @@ class TrainConfig(DictConfig):
     # Seconds of training (over every launch) after which the run stops: checkpoint, validation,
     # export. Past the warmup (which counts samples), the learning-rate schedule follows the share of
     # this time spent where it is further along than the share of train_samples, so a run cut short
-    # still decays in full.
-    # null = no limit.
+    # still decays in full. null = no limit.
     time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
